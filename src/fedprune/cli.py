@@ -1,0 +1,101 @@
+"""Command line: `fedprune run`, `fedprune report`, `fedprune options`.
+
+The list of config options shown by `--help` is generated from config.py.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from fedprune.config import ConfigError, load_config, options_help
+
+app = typer.Typer(help="fedprune: federated adaptation of transformer language models with "
+                  "structured sparsity.", no_args_is_help=True, rich_markup_mode=None,
+                  pretty_exceptions_enable=False)
+console = Console()
+
+RUN_HELP = f"""Run (or resume) a federated experiment described by CONFIG (a TOML file).
+
+Overrides are section.key=value pairs, values in TOML syntax, for example
+federation.rounds=5 peft.r=8 'peft.target_modules=["q","v"]'.
+
+\b
+Every option, with its default:
+{options_help()}
+"""
+
+
+def quiet_libraries() -> None:
+    """Keep the console for fedprune's own progress: no load reports or library bars."""
+    import warnings
+
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def _fail(message: str) -> None:
+    console.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code=2)
+
+
+@app.command(help=RUN_HELP)
+def run(
+    config: Annotated[Path, typer.Argument(help="Experiment TOML file (see configs/).")],
+    overrides: Annotated[list[str] | None, typer.Argument(
+        help="section.key=value overrides, applied after the file.")] = None,
+    out: Annotated[Path | None, typer.Option(
+        "--out", help="Run directory (default: <run.out_dir>/<run.name>).")] = None,
+    resume: Annotated[bool, typer.Option(
+        "--resume", help="Continue the run in the run directory from its last checkpoint.")
+    ] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
+) -> None:
+    from fedprune.data import DataError
+    from fedprune.sim.runner import run as run_experiment
+    from fedprune.structure.model import ModelLoadError
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    quiet_libraries()
+    try:
+        cfg = load_config(config, overrides or [])
+        run_dir = run_experiment(cfg, out, resume=resume, progress=not quiet)
+    except (ConfigError, DataError, ModelLoadError) as e:
+        _fail(str(e))
+    console.print(f"run directory: {run_dir}")
+    report(run_dir)
+
+
+@app.command()
+def report(run_dir: Annotated[Path, typer.Argument(help="A run directory.")]) -> None:
+    """Print a summary table of a run directory (and write its report.md)."""
+    from fedprune.report.summary import summarize, write_report
+
+    try:
+        summary = summarize(run_dir)
+    except FileNotFoundError as e:
+        _fail(str(e))
+    write_report(run_dir)
+    table = Table(title=f"fedprune run {summary['run']}")
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    for key, value in summary.items():
+        text = f"{value:,.4f}" if isinstance(value, float) else str(value)
+        table.add_row(key, text)
+    console.print(table)
+
+
+@app.command()
+def options() -> None:
+    """List every configuration option with its default and meaning."""
+    print(options_help())

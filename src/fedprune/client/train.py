@@ -1,0 +1,96 @@
+"""Local training and evaluation on the one shared backbone.
+
+A client never owns a model: it loads the received global trainable tensors into the shared
+model's trainable parameters, trains them in place, and returns the trained values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from fedprune.core.update import State
+
+Collate = Callable[[list[dict]], dict[str, torch.Tensor]]  # rows -> padded batch tensors
+
+
+@dataclass(frozen=True)
+class LocalTrainSpec:
+    epochs: int
+    batch_size: int
+    lr: float
+    optimizer: str = "adamw"
+    weight_decay: float = 0.0
+
+
+def load_state(params: dict[str, torch.nn.Parameter], state: State) -> None:
+    """Copy ``state`` into the live parameters (no new tensors, no autograd history)."""
+    with torch.no_grad():
+        for key, value in state.items():
+            params[key].copy_(value)
+
+
+def snapshot(params: dict[str, torch.nn.Parameter]) -> State:
+    """Detached float copies of the live trainable tensors."""
+    return {k: p.detach().clone() for k, p in params.items()}
+
+
+def _optimizer(params: Sequence[torch.nn.Parameter], spec: LocalTrainSpec) -> torch.optim.Optimizer:
+    if spec.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
+    return torch.optim.SGD(params, lr=spec.lr, weight_decay=spec.weight_decay)
+
+
+def _batches(indices: torch.Tensor, batch_size: int, gen: torch.Generator) -> Iterator[list[int]]:
+    order = indices[torch.randperm(len(indices), generator=gen)]
+    for start in range(0, len(order), batch_size):
+        yield order[start:start + batch_size].tolist()
+
+
+def local_train(model: torch.nn.Module, params: dict[str, torch.nn.Parameter], start: State,
+                rows: Sequence[dict], indices: Sequence[int], collate: Collate,
+                spec: LocalTrainSpec, seed: int) -> tuple[State, float]:
+    """Train the trainable tensors from ``start`` on ``rows[indices]``.
+
+    Returns (trained state, mean training loss per example). ``seed`` fixes shuffling and
+    dropout, so the same (global state, data, seed) always gives the same result.
+    """
+    load_state(params, start)
+    model.train()
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # dropout masks
+    opt = _optimizer(list(params.values()), spec)
+    idx = torch.as_tensor(list(indices), dtype=torch.long)
+    loss_sum, seen = 0.0, 0
+    for _ in range(spec.epochs):
+        for batch_idx in _batches(idx, spec.batch_size, gen):
+            batch = collate([rows[i] for i in batch_idx])
+            loss = model(**batch).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            loss_sum += loss.item() * len(batch_idx)
+            seen += len(batch_idx)
+    return snapshot(params), loss_sum / max(seen, 1)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, rows: Sequence[dict], collate: Collate,
+             batch_size: int) -> dict[str, float]:
+    """Mean cross-entropy and accuracy of a sequence classifier on ``rows``.
+
+    Rows are batched in order of length so that padding stays small.
+    """
+    model.eval()
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))
+    loss_sum, correct = 0.0, 0
+    for start in range(0, len(order), batch_size):
+        batch = collate([rows[i] for i in order[start:start + batch_size]])
+        labels = batch.pop("labels")
+        logits = model(**batch).logits.float()
+        loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
+        correct += (logits.argmax(-1) == labels).sum().item()
+    return {"eval_loss": loss_sum / len(rows), "accuracy": correct / len(rows)}

@@ -1,0 +1,290 @@
+"""Typed configuration: the single source of truth for every option.
+
+An experiment is a TOML file whose tables mirror the dataclasses below (``[model]``,
+``[peft]``, ``[data]``, ``[partition]``, ``[federation]``, ``[method]``, ``[run]``), plus
+``section.key=value`` overrides from the command line. Every field carries its help text in
+``metadata["help"]``; the CLI lists them, so the docs cannot drift from the code.
+Validation errors name the option (``federation.clients_per_round``) and the allowed values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown, of the wrong type or out of range."""
+
+
+def opt(default: Any, help: str, choices: tuple | None = None) -> Any:
+    """A config field with its help text (and allowed values, checked on construction)."""
+    kw = {"default_factory": lambda: list(default)} if isinstance(default, list) else {
+        "default": default}
+    return field(metadata={"help": help, "choices": choices}, **kw)
+
+
+def _check(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"`{key}`: {msg}")
+
+
+class _Section:
+    """Base for config sections: type and choice checks from the field metadata."""
+
+    _name = ""
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            key = f"{self._name}.{f.name}"
+            value = getattr(self, f.name)
+            _check_type(key, value, hints[f.name])
+            if f.metadata.get("choices") and value not in f.metadata["choices"]:
+                allowed = ", ".join(repr(c) for c in f.metadata["choices"])
+                raise ConfigError(f"`{key}` = {value!r} is not allowed; choose one of {allowed}")
+        self.validate()
+
+    def validate(self) -> None:
+        """Range checks between fields; overridden by sections that need them."""
+
+
+def _check_type(key: str, value: Any, hint: Any) -> None:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for arm in typing.get_args(hint):
+            try:
+                return _check_type(key, value, arm)
+            except ConfigError as e:
+                errors.append(e)
+        raise ConfigError(f"`{key}` = {value!r} must be one of {hint}")
+    if hint is type(None):
+        _check(value is None, key, "must be empty")
+    elif origin is list:
+        (item,) = typing.get_args(hint)
+        _check(isinstance(value, list), key, f"must be a list, got {value!r}")
+        for i, v in enumerate(value):
+            _check_type(f"{key}[{i}]", v, item)
+    elif hint is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        _check(ok, key, f"must be a number, got {value!r}")
+    elif hint is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        _check(ok, key, f"must be an integer, got {value!r}")
+    else:
+        _check(isinstance(value, hint), key, f"must be {hint.__name__}, got {value!r}")
+
+
+@dataclass
+class ModelConfig(_Section):
+    _name = "model"
+    name: str = opt("minilm", "Backbone: 'minilm' (bundled all-MiniLM-L6-v2), 'smollm2' (bundled "
+                    "SmolLM2-135M-Instruct), a local model folder, or a Hugging Face hub name.")
+    attn_implementation: str = opt("sdpa", "Attention kernel for training and evaluation.",
+                                   ("eager", "sdpa"))
+
+
+@dataclass
+class PeftConfig(_Section):
+    _name = "peft"
+    method: str = opt("lora", "Parameter-efficient method (via the peft library).", ("lora",))
+    r: int = opt(16, "LoRA rank.")
+    alpha: float = opt(32.0, "LoRA scaling alpha (the update is scaled by alpha / r).")
+    dropout: float = opt(0.0, "Dropout on the LoRA input.")
+    target_modules: list[str] = opt(["q", "k", "v", "o"], "Modules that get LoRA: 'q', 'k', "
+                                    "'v', 'o' name the attention projections of any supported "
+                                    "family; other names are passed to peft as they are.")
+
+    def validate(self) -> None:
+        _check(self.r >= 1, "peft.r", f"must be >= 1, got {self.r}")
+        _check(self.alpha > 0, "peft.alpha", f"must be > 0, got {self.alpha}")
+        _check(0 <= self.dropout < 1, "peft.dropout", f"must be in [0, 1), got {self.dropout}")
+        _check(len(self.target_modules) > 0, "peft.target_modules", "must not be empty")
+
+
+@dataclass
+class DataConfig(_Section):
+    _name = "data"
+    dataset: str = opt("bbc_news", "'bbc_news' (bundled), a paper dataset ('mnli', "
+                       "'20newsgroups', 'xlsum', 'e2e_nlg'; online only), a local .csv/.json/"
+                       ".jsonl/.txt file, or a hub dataset name.")
+    text_column: str = opt("text", "Column holding the input text.")
+    text_pair_column: str = opt("", "Optional second text column (e.g. the hypothesis in MNLI).")
+    label_column: str = opt("label", "Column holding the class label.")
+    val_fraction: float = opt(0.2, "Fraction of the data held out as the fixed validation split.")
+    max_length: int = opt(128, "Maximum tokens per example (longer inputs are truncated).")
+    max_samples: int = opt(0, "Use only the first N examples (after shuffling); 0 = all.")
+    cache_dir: str = opt("", "Tokenization cache folder; empty = ~/.cache/fedprune.")
+
+    def validate(self) -> None:
+        _check(0 < self.val_fraction < 1, "data.val_fraction",
+               f"must be in (0, 1), got {self.val_fraction}")
+        _check(self.max_length >= 8, "data.max_length", f"must be >= 8, got {self.max_length}")
+        _check(self.max_samples >= 0, "data.max_samples", f"must be >= 0, got {self.max_samples}")
+
+
+@dataclass
+class PartitionConfig(_Section):
+    _name = "partition"
+    scheme: str = opt("iid", "How training data is split over clients (flwr-datasets "
+                      "partitioners).", ("iid", "dirichlet", "shards"))
+    alpha: float = opt(0.5, "Dirichlet concentration over labels (smaller = more skewed).")
+    shards_per_client: int = opt(2, "Label-sorted shards per client for scheme 'shards'.")
+    min_partition_size: int = opt(1, "Smallest client dataset the Dirichlet sampler accepts.")
+
+    def validate(self) -> None:
+        _check(self.alpha > 0, "partition.alpha", f"must be > 0, got {self.alpha}")
+        _check(self.shards_per_client >= 1, "partition.shards_per_client",
+               f"must be >= 1, got {self.shards_per_client}")
+        _check(self.min_partition_size >= 0, "partition.min_partition_size",
+               f"must be >= 0, got {self.min_partition_size}")
+
+
+@dataclass
+class FederationConfig(_Section):
+    _name = "federation"
+    num_clients: int = opt(10, "Total number of clients C.")
+    clients_per_round: int = opt(2, "Clients selected per round K.")
+    rounds: int = opt(20, "Communication rounds R.")
+    local_epochs: int = opt(1, "Local epochs per selected client.")
+    batch_size: int = opt(16, "Local training batch size.")
+    eval_batch_size: int = opt(64, "Batch size of the global evaluation.")
+    lr: float = opt(1e-3, "Client learning rate.")
+    optimizer: str = opt("adamw", "Client optimizer (fresh state every round).",
+                         ("adamw", "sgd"))
+    weight_decay: float = opt(0.0, "Client optimizer weight decay.")
+    server_lr: float = opt(1.0, "Server learning rate eta applied to the aggregated update.")
+    selection: str = opt("random", "Client selection policy.", ("random",))
+    min_valid_updates: int = opt(1, "Fewer valid client updates than this leave the global "
+                                 "model unchanged for the round.")
+
+    def validate(self) -> None:
+        _check(self.num_clients >= 1, "federation.num_clients",
+               f"must be >= 1, got {self.num_clients}")
+        _check(1 <= self.clients_per_round <= self.num_clients, "federation.clients_per_round",
+               f"must be in [1, federation.num_clients={self.num_clients}], "
+               f"got {self.clients_per_round}")
+        for key in ("rounds", "local_epochs", "batch_size", "eval_batch_size"):
+            _check(getattr(self, key) >= 1, f"federation.{key}",
+                   f"must be >= 1, got {getattr(self, key)}")
+        _check(self.lr > 0, "federation.lr", f"must be > 0, got {self.lr}")
+        _check(self.server_lr > 0, "federation.server_lr", f"must be > 0, got {self.server_lr}")
+        _check(self.weight_decay >= 0, "federation.weight_decay",
+               f"must be >= 0, got {self.weight_decay}")
+        _check(1 <= self.min_valid_updates <= self.clients_per_round,
+               "federation.min_valid_updates",
+               f"must be in [1, federation.clients_per_round={self.clients_per_round}], "
+               f"got {self.min_valid_updates}")
+
+
+@dataclass
+class MethodConfig(_Section):
+    _name = "method"
+    name: str = opt("fedavg", "Federated method (aggregation rule).", ("fedavg",))
+
+
+@dataclass
+class RunConfig(_Section):
+    _name = "run"
+    seed: int = opt(0, "Seed of model init, data split, partition, selection and training.")
+    out_dir: str = opt("runs", "Folder under which each run gets its own directory.")
+    name: str = opt("", "Run directory name; empty = <method>-<dataset>-seed<seed>.")
+    num_threads: int = opt(0, "torch threads; 0 = all cores.")
+    target_metric: float = opt(0.85, "Report the first round whose task metric reaches this.")
+    eval_every: int = opt(1, "Evaluate the global model every N rounds (and after the last).")
+
+    def validate(self) -> None:
+        _check(self.num_threads >= 0, "run.num_threads", f"must be >= 0, got {self.num_threads}")
+        _check(self.eval_every >= 1, "run.eval_every", f"must be >= 1, got {self.eval_every}")
+
+
+SECTIONS: dict[str, type[_Section]] = {
+    "model": ModelConfig, "peft": PeftConfig, "data": DataConfig, "partition": PartitionConfig,
+    "federation": FederationConfig, "method": MethodConfig, "run": RunConfig,
+}
+
+
+@dataclass
+class ExperimentConfig:
+    """A whole experiment: one instance of every section."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+
+def from_dict(raw: dict[str, Any], source: str = "config") -> ExperimentConfig:
+    """Build and validate a config from nested tables; unknown sections or keys are errors."""
+    sections = {}
+    for name, table in raw.items():
+        if name not in SECTIONS:
+            raise ConfigError(f"{source}: unknown section [{name}]; sections are "
+                              f"{', '.join(SECTIONS)}")
+        if not isinstance(table, dict):
+            raise ConfigError(f"{source}: [{name}] must be a table")
+        known = {f.name for f in dataclasses.fields(SECTIONS[name])}
+        for key in table:
+            if key not in known:
+                raise ConfigError(f"{source}: unknown option `{name}.{key}`; options of "
+                                  f"[{name}] are {', '.join(sorted(known))}")
+        sections[name] = SECTIONS[name](**table)
+    return ExperimentConfig(**sections)
+
+
+def parse_override(item: str) -> tuple[str, str, Any]:
+    """'federation.rounds=5' -> ('federation', 'rounds', 5). Values are TOML; bare words are
+    strings."""
+    if "=" not in item or "." not in item.split("=", 1)[0]:
+        raise ConfigError(f"override {item!r} must look like section.key=value")
+    key, text = item.split("=", 1)
+    section, name = key.strip().split(".", 1)
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text
+    return section, name, value
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> ExperimentConfig:
+    """Read a TOML experiment file (or start from defaults) and apply dotted overrides."""
+    raw: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        try:
+            raw = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {str(path)!r} is not valid TOML: {e}") from None
+        source = str(path)
+    for item in overrides:
+        section, name, value = parse_override(item)
+        raw.setdefault(section, {})[name] = value
+    return from_dict(raw, source)
+
+
+def options_help() -> str:
+    """Every option with its default and help text, for `--help`."""
+    lines = []
+    for name, cls in SECTIONS.items():
+        lines.append(f"[{name}]")
+        for f in dataclasses.fields(cls):
+            default = f.default_factory() if callable(f.default_factory) else f.default
+            choices = f.metadata.get("choices")
+            extra = f" (one of: {', '.join(map(str, choices))})" if choices else ""
+            lines.append(f"  {name}.{f.name} = {default!r}: {f.metadata['help']}{extra}")
+    return "\n".join(lines)

@@ -1,0 +1,27 @@
+"""Data: sources (bundled, hub, local files), tokenization cache, federated partitions."""
+
+from fedprune.data.partition import SCHEMES, partition, partition_summary
+from fedprune.data.sources import (
+    BUNDLED,
+    HUB_LOADERS,
+    DataError,
+    HubSpec,
+    load_source,
+    train_val_split,
+)
+from fedprune.data.tokenize import cache_key, pad_batch, tokenize_cached
+
+__all__ = [
+    "BUNDLED",
+    "HUB_LOADERS",
+    "SCHEMES",
+    "DataError",
+    "HubSpec",
+    "cache_key",
+    "load_source",
+    "pad_batch",
+    "partition",
+    "partition_summary",
+    "tokenize_cached",
+    "train_val_split",
+]

@@ -1,0 +1,35 @@
+"""PNG plots of a run's metrics."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def plot_metric(records: list[dict[str, Any]], path: Path, metric: str = "accuracy",
+                title: str = "", target: float | None = None) -> Path:
+    """Task metric (left) and train / eval loss (right) over rounds."""
+    evaluated = [r for r in records if r.get(metric) is not None]
+    fig, (ax_m, ax_l) = plt.subplots(1, 2, figsize=(10, 4))
+    ax_m.plot([r["round"] for r in evaluated], [r[metric] for r in evaluated], marker="o")
+    if target is not None:
+        ax_m.axhline(target, color="grey", linestyle="--", linewidth=1, label=f"target {target}")
+        ax_m.legend(loc="lower right")
+    ax_m.set(xlabel="round", ylabel=f"validation {metric}", title=title or metric)
+    ax_l.plot([r["round"] for r in records], [r["train_loss"] for r in records],
+              label="train (selected clients)")
+    ax_l.plot([r["round"] for r in evaluated], [r["eval_loss"] for r in evaluated],
+              label="validation (global model)")
+    ax_l.set(xlabel="round", ylabel="loss", title="loss")
+    ax_l.legend()
+    for ax in (ax_m, ax_l):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,40 @@
+"""Atomic per-round checkpoints: one safetensors file holding the global trainable state and,
+in its metadata, the small JSON server state (round, per-client state)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from safetensors import safe_open
+from safetensors.torch import save
+
+from fedprune.core.update import State
+
+CHECKPOINT = "checkpoint.safetensors"
+
+
+def save_checkpoint(run_dir: Path, state: State, server: dict[str, Any]) -> Path:
+    """Write to a temp file, fsync, rename: a crash leaves the previous checkpoint intact."""
+    path = Path(run_dir) / CHECKPOINT
+    tmp = path.with_suffix(".tmp")
+    blob = save({k: v.contiguous() for k, v in state.items()},
+                metadata={"server": json.dumps(server)})
+    with open(tmp, "wb") as f:
+        f.write(blob)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def load_checkpoint(run_dir: Path) -> tuple[State, dict[str, Any]] | None:
+    path = Path(run_dir) / CHECKPOINT
+    if not path.is_file():
+        return None
+    with safe_open(str(path), "pt") as f:
+        state = {k: f.get_tensor(k) for k in f.keys()}
+        server = json.loads(f.metadata()["server"])
+    return state, server

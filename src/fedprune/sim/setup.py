@@ -1,0 +1,72 @@
+"""Everything a run needs before its first round: data, partitions, the one backbone."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import AutoTokenizer
+
+from fedprune.config import ExperimentConfig
+from fedprune.core.update import State
+from fedprune.data import load_source, pad_batch, partition, tokenize_cached, train_val_split
+from fedprune.structure.model import apply_lora, load_backbone, resolve, trainable_parameters
+
+
+@dataclass
+class Federation:
+    """The shared, read-only world of a run: built once, used by every round."""
+
+    model: torch.nn.Module
+    params: dict[str, torch.nn.Parameter]  # live trainable tensors of the shared model
+    initial: State                         # their initial values: the round-0 global state
+    train_rows: list[dict]                 # tokenized training examples (unpadded)
+    val_rows: list[dict]
+    client_indices: list[np.ndarray]       # client id -> indices into train_rows
+    label_names: list[str]
+    collate: object
+
+
+def cache_dir(cfg: ExperimentConfig) -> Path:
+    return Path(cfg.data.cache_dir or Path.home() / ".cache" / "fedprune").expanduser()
+
+
+def load_data(cfg: ExperimentConfig, tokenizer) -> tuple[list[dict], list[dict], list[str]]:
+    """Tokenized (train, validation) rows and the label names, tokenized once and cached."""
+    d = cfg.data
+    ds = load_source(d.dataset, text_column=d.text_column, label_column=d.label_column,
+                     text_pair_column=d.text_pair_column or None)
+    if d.max_samples:
+        ds = ds.shuffle(seed=cfg.run.seed).select(range(min(d.max_samples, len(ds))))
+    train, val = train_val_split(ds, d.val_fraction, seed=cfg.run.seed)
+    names = train.features["label"].names
+    rows = []
+    for split in (train, val):
+        tok = tokenize_cached(split, tokenizer, max_length=d.max_length, cache_dir=cache_dir(cfg))
+        rows.append(tok.with_format(None).to_list())
+    return rows[0], rows[1], names
+
+
+def build(cfg: ExperimentConfig) -> Federation:
+    cache = cache_dir(cfg)
+    path = resolve(cfg.model.name, cache)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    train_rows, val_rows, names = load_data(cfg, tokenizer)
+    labels = np.array([r["label"] for r in train_rows])
+    p = cfg.partition
+    parts = partition(labels, p.scheme, cfg.federation.num_clients, seed=cfg.run.seed,
+                      alpha=p.alpha, shards_per_client=p.shards_per_client,
+                      min_partition_size=p.min_partition_size)
+    model = load_backbone(cfg.model.name, task="classification", num_labels=len(names),
+                          attn_implementation=cfg.model.attn_implementation, seed=cfg.run.seed,
+                          cache_dir=cache)
+    pc = cfg.peft
+    model = apply_lora(model, task="classification", r=pc.r, alpha=pc.alpha, dropout=pc.dropout,
+                       target_modules=pc.target_modules, seed=cfg.run.seed)
+    params = trainable_parameters(model)
+    initial = {k: v.detach().clone() for k, v in params.items()}
+    return Federation(model, params, initial, train_rows, val_rows, parts, names,
+                      partial(pad_batch, tokenizer))

@@ -1,0 +1,73 @@
+"""Config: TOML + overrides, and every bad-config path gives an error naming the option."""
+
+import dataclasses
+
+import pytest
+
+from fedprune.config import SECTIONS, ConfigError, ExperimentConfig, load_config, options_help
+
+ROOT = __import__("pathlib").Path(__file__).parents[1]
+
+
+def test_default_config_file_loads():
+    cfg = load_config(ROOT / "configs" / "fedavg.toml")
+    assert cfg.model.name == "minilm" and cfg.peft.r == 16
+    assert cfg.federation.num_clients == 10 and cfg.federation.clients_per_round == 2
+
+
+def test_overrides_typed():
+    cfg = load_config(None, ["federation.rounds=3", "peft.alpha=8", "model.name=gpt2",
+                             'peft.target_modules=["q","v"]', "federation.lr=0.01"])
+    assert cfg.federation.rounds == 3 and cfg.peft.alpha == 8
+    assert cfg.model.name == "gpt2" and cfg.peft.target_modules == ["q", "v"]
+    assert cfg.federation.lr == 0.01
+
+
+@pytest.mark.parametrize("override,pattern", [
+    ("federation.clients_per_round=11", r"`federation.clients_per_round`.*\[1, federation"),
+    ("federation.num_clients=0", "`federation.num_clients`"),
+    ("federation.rounds=0", "`federation.rounds`"),
+    ("federation.lr=-1", "`federation.lr`"),
+    ("federation.server_lr=0", "`federation.server_lr`"),
+    ("federation.optimizer=adam", r"`federation.optimizer` = 'adam' is not allowed.*'adamw', 'sgd'"),
+    ("federation.selection=best", "`federation.selection`.*'random'"),
+    ("federation.min_valid_updates=3", "`federation.min_valid_updates`"),
+    ("federation.batch_size=2.5", "`federation.batch_size`.*integer"),
+    ("federation.rounds=true", "`federation.rounds`.*integer"),
+    ("peft.r=0", "`peft.r`"),
+    ("peft.dropout=1.0", "`peft.dropout`"),
+    ("peft.method=ia3", "`peft.method`.*'lora'"),
+    ("peft.target_modules=[]", "`peft.target_modules`"),
+    ("peft.target_modules=q", "`peft.target_modules`.*list"),
+    ("data.val_fraction=1.5", "`data.val_fraction`"),
+    ("data.max_length=2", "`data.max_length`"),
+    ("partition.scheme=zipf", "`partition.scheme`.*'iid', 'dirichlet', 'shards'"),
+    ("partition.alpha=0", "`partition.alpha`"),
+    ("method.name=fedprox", "`method.name`.*'fedavg'"),
+    ("model.attn_implementation=flash", "`model.attn_implementation`"),
+    ("run.seed=x", "`run.seed`.*integer"),
+    ("federation.roundz=3", "unknown option `federation.roundz`.*rounds"),
+    ("fed.rounds=3", r"unknown section \[fed\]"),
+    ("rounds=3", "section.key=value"),
+])
+def test_bad_config_names_option(override, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        load_config(None, [override])
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="nope.toml.*does not exist"):
+        load_config(tmp_path / "nope.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[federation\nrounds = 2")
+    with pytest.raises(ConfigError, match="bad.toml.*not valid TOML"):
+        load_config(bad)
+
+
+def test_every_option_documented():
+    text = options_help()
+    for name, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            assert f.metadata["help"]
+            assert f"{name}.{f.name} = " in text
+    assert set(SECTIONS) == {f.name for f in dataclasses.fields(ExperimentConfig)}

@@ -160,7 +160,12 @@ class FederationConfig(_Section):
                          ("adamw", "sgd"))
     weight_decay: float = opt(0.0, "Client optimizer weight decay.")
     server_lr: float = opt(1.0, "Server learning rate eta applied to the aggregated update.")
-    selection: str = opt("random", "Client selection policy.", ("random",))
+    selection: str = opt("random", "Client selection: 'random'; 'loss' (AoH Eq. 9: top-K by "
+                         "last local loss minus global validation loss, never-seen clients "
+                         "first); 'pow-d' (Power-of-Choice, Cho et al. 2022, rpow-d variant: "
+                         "d candidates drawn by data size, the K with highest last loss).",
+                         ("random", "loss", "pow-d"))
+    pow_d: int = opt(0, "Candidates d of 'pow-d'; 0 = 2 * clients_per_round.")
     min_valid_updates: int = opt(1, "Fewer valid client updates than this leave the global "
                                  "model unchanged for the round.")
 
@@ -177,6 +182,9 @@ class FederationConfig(_Section):
         _check(self.server_lr > 0, "federation.server_lr", f"must be > 0, got {self.server_lr}")
         _check(self.weight_decay >= 0, "federation.weight_decay",
                f"must be >= 0, got {self.weight_decay}")
+        _check(self.pow_d == 0 or self.clients_per_round <= self.pow_d <= self.num_clients,
+               "federation.pow_d", f"must be 0 or in [federation.clients_per_round, "
+               f"federation.num_clients], got {self.pow_d}")
         _check(1 <= self.min_valid_updates <= self.clients_per_round,
                "federation.min_valid_updates",
                f"must be in [1, federation.clients_per_round={self.clients_per_round}], "
@@ -186,7 +194,32 @@ class FederationConfig(_Section):
 @dataclass
 class MethodConfig(_Section):
     _name = "method"
-    name: str = opt("fedavg", "Federated method (aggregation rule).", ("fedavg",))
+    name: str = opt("fedavg", "Federated method: 'fedavg' (B1), 'random_heads' (B2: FedAvg + "
+                    "random head pruning), 'aoh' (Assortment of Attention Heads).",
+                    ("fedavg", "random_heads", "aoh"))
+    sparsity: float = opt(0.9, "Head-pruning sparsity s: each client keeps the heads scoring at "
+                          "least the s-quantile of its scores (Eq. 7).")
+    scope: str = opt("global", "Quantile of Eq. 7 over all heads or within each layer.",
+                     ("global", "layer"))
+    mode: str = opt("adapter", "'adapter': pruned heads' PEFT slices frozen and not sent; "
+                    "'structural': pruned heads removed from the local forward and backward.",
+                    ("adapter", "structural"))
+    importance: str = opt("before", "Compute head scores on the received global model before "
+                          "local training (pruning can cut training compute) or after it.",
+                          ("before", "after"))
+    importance_samples: int = opt(64, "Client examples used for the importance pass (a seeded "
+                                  "subsample); 0 = all.")
+    eps: float = opt(1e-8, "epsilon of Eq. 8's denominator.")
+
+    def validate(self) -> None:
+        _check(0 <= self.sparsity < 1, "method.sparsity",
+               f"must be in [0, 1), got {self.sparsity}")
+        _check(self.importance_samples >= 0, "method.importance_samples",
+               f"must be >= 0, got {self.importance_samples}")
+        _check(self.eps >= 0, "method.eps", f"must be >= 0, got {self.eps}")
+        _check(not (self.mode == "structural" and self.importance == "after"),
+               "method.importance", "'after' needs method.mode='adapter': structural pruning "
+               "must know the kept heads before training")
 
 
 @dataclass

@@ -50,31 +50,44 @@ def _batches(indices: torch.Tensor, batch_size: int, gen: torch.Generator) -> It
         yield order[start:start + batch_size].tolist()
 
 
-def local_train(model: torch.nn.Module, params: dict[str, torch.nn.Parameter], start: State,
+def local_train(model: torch.nn.Module, params: dict[str, torch.nn.Parameter],
                 rows: Sequence[dict], indices: Sequence[int], collate: Collate,
-                spec: LocalTrainSpec, seed: int) -> tuple[State, float]:
-    """Train the trainable tensors from ``start`` on ``rows[indices]``.
+                spec: LocalTrainSpec, seed: int,
+                frozen: dict[str, torch.Tensor] | None = None
+                ) -> tuple[float, list[tuple[int, int]]]:
+    """Train ``params`` in place on ``rows[indices]``.
 
-    Returns (trained state, mean training loss per example). ``seed`` fixes shuffling and
-    dropout, so the same (global state, data, seed) always gives the same result.
+    Returns the mean loss per example and the (batch size, padded length) of every step, for
+    OPs accounting.
+
+    ``seed`` fixes shuffling and dropout, so the same (start values, data, seed) always gives
+    the same result. ``frozen`` maps a parameter path to a bool mask of coordinates that must
+    not move (pruned heads in adapter mode): their gradients are zeroed, so Adam's moments
+    and updates stay exactly zero there.
     """
-    load_state(params, start)
     model.train()
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # dropout masks
+    hooks = [params[k].register_hook(lambda g, keep=~m: g * keep)
+             for k, m in (frozen or {}).items()]
     opt = _optimizer(list(params.values()), spec)
     idx = torch.as_tensor(list(indices), dtype=torch.long)
-    loss_sum, seen = 0.0, 0
-    for _ in range(spec.epochs):
-        for batch_idx in _batches(idx, spec.batch_size, gen):
-            batch = collate([rows[i] for i in batch_idx])
-            loss = model(**batch).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            loss_sum += loss.item() * len(batch_idx)
-            seen += len(batch_idx)
-    return snapshot(params), loss_sum / max(seen, 1)
+    loss_sum, seen, shapes = 0.0, 0, []
+    try:
+        for _ in range(spec.epochs):
+            for batch_idx in _batches(idx, spec.batch_size, gen):
+                batch = collate([rows[i] for i in batch_idx])
+                loss = model(**batch).loss
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                loss_sum += loss.item() * len(batch_idx)
+                seen += len(batch_idx)
+                shapes.append(tuple(batch["input_ids"].shape))
+    finally:
+        for h in hooks:
+            h.remove()
+    return loss_sum / max(seen, 1), shapes
 
 
 @torch.no_grad()

@@ -16,7 +16,8 @@ class ClientUpdate:
 
     ``delta`` holds local - global for every tensor the client trained and sends (a partial
     state dict keyed by parameter path). ``num_examples`` is |D_c|, ``loss`` the client's mean
-    local training loss L_c.
+    local training loss L_c. Head-pruning methods add ``head_weights``: attention path ->
+    [n_heads] per-head weight (AoH: importance alpha, 0 for pruned heads).
     """
 
     client_id: int
@@ -24,6 +25,7 @@ class ClientUpdate:
     num_examples: int
     loss: float
     metrics: dict[str, float] = field(default_factory=dict)
+    head_weights: dict[str, torch.Tensor] | None = None
 
 
 class InvalidUpdate(ValueError):
@@ -58,3 +60,6 @@ def validate_update(update: ClientUpdate, reference: State) -> None:
             raise bad(f"{key!r} has dtype {tensor.dtype}, expected {ref.dtype}")
         if not torch.isfinite(tensor).all():
             raise bad(f"{key!r} has non-finite values")
+    for path, w in (update.head_weights or {}).items():
+        if not torch.isfinite(w).all() or (w < 0).any():
+            raise bad(f"head weights of {path!r} must be finite and >= 0, got {w.tolist()}")

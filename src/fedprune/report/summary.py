@@ -60,11 +60,11 @@ def write_report(run_dir: Path) -> Path:
     text = "\n".join([
         f"# Run `{s['run']}`", "",
         f"- method: **{s['method']}**, rounds: {s['rounds']}",
-        f"- final validation accuracy: **{s['final_accuracy']:.4f}** "
-        f"(best {s['best_accuracy']:.4f}), final validation loss {s['final_eval_loss']:.4f}",
+        (f"- final validation accuracy: **{s['final_accuracy']:.4f}** "
+         f"(best {s['best_accuracy']:.4f}), final validation loss {s['final_eval_loss']:.4f}"),
         f"- accuracy target {s['target']}: {reached}",
-        f"- bytes per selected client and round: up {s['bytes_up_per_client']:,.0f}, "
-        f"down {s['bytes_down_per_client']:,.0f}",
+        (f"- bytes per selected client and round: up {s['bytes_up_per_client']:,.0f}, "
+         f"down {s['bytes_down_per_client']:,.0f}"),
         f"- seconds per round: {s['seconds_per_round']:.1f}", "",
         "![accuracy and loss](accuracy.png)", "",
         markdown_table(read_metrics(run_dir)), "",

@@ -35,6 +35,6 @@ def load_checkpoint(run_dir: Path) -> tuple[State, dict[str, Any]] | None:
     if not path.is_file():
         return None
     with safe_open(str(path), "pt") as f:
-        state = {k: f.get_tensor(k) for k in f.keys()}
+        state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is no dict)
         server = json.loads(f.metadata()["server"])
     return state, server

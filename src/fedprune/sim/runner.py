@@ -13,12 +13,12 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from fedprune.client.payload import decode, encode
-from fedprune.client.train import LocalTrainSpec, evaluate, load_state, local_train
+from fedprune.client.train import evaluate, load_state
 from fedprune.config import ConfigError, ExperimentConfig
-from fedprune.core.aggregate import AGGREGATORS
-from fedprune.core.selection import SELECTORS
-from fedprune.core.update import ClientUpdate, InvalidUpdate, validate_update
+from fedprune.core.selection import SELECTORS, History
+from fedprune.core.update import InvalidUpdate, validate_update
 from fedprune.data import partition_summary
+from fedprune.methods import build_method
 from fedprune.report.metrics import append_metrics, read_metrics, truncate_metrics, write_csv
 from fedprune.report.plots import plot_metric
 from fedprune.report.summary import write_report
@@ -77,46 +77,46 @@ def run(cfg: ExperimentConfig, run_dir: Path | None = None, *, resume: bool = Fa
     fed = build(cfg)
     write_partition(fed, run_dir)
     fc = cfg.federation
-    spec = LocalTrainSpec(fc.local_epochs, fc.batch_size, fc.lr, fc.optimizer, fc.weight_decay)
-    aggregate = AGGREGATORS[cfg.method.name]
+    method = build_method(cfg, fed)
     select = SELECTORS[fc.selection]
+    options = {"d": fc.pow_d} if fc.selection == "pow-d" else {}
 
-    state, server = fed.initial, {"round": 0, "client_loss": {}}
+    state, server = fed.initial, {"round": 0, "client_loss": {}, "global_loss": None}
     if resume and (ckpt := load_checkpoint(run_dir)) is not None:
         state, server = ckpt
     truncate_metrics(run_dir, server["round"])
+    sizes = np.array([len(ix) for ix in fed.client_indices])
 
     bar = tqdm(range(server["round"] + 1, fc.rounds + 1), total=fc.rounds,
                initial=server["round"], desc="rounds", disable=not progress)
     for rnd in bar:
         t0 = time.perf_counter()
         # --- SELECTION ---
-        selected = select(rnd, fc.num_clients, fc.clients_per_round, cfg.run.seed)
+        history = History(sizes, {int(c): v for c, v in server["client_loss"].items()},
+                          server["global_loss"])
+        selected = select(rnd, history, fc.clients_per_round, cfg.run.seed, **options)
 
         # --- LOCAL TRAINING: each client receives the serialized global state ---
         down = encode(state)
-        updates, bytes_up = [], []
+        blobs = {}
         for cid in selected:
-            received = decode(down)
-            indices = fed.client_indices[cid]
-            local, loss = local_train(fed.model, fed.params, received, fed.train_rows, indices,
-                                      fed.collate, spec, client_seed(cfg.run.seed, rnd, cid))
-            blob = encode({k: local[k] - received[k] for k in local})
-            bytes_up.append(len(blob))
-            updates.append(ClientUpdate(cid, decode(blob), len(indices), loss))
-            server["client_loss"][str(cid)] = loss
+            result = method.local(decode(down), fed.client_indices[cid],
+                                  client_seed(cfg.run.seed, rnd, cid))
+            blobs[cid] = method.encode(result)
 
-        # --- AGGREGATION of the valid updates ---
+        # --- AGGREGATION of the valid updates, in client-id order ---
         valid, rejected = [], []
-        for update in updates:
+        for cid, blob in sorted(blobs.items()):
             try:
+                update = method.decode(blob, cid)
                 validate_update(update, state)
                 valid.append(update)
+                server["client_loss"][str(cid)] = update.loss
             except InvalidUpdate as e:
                 log.warning("round %d: rejected update: %s", rnd, e)
-                rejected.append(update.client_id)
+                rejected.append(cid)
         if len(valid) >= fc.min_valid_updates:
-            state = aggregate(state, valid, fc.server_lr)
+            state = method.aggregate(state, valid, fc.server_lr)
         else:
             log.warning("round %d: %d valid updates < federation.min_valid_updates=%d; global "
                         "model unchanged", rnd, len(valid), fc.min_valid_updates)
@@ -126,11 +126,14 @@ def run(cfg: ExperimentConfig, run_dir: Path | None = None, *, resume: bool = Fa
         if rnd % cfg.run.eval_every == 0 or rnd == fc.rounds:
             load_state(fed.params, state)
             scores = evaluate(fed.model, fed.val_rows, fed.collate, fc.eval_batch_size)
+            server["global_loss"] = scores["eval_loss"]
         n = sum(u.num_examples for u in valid) or 1
         record = {
             "round": rnd, "selected": selected, "rejected": rejected,
             "train_loss": sum(u.loss * u.num_examples for u in valid) / n, **scores,
-            "bytes_up": bytes_up, "bytes_down": [len(down)] * len(selected),
+            "bytes_up": [len(blobs[c]) for c in selected],
+            "bytes_down": [len(down)] * len(selected),
+            "client_metrics": {str(u.client_id): u.metrics for u in valid},
             "wall_s": time.perf_counter() - t0,
         }
         append_metrics(run_dir, record)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -27,7 +28,9 @@ class Federation:
     val_rows: list[dict]
     client_indices: list[np.ndarray]       # client id -> indices into train_rows
     label_names: list[str]
-    collate: object
+    collate: object                        # rows -> padded batch tensors
+    special_ids: set[int]                  # not queries of the importance pass (Eq. 6)
+    exclude_key_ids: set[int]              # not keys of the importance pass (SEP / EOS)
 
 
 def cache_dir(cfg: ExperimentConfig) -> Path:
@@ -51,6 +54,7 @@ def load_data(cfg: ExperimentConfig, tokenizer) -> tuple[list[dict], list[dict],
 
 
 def build(cfg: ExperimentConfig) -> Federation:
+    torch.set_num_threads(cfg.run.num_threads or os.cpu_count() or 1)
     cache = cache_dir(cfg)
     path = resolve(cfg.model.name, cache)
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -68,5 +72,8 @@ def build(cfg: ExperimentConfig) -> Federation:
                        target_modules=pc.target_modules, seed=cfg.run.seed)
     params = trainable_parameters(model)
     initial = {k: v.detach().clone() for k, v in params.items()}
+    special = {tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id,
+               tokenizer.bos_token_id, tokenizer.eos_token_id} - {None}
+    exclude_keys = {tokenizer.sep_token_id, tokenizer.eos_token_id} - {None}
     return Federation(model, params, initial, train_rows, val_rows, parts, names,
-                      partial(pad_batch, tokenizer))
+                      partial(pad_batch, tokenizer), special, exclude_keys)

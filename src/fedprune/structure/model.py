@@ -14,6 +14,7 @@ import torch
 from peft import LoraConfig, TaskType, get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
+from fedprune.core.accounting import EncoderArch
 from fedprune.structure.attention import ModelStructure, describe, projection_names
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -113,6 +114,22 @@ def apply_lora(model: torch.nn.Module, *, task: str, r: int, alpha: float, dropo
         fan_in_fan_out=structure.family == "gpt2")  # GPT-2's Conv1D stores weight as [in, out]
     torch.manual_seed(seed)
     return get_peft_model(model, config)
+
+
+def encoder_arch(model: torch.nn.Module, *, r: int, target_modules: list[str]
+                 ) -> EncoderArch | None:
+    """The numbers OPs accounting needs, for the encoder classifiers (BERT, RoBERTa,
+    DistilBERT); None for other families (their analytic formula is not written yet)."""
+    structure = describe(model)
+    if structure.family not in ("bert", "roberta", "distilbert"):
+        return None
+    c = model.config
+    attn = structure.attention[0]
+    ffn = c.hidden_dim if structure.family == "distilbert" else c.intermediate_size
+    return EncoderArch(
+        layers=len(structure.layers["encoder"]), hidden=attn.n_heads * attn.head_dim, ffn=ffn, head_dim=attn.head_dim,
+        num_labels=c.num_labels, lora_r=r,
+        lora_targets="".join(t for t in "qkvo" if t in target_modules))
 
 
 def trainable_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:

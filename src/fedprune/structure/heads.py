@@ -1,0 +1,592 @@
+"""Attention heads of the trainable parameters (head map) and structural head pruning.
+
+AoH (Venkatesha, Kundu, Panda: *Assortment of Attention Heads*) prunes attention heads per
+client (Eq. 7) and aggregates head slices with importance weights (Eq. 8). Both need to know
+which coordinates of the trainable tensors Φ belong to which head:
+
+* `head_units` maps every head of every attention module to its slices of the LoRA tensors:
+  rows `offset + h*d : offset + (h+1)*d` of LoRA **B** of q/k/v (B is [out, r]) and columns
+  `h*d : (h+1)*d` of LoRA **A** of o (A is [r, in]). LoRA A of q/k/v and LoRA B of o are shared
+  by all heads and not head-mapped. Under GQA a query unit holds q rows + o columns of query
+  head h and a KV unit holds k and v rows of KV head g.
+* `unit_mask` turns per-client kept query heads into boolean masks over those tensors.
+* `structural_view` (pruning mode `structural`) slices the pruned heads out of the model for
+  the duration of a `with` block, so the local forward and backward really compute less, and
+  restores the shared backbone exactly afterwards.
+
+Everything is derived from `ModelStructure` (module paths + fused offsets, asserted by
+`attention.describe`); the only per-family knowledge here is `_VIEW_FAMILIES`: which head-count
+attributes each family's attention module keeps, and T5's shared relative position bias.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from transformers.pytorch_utils import Conv1D
+
+from fedprune.structure.attention import AttentionModule, ModelStructure
+
+__all__ = [
+    "HeadSlice",
+    "HeadUnit",
+    "StructuralView",
+    "head_units",
+    "structural_keep",
+    "structural_view",
+    "unit_mask",
+]
+
+
+# --- head map -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HeadSlice:
+    """Coordinates `start:stop` along `dim` of trainable tensor `key` (a parameter path).
+
+    dim 0: rows (LoRA B of q/k/v, [out, r]); dim 1: columns (LoRA A of o, [r, in]).
+    """
+
+    key: str
+    dim: int
+    start: int
+    stop: int
+
+
+@dataclass(frozen=True)
+class HeadUnit:
+    """The trainable coordinates owned by one head of one attention module.
+
+    kind "query": rows of q's LoRA B and columns of o's LoRA A of query head `index`.
+    kind "kv": rows of k's and v's LoRA B of KV head `index` (MHA: one per query head; GQA:
+    one per group). `query_heads` are the query heads the unit serves: `(index,)` for a query
+    unit, the group `g*G .. (g+1)*G - 1` for a KV unit (G = group size); a KV unit is kept
+    when any of them is kept, and its importance is their max (DESIGN "Head map").
+    """
+
+    path: str
+    index: int
+    kind: str
+    slices: tuple[HeadSlice, ...]
+    query_heads: tuple[int, ...]
+
+
+# parameter path -> (module path, "lora_A" | "lora_B", adapter name, "weight" | "bias")
+_LORA_KEY = re.compile(
+    r"(?P<module>.+)\.(?P<part>lora_[AB])\.(?P<adapter>[^.]+)\.(?P<leaf>weight|bias)"
+)
+
+
+def head_units(params: Mapping[str, Tensor], structure: ModelStructure) -> list[HeadUnit]:
+    """Every head's slices of the LoRA tensors in `params` (keys as `trainable_parameters`).
+
+    Only tensors present in `params` are mapped (LoRA on q and v only -> units hold only
+    those). Order: attention modules as in `structure`, then query units 0..H-1, then KV units
+    0..KV-1; units with no slice are left out. Asserts that every slice is in bounds, that no
+    two units overlap, and that the units tile the mapped dimension of every tensor exactly
+    (each LoRA B row of q/k/v and each LoRA A column of o belongs to exactly one head).
+    """
+    lora = _lora_index(params)
+    units: list[HeadUnit] = []
+    for attn in structure.attention:
+        units += _units_of(attn, lora)
+    _check_units(units, params)
+    return units
+
+
+def unit_mask(
+    units: list[HeadUnit], keep_query: Mapping[str, Tensor], params: Mapping[str, Tensor]
+) -> dict[str, Tensor]:
+    """Boolean masks, one per head-mapped tensor, True where a kept unit owns the coordinate.
+
+    `keep_query[path]` is a bool [n_heads] of kept query heads per attention module. A KV unit
+    is kept when any query head of its group is kept (GQA). Coordinates of shared,
+    non-head-mapped tensors (LoRA A of q/k/v, LoRA B of o, task head) are not in the result;
+    callers handle them.
+    """
+    n_heads = _heads_per_path(units)
+    masks = {s.key: torch.zeros(params[s.key].shape, dtype=torch.bool,
+                                device=params[s.key].device)
+             for u in units for s in u.slices}
+    for path, n in n_heads.items():
+        _check_keep_vector(path, keep_query.get(path), n)
+    for unit in units:
+        if bool(keep_query[unit.path][list(unit.query_heads)].any()):
+            for s in unit.slices:
+                masks[s.key].narrow(s.dim, s.start, s.stop - s.start).fill_(True)
+    return masks
+
+
+def _lora_index(params: Mapping[str, Tensor]) -> dict[tuple[str, str], list[str]]:
+    """(module path, "lora_A" | "lora_B") -> LoRA parameter paths in `params`, in order."""
+    index: dict[tuple[str, str], list[str]] = {}
+    for key in params:
+        match = _LORA_KEY.fullmatch(key)
+        if match is not None:
+            index.setdefault((match["module"], match["part"]), []).append(key)
+    return index
+
+
+def _units_of(attn: AttentionModule, lora: dict[tuple[str, str], list[str]]) -> list[HeadUnit]:
+    """Query units then KV units of one attention module."""
+    d = attn.head_dim
+
+    def rows(name: str, head: int) -> list[HeadSlice]:  # LoRA B (and its bias) of q/k/v
+        proj = getattr(attn, name)
+        start = proj.offset + head * d
+        keys = lora.get((proj.module, "lora_B"), [])
+        return [HeadSlice(key, 0, start, start + d) for key in keys]
+
+    def cols(head: int) -> list[HeadSlice]:  # LoRA A of o: [r, in], in = H*d
+        keys = [k for k in lora.get((attn.o.module, "lora_A"), []) if k.endswith(".weight")]
+        return [HeadSlice(key, 1, head * d, (head + 1) * d) for key in keys]
+
+    units = [
+        HeadUnit(attn.path, h, "query", tuple(rows("q", h) + cols(h)), (h,))
+        for h in range(attn.n_heads)
+    ]
+    g_size = attn.group_size
+    units += [
+        HeadUnit(attn.path, g, "kv", tuple(rows("k", g) + rows("v", g)),
+                 tuple(range(g * g_size, (g + 1) * g_size)))
+        for g in range(attn.n_kv_heads)
+    ]
+    return [u for u in units if u.slices]
+
+
+def _check_units(units: list[HeadUnit], params: Mapping[str, Tensor]) -> None:
+    """Assert bounds, one dim per tensor, no overlap, and exact tiling of the mapped dim."""
+    spans: dict[str, list[tuple[int, int, int]]] = {}  # key -> [(start, stop, dim)]
+    for unit in units:
+        for s in unit.slices:
+            size = params[s.key].shape[s.dim]
+            assert 0 <= s.start < s.stop <= size, f"{s} out of bounds (size {size})"
+            spans.setdefault(s.key, []).append((s.start, s.stop, s.dim))
+    for key, parts in spans.items():
+        parts.sort()
+        dims = {dim for _, _, dim in parts}
+        assert len(dims) == 1, f"{key}: head-mapped along several dims {sorted(dims)}"
+        covered = 0
+        for start, stop, _ in parts:
+            assert start == covered, f"{key}: head slices overlap or leave a gap at {covered}"
+            covered = stop
+        size = params[key].shape[parts[0][2]]
+        assert covered == size, f"{key}: head slices cover {covered} of {size}"
+
+
+def _heads_per_path(units: list[HeadUnit]) -> dict[str, int]:
+    """Number of query heads per attention path, from the units (they cover every head)."""
+    n: dict[str, int] = {}
+    for unit in units:
+        n[unit.path] = max(n.get(unit.path, 0), max(unit.query_heads) + 1)
+    return n
+
+
+def _check_keep_vector(path: str, keep: Tensor | None, n_heads: int) -> None:
+    if keep is None:
+        raise KeyError(f"keep_query has no entry for attention module {path!r}")
+    if keep.dtype != torch.bool or keep.shape != (n_heads,):
+        raise ValueError(f"keep_query[{path!r}] must be a bool tensor of shape ({n_heads},); "
+                         f"got {keep.dtype} {tuple(keep.shape)}")
+
+
+# --- kept heads under GQA -------------------------------------------------------------------
+
+
+def structural_keep(
+    structure: ModelStructure, keep_query: Mapping[str, Tensor]
+) -> dict[str, Tensor]:
+    """The query heads `structural_view` actually keeps: bool [n_heads] per attention module.
+
+    Under GQA the structural granularity is the KV group: a group is kept when any of its query
+    heads is kept, and then all its query heads are kept (the family forwards pair query head
+    h with KV head h // G by a uniform `repeat_kv`, so a kept group cannot drop some of its
+    query heads without a custom attention kernel). Without GQA this is `keep_query` itself.
+    """
+    out = {}
+    for attn in structure.attention:
+        keep = keep_query.get(attn.path)
+        _check_keep_vector(attn.path, keep, attn.n_heads)
+        groups = keep.reshape(attn.n_kv_heads, attn.group_size).any(dim=1)  # (KV,)
+        out[attn.path] = groups.repeat_interleave(attn.group_size)
+    return out
+
+
+# --- structural view: family table ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Kept:
+    """Head geometry of one attention module inside the view."""
+
+    n_heads: int  # kept query heads
+    n_kv_heads: int  # kept KV heads
+    head_dim: int
+
+    @property
+    def width(self) -> int:
+        return self.n_heads * self.head_dim
+
+    @property
+    def groups(self) -> int:  # query heads per KV head; any positive value when nothing kept
+        return self.n_heads // self.n_kv_heads if self.n_kv_heads else 1
+
+
+# (core, original forward, attn, kept query-head index) -> replacement forward, or None
+_ForwardAdapter = Callable[[nn.Module, Callable[..., Any], AttentionModule, Tensor],
+                           Callable[..., Any] | None]
+
+
+@dataclass(frozen=True)
+class _ViewFamily:
+    """What a family's attention module (the parent of the q projection) needs in the view.
+
+    `attrs`: head-count attributes set from the kept geometry (transformers 5.23 reshapes with
+    `-1` heads, so most are informational, but GPT-2 splits c_attn by `split_size` and Llama
+    repeats KV by `num_key_value_groups`). `forward`: an optional adapter for inputs indexed
+    by head that do not pass through the projections.
+    """
+
+    attrs: dict[str, Callable[[_Kept], int]] = field(default_factory=dict)
+    forward: _ForwardAdapter | None = None
+
+
+def _t5_position_bias(
+    core: nn.Module, original: Callable[..., Any], attn: AttentionModule, kept: Tensor
+) -> Callable[..., Any]:
+    """T5 computes the relative position bias (1, H, q, k) once, in the first layer of a stack,
+    and passes it to every later layer. In the view each layer keeps other heads, so: compute
+    the full-head bias when none is passed, give this layer only its kept heads, and hand the
+    full bias on to the next layer."""
+    signature = inspect.signature(original)
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        full = bound.arguments["position_bias"]
+        if full is None:
+            full = _t5_full_bias(core, attn.n_heads, bound.arguments)
+        bound.arguments["position_bias"] = full[:, kept]
+        out, _, weights = original(*bound.args, **bound.kwargs)
+        return out, full, weights
+
+    return forward
+
+
+def _t5_full_bias(core: nn.Module, n_heads: int, arguments: dict[str, Any]) -> Tensor:
+    """What `T5Attention.forward` computes for position_bias=None, for all `n_heads` heads."""
+    hidden = arguments["hidden_states"]
+    source = arguments["key_value_states"]
+    cache = arguments["past_key_values"]
+    past = cache.get_seq_length(core.layer_idx) if cache is not None else 0
+    q_len = hidden.shape[1]
+    k_len = source.shape[1] if source is not None else past + q_len
+    if core.has_relative_attention_bias:
+        return core.compute_bias(q_len, k_len, device=hidden.device, past_seen_tokens=past)
+    bias = torch.zeros((1, n_heads, q_len, k_len), device=hidden.device, dtype=hidden.dtype)
+    if core.gradient_checkpointing and core.training:
+        bias.requires_grad = True
+    return bias
+
+
+def _gpt2_no_heads(
+    core: nn.Module, original: Callable[..., Any], attn: AttentionModule, kept: Tensor
+) -> Callable[..., Any] | None:
+    """GPT-2 splits the fused c_attn output with `split(split_size)`, which cannot yield three
+    empty blocks; with every head pruned the block's output is c_proj of an empty context
+    (its bias), so skip the attention computation."""
+    if kept.numel():
+        return None
+
+    def forward(hidden_states: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, None]:
+        empty = hidden_states[..., :0]  # (B, T, 0): the context of zero heads
+        return core.resid_dropout(core.c_proj(empty)), None
+
+    return forward
+
+
+_BERT_VIEW = _ViewFamily({"num_attention_heads": lambda k: k.n_heads,
+                          "all_head_size": lambda k: k.width})
+_VIEW_FAMILIES: dict[str, _ViewFamily] = {
+    "bert": _BERT_VIEW,
+    "roberta": _BERT_VIEW,
+    "distilbert": _ViewFamily({"n_heads": lambda k: k.n_heads}),
+    "gpt2": _ViewFamily({"num_heads": lambda k: k.n_heads, "split_size": lambda k: k.width},
+                        forward=_gpt2_no_heads),
+    "llama": _ViewFamily({"num_key_value_groups": lambda k: k.groups}),
+    "t5": _ViewFamily({"n_heads": lambda k: k.n_heads, "inner_dim": lambda k: k.width},
+                      forward=_t5_position_bias),
+    "bart": _ViewFamily({"num_heads": lambda k: k.n_heads}),
+}
+
+
+# --- structural view: patching and slicing --------------------------------------------------
+
+
+_ABSENT = object()
+
+
+class _Patcher:
+    """Sets attributes (parameters, plain attributes, instance `forward`s) and undoes every
+    change in reverse order, restoring the very objects that were there before."""
+
+    def __init__(self) -> None:
+        self._undo: list[tuple[Any, str, Any]] = []
+
+    def set(self, obj: Any, name: str, value: Any) -> None:
+        if name == "forward":  # an instance attribute shadowing the class method
+            self._undo.append((obj, name, obj.__dict__.get(name, _ABSENT)))
+            obj.__dict__[name] = value
+        else:
+            self._undo.append((obj, name, getattr(obj, name, _ABSENT)))
+            setattr(obj, name, value)
+
+    def restore(self) -> None:
+        while self._undo:
+            obj, name, old = self._undo.pop()
+            if name == "forward":
+                if old is _ABSENT:
+                    del obj.__dict__[name]
+                else:
+                    obj.__dict__[name] = old
+            elif old is _ABSENT:
+                delattr(obj, name)
+            else:
+                setattr(obj, name, old)
+
+
+@dataclass
+class _Cut:
+    """Kept output features (rows) and/or input features (cols) of one projection module."""
+
+    rows: list[Tensor] = field(default_factory=list)  # per projection, ordered by offset
+    cols: Tensor | None = None
+
+    def row_index(self) -> Tensor | None:
+        return torch.cat(self.rows) if self.rows else None
+
+
+def _head_features(offset: int, heads: Tensor, head_dim: int) -> Tensor:
+    """Feature indices `offset + h*d + j` for kept heads h (ascending) and j < d."""
+    base = offset + heads.nonzero().flatten() * head_dim  # (kept,)
+    return (base[:, None] + torch.arange(head_dim, device=heads.device)).flatten()  # (kept*d,)
+
+
+def _cuts(structure: ModelStructure, kept: Mapping[str, Tensor]) -> dict[str, _Cut]:
+    """Projection module path -> kept rows (q/k/v, fused modules in offset order) / cols (o)."""
+    rows: dict[str, list[tuple[int, Tensor]]] = {}
+    cuts: dict[str, _Cut] = {}
+    for attn in structure.attention:
+        heads = kept[attn.path]
+        groups = heads.reshape(attn.n_kv_heads, attn.group_size).any(dim=1)
+        for name, mask in (("q", heads), ("k", groups), ("v", groups)):
+            proj = getattr(attn, name)
+            index = _head_features(proj.offset, mask, attn.head_dim)
+            rows.setdefault(proj.module, []).append((proj.offset, index))
+        cuts.setdefault(attn.o.module, _Cut()).cols = _head_features(0, heads, attn.head_dim)
+    for module, parts in rows.items():
+        cuts.setdefault(module, _Cut()).rows = [index for _, index in sorted(parts, key=_first)]
+    return cuts
+
+
+def _first(part: tuple[int, Tensor]) -> int:
+    return part[0]
+
+
+def _sliced(param: Tensor, dim: int, index: Tensor) -> nn.Parameter:
+    """A new Parameter holding `param[index]` along `dim` (a copy; same requires_grad)."""
+    data = param.detach().index_select(dim, index.to(param.device)).contiguous()
+    return nn.Parameter(data, requires_grad=param.requires_grad)
+
+
+class _Slicer:
+    """Replaces parameters by sliced copies through a `_Patcher`, remembering for each one
+    its path and the (dim, index) it keeps, so trained values can be scattered back."""
+
+    def __init__(self, patcher: _Patcher, names: dict[int, str]) -> None:
+        self.patcher = patcher
+        self.names = names  # id(original parameter) -> parameter path
+        self.kept: dict[str, tuple[int, Tensor]] = {}  # path -> (dim, kept index)
+        self.new: dict[str, nn.Parameter] = {}
+
+    def cut(self, module: nn.Module, name: str, dim: int, index: Tensor | None) -> None:
+        param = getattr(module, name)
+        if index is None or param is None:
+            return
+        new = _sliced(param, dim, index)
+        path = self.names[id(param)]
+        self.kept[path], self.new[path] = (dim, index), new
+        self.patcher.set(module, name, new)
+
+    def projection(self, module: nn.Module, cut: _Cut) -> None:
+        """Slice base weight/bias and every LoRA adapter of one (possibly peft-wrapped) q/k/v/o
+        projection: rows = output features, cols = input features."""
+        rows, cols = cut.row_index(), cut.cols
+        base = _base_layer(module)
+        conv = isinstance(base, Conv1D)  # weight [in, out] instead of Linear's [out, in]
+        self.cut(base, "weight", 1 if conv else 0, rows)
+        self.cut(base, "weight", 0 if conv else 1, cols)
+        self.cut(base, "bias", 0, rows)
+        n_in, n_out = base.weight.shape if conv else base.weight.shape[::-1]
+        features = {"nx": n_in, "nf": n_out} if conv else {"in_features": n_in,
+                                                           "out_features": n_out}
+        for attr, value in features.items():
+            self.patcher.set(base, attr, int(value))
+        if conv and n_in == 0:  # Conv1D's x.view(-1, 0) fails on an empty input
+            self.patcher.set(base, "forward", _bias_only(base))
+        if base is not module:
+            self._lora(module, rows, cols, int(n_in), int(n_out))
+
+    def _lora(self, layer: nn.Module, rows: Tensor | None, cols: Tensor | None,
+              n_in: int, n_out: int) -> None:
+        """LoRA B [out, r] loses rows, LoRA A [r, in] loses columns."""
+        if getattr(layer, "merged", False) or getattr(layer, "lora_variant", None):
+            raise NotImplementedError(
+                f"structural_view supports unmerged vanilla LoRA only; {type(layer).__name__} "
+                f"is merged or uses a LoRA variant (DoRA, ...)"
+            )
+        for adapter in layer.lora_A:
+            lora_a, lora_b = layer.lora_A[adapter], layer.lora_B[adapter]
+            self.cut(lora_b, "weight", 0, rows)
+            self.cut(lora_b, "bias", 0, rows)
+            self.cut(lora_a, "weight", 1, cols)
+            self.patcher.set(lora_b, "out_features", n_out)
+            self.patcher.set(lora_a, "in_features", n_in)
+        self.patcher.set(layer, "in_features", n_in)
+        self.patcher.set(layer, "out_features", n_out)
+
+
+def _bias_only(base: Conv1D) -> Callable[[Tensor], Tensor]:
+    """Conv1D with zero input features: its output is its bias, (*, nf)."""
+
+    def forward(x: Tensor) -> Tensor:
+        return base.bias.expand(*x.shape[:-1], base.nf).contiguous()
+
+    return forward
+
+
+def _base_layer(module: nn.Module) -> nn.Module:
+    """The Linear / Conv1D under a peft wrapper (the module itself when not wrapped)."""
+    base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
+    if not isinstance(base, nn.Linear | Conv1D):
+        raise NotImplementedError(f"structural_view slices Linear or Conv1D projections; "
+                                  f"found {type(base).__name__}")
+    return base
+
+
+# --- structural view: public API ------------------------------------------------------------
+
+
+class StructuralView:
+    """The trainable parameters of a model with pruned heads sliced out (see `structural_view`).
+
+    `params`: the trainable parameters during the view, keyed like `trainable_parameters`:
+    new, smaller Parameters for sliced tensors (initialised from the full values at entry),
+    the original Parameter objects otherwise (shared LoRA A of q/k/v, LoRA B of o, task head).
+    `keep_query`: the query heads really kept, bool [n_heads] per attention module (under GQA
+    whole groups; see `structural_keep`). `kept`: for each sliced key, (dim, index) of the
+    full coordinates it holds.
+    """
+
+    def __init__(self, params: dict[str, nn.Parameter], keep_query: dict[str, Tensor],
+                 kept: dict[str, tuple[int, Tensor]]) -> None:
+        self.params = params
+        self.keep_query = keep_query
+        self.kept = kept
+
+    def scatter(self, full: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Full-shaped state from the view's current values: for a sliced key, the kept
+        coordinates from the view and the pruned ones from `full[key]` (unchanged); for any
+        other key, the view's value. New tensors; `full` is not modified. Valid inside and
+        after the `with` block."""
+        out = {}
+        for key, value in self.params.items():
+            if key not in full:
+                raise KeyError(f"scatter: `full` has no entry for trainable parameter {key!r}")
+            target = full[key].detach()
+            if key in self.kept:
+                dim, index = self.kept[key]
+                merged = target.clone()
+                merged.index_copy_(dim, index.to(target.device), value.detach().to(target.dtype))
+                out[key] = merged
+            elif value.shape != target.shape:
+                raise ValueError(f"scatter: {key!r} has shape {tuple(target.shape)} in `full`, "
+                                 f"{tuple(value.shape)} in the view")
+            else:
+                out[key] = value.detach().clone()
+        return out
+
+
+@contextmanager
+def structural_view(
+    model: nn.Module, structure: ModelStructure, keep_query: Mapping[str, Tensor]
+) -> Iterator[StructuralView]:
+    """Remove pruned heads from the model's forward and backward for the `with` block
+    (AoH pruning mode `structural`, DESIGN "Pruning (Eq. 7)").
+
+    `keep_query[path]`: bool [n_heads] of kept query heads for every attention module of
+    `structure` (which must describe `model`). Inside the block every attention projection
+    holds only the kept heads: q/k/v output rows (fused GPT-2 c_attn: per q/k/v block) and o
+    input columns are sliced out of the base weight, the bias and each LoRA adapter as new,
+    smaller tensors, and the family's head-count attributes follow, so the matmuls shrink with
+    the kept heads. The sliced LoRA tensors are the trainable Parameters of the view
+    (`StructuralView.params`), initialised from the current full values.
+
+    Under GQA the structural granularity is the KV group: a group with any kept query head is
+    kept whole (all its query heads compute and train; `StructuralView.keep_query` says which).
+    A module with every head pruned computes zero heads: its context is empty, so the block
+    contributes only the o bias (plus its residual path).
+
+    On exit, also on an exception, everything is restored: the same Parameter objects with
+    the same values (training inside the view changes only the view's sliced copies and the
+    non-sliced trainable tensors, which are the originals), the same attributes. Write trained
+    values back with `StructuralView.scatter`.
+    """
+    family = _VIEW_FAMILIES.get(structure.family)
+    if family is None:
+        raise NotImplementedError(f"structural_view does not support family "
+                                  f"{structure.family!r}")
+    if getattr(model, "_fedprune_structural_view", False):
+        raise RuntimeError("structural_view is already active on this model (not re-entrant)")
+    kept = structural_keep(structure, keep_query)
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    names = {id(p): n for n, p in model.named_parameters()}
+    patcher = _Patcher()
+    try:
+        patcher.set(model, "_fedprune_structural_view", True)
+        slicer = _Slicer(patcher, names)
+        for module, cut in _cuts(structure, kept).items():
+            slicer.projection(model.get_submodule(module), cut)
+        for attn in structure.attention:
+            _adapt_core(patcher, model, family, attn, kept[attn.path])
+        params = {n: slicer.new.get(n, p) for n, p in trainable.items()}
+        kept_trainable = {n: slicer.kept[n] for n in params if n in slicer.kept}
+        yield StructuralView(params, kept, kept_trainable)
+    finally:
+        patcher.restore()
+
+
+def _adapt_core(patcher: _Patcher, model: nn.Module, family: _ViewFamily,
+                attn: AttentionModule, heads: Tensor) -> None:
+    """Set the attention module's head-count attributes (and forward adapter) for its kept
+    heads. The attention module is the parent of the q projection (BERT: `attention.self`)."""
+    core = model.get_submodule(attn.q.module.rpartition(".")[0])
+    n_heads = int(heads.sum())
+    geometry = _Kept(n_heads, n_heads // attn.group_size, attn.head_dim)
+    for attr, value in family.attrs.items():
+        if not hasattr(core, attr):
+            raise AttributeError(f"{attn.path}: {type(core).__name__} has no attribute {attr!r} "
+                                 f"(heads.py _VIEW_FAMILIES is out of date for this version)")
+        patcher.set(core, attr, value(geometry))
+    if family.forward is not None:
+        forward = family.forward(core, core.forward, attn, heads.nonzero().flatten())
+        if forward is not None:
+            patcher.set(core, "forward", forward)

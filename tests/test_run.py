@@ -1,0 +1,158 @@
+"""End to end on the real MiniLM and a BBC News subset: artifacts, determinism, resume,
+rejected updates, CLI errors."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from fedprune.cli import app
+from fedprune.config import ConfigError, load_config
+from fedprune.core.selection import History
+from fedprune.sim import runner
+from fedprune.sim.setup import build
+
+SMALL = ["data.max_samples=160", "data.max_length=48", "federation.num_clients=4",
+         "federation.clients_per_round=2", "federation.rounds=2", "federation.batch_size=16",
+         "federation.eval_batch_size=64"]
+
+
+def small_cfg(tmp_path, *extra):
+    return load_config(None, [*SMALL, f"data.cache_dir='{tmp_path / 'cache'}'", *extra])
+
+
+def run_small(tmp_path, name, *extra, resume=False):
+    return runner.run(small_cfg(tmp_path, *extra), tmp_path / name, resume=resume,
+                      progress=False)
+
+
+def strip_time(records):
+    return [{k: v for k, v in r.items() if k != "wall_s"} for r in records]
+
+
+def metrics(run_dir):
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def two_rounds(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("e2e")
+    return tmp, run_small(tmp, "a")
+
+
+def test_end_to_end_artifacts(two_rounds):
+    _, run_dir = two_rounds
+    records = metrics(run_dir)
+    assert [r["round"] for r in records] == [1, 2]
+    for r in records:
+        assert len(r["selected"]) == 2 and len(set(r["selected"])) == 2
+        assert set(r) >= {"round", "selected", "train_loss", "eval_loss", "accuracy",
+                          "bytes_up", "bytes_down", "wall_s"}
+        assert 0 <= r["accuracy"] <= 1 and r["eval_loss"] > 0 and r["train_loss"] > 0
+    final = load_file(run_dir / "global.safetensors")
+    # LoRA A/B on q, k, v, o of 6 layers (r=16, hidden 384) + classifier (5 x 384 + 5)
+    lora = 6 * 4 * 2 * 16 * 384
+    assert sum(v.numel() for v in final.values()) == lora + 5 * 384 + 5
+    # bytes down = the serialized global state = the saved file, byte for byte
+    size = (run_dir / "global.safetensors").stat().st_size
+    assert all(b == size for r in records for b in r["bytes_down"])
+    assert all(b == size for r in records for b in r["bytes_up"])  # FedAvg sends every tensor
+    for name in ("config.json", "config.toml", "partition.json", "metrics.csv", "accuracy.png",
+                 "report.md", "checkpoint.safetensors"):
+        assert (run_dir / name).is_file(), name
+    part = json.loads((run_dir / "partition.json").read_text())
+    assert sum(part["sizes"]) == 128 and len(part["label_histograms"]) == 4
+    assert load_config(run_dir / "config.toml") == small_cfg(two_rounds[0])
+
+
+def test_training_moves_the_model_and_learns(two_rounds):
+    _, run_dir = two_rounds
+    records = metrics(run_dir)
+    assert records[1]["eval_loss"] < records[0]["eval_loss"] + 0.05
+    final = load_file(run_dir / "global.safetensors")
+    b = [v for k, v in final.items() if "lora_B" in k]
+    assert all(t.abs().sum() > 0 for t in b)  # LoRA B starts at zero; every one was trained
+
+
+def test_same_seed_same_result(two_rounds, tmp_path):
+    tmp, first = two_rounds
+    second = runner.run(small_cfg(tmp), tmp_path / "b", progress=False)
+    a, b = load_file(first / "global.safetensors"), load_file(second / "global.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert strip_time(metrics(first)) == strip_time(metrics(second))
+    other = runner.run(small_cfg(tmp, "run.seed=1"), tmp_path / "c", progress=False)
+    c = load_file(other / "global.safetensors")
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_resume_is_bit_identical(two_rounds, tmp_path):
+    tmp, first = two_rounds
+    straight = runner.run(small_cfg(tmp, "federation.rounds=3"), tmp_path / "s", progress=False)
+    # the 2-round run stopped after round 2: resume it to 3 rounds
+    import shutil
+    shutil.copytree(first, tmp_path / "r")
+    resumed = runner.run(small_cfg(tmp, "federation.rounds=3"), tmp_path / "r", resume=True,
+                         progress=False)
+    a, b = load_file(straight / "global.safetensors"), load_file(resumed / "global.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert strip_time(metrics(straight)) == strip_time(metrics(resumed))
+
+
+def test_existing_run_dir_is_not_overwritten(two_rounds):
+    tmp, first = two_rounds
+    with pytest.raises(ConfigError, match="already holds a run.*--resume"):
+        runner.run(small_cfg(tmp), first, progress=False)
+    with pytest.raises(ConfigError, match="differs.*federation.lr"):
+        runner.run(small_cfg(tmp, "federation.lr=0.5"), first, resume=True, progress=False)
+
+
+def test_bad_update_is_rejected_and_the_rest_aggregated(tmp_path, monkeypatch, caplog):
+    import fedprune.methods.fedavg as fedavg_method
+    real = fedavg_method.local_train
+    cfg = small_cfg(tmp_path, "federation.rounds=1")
+    fed = build(cfg)
+    victim = runner.SELECTORS["random"](1, History(np.ones(4)), 2, 0)[0]
+    first_index = fed.client_indices[victim][0]
+
+    def poisoned(model, params, rows, indices, *args, **kwargs):
+        loss = real(model, params, rows, indices, *args, **kwargs)
+        if indices[0] == first_index:
+            with torch.no_grad():
+                next(iter(params.values()))[0] = float("nan")
+        return loss
+
+    monkeypatch.setattr(fedavg_method, "local_train", poisoned)
+    run_dir = runner.run(cfg, tmp_path / "p", progress=False)
+    (record,) = metrics(run_dir)
+    assert record["rejected"] == [victim] and victim in record["selected"]
+    assert f"client {victim}: " in caplog.text and "non-finite" in caplog.text
+    final = load_file(run_dir / "global.safetensors")
+    assert all(torch.isfinite(v).all() for v in final.values())
+
+
+def test_cli_errors_name_the_option(tmp_path):
+    cli = CliRunner()
+    res = cli.invoke(app, ["run", "configs/fedavg.toml", "federation.clients_per_round=99",
+                           "--out", str(tmp_path / "x")])
+    assert res.exit_code == 2 and "federation.clients_per_round" in res.output
+    res = cli.invoke(app, ["run", "configs/fedavg.toml", "data.dataset=/no/such/file.csv",
+                           "--out", str(tmp_path / "y")])
+    assert res.exit_code == 2 and "/no/such/file.csv" in res.output
+    res = cli.invoke(app, ["report", str(tmp_path)])
+    assert res.exit_code == 2 and "metrics.jsonl" in res.output
+
+
+def test_cli_help_lists_every_option():
+    res = CliRunner().invoke(app, ["run", "--help"])
+    assert res.exit_code == 0
+    for key in ("federation.clients_per_round", "peft.target_modules", "partition.alpha",
+                "data.max_length", "run.seed", "--resume", "--out"):
+        assert key in res.output
+
+
+def test_cli_report(two_rounds):
+    res = CliRunner().invoke(app, ["report", str(two_rounds[1])])
+    assert res.exit_code == 0 and "final_accuracy" in res.output

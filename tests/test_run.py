@@ -15,6 +15,7 @@ from fedprune.core.selection import History
 from fedprune.sim import runner
 from fedprune.sim.setup import build
 
+ROOT = __import__("pathlib").Path(__file__).parents[1]
 SMALL = ["data.max_samples=160", "data.max_length=48", "federation.num_clients=4",
          "federation.clients_per_round=2", "federation.rounds=2", "federation.batch_size=16",
          "federation.eval_batch_size=64"]
@@ -156,3 +157,21 @@ def test_cli_help_lists_every_option():
 def test_cli_report(two_rounds):
     res = CliRunner().invoke(app, ["report", str(two_rounds[1])])
     assert res.exit_code == 0 and "final_accuracy" in res.output
+
+
+@pytest.mark.parametrize("name", ["ablation", "noniid"])
+def test_suite_smoke(tmp_path, name):
+    from fedprune.sim.suites import SUITES, run_suite
+
+    path = run_suite(name, ROOT / "configs" / "suite.toml",
+                     [f"data.cache_dir='{tmp_path / 'cache'}'", "federation.rounds=1",
+                      "run.count_flops=false"], tmp_path / name, smoke=True, progress=False)
+    text = path.read_text()
+    for v in SUITES[name]():
+        assert v.label in text
+        assert (tmp_path / name / v.label / "global.safetensors").is_file()
+    figure = {"ablation": "accuracy_curves.png", "noniid": "importance.png"}[name]
+    assert (tmp_path / name / figure).stat().st_size > 10_000
+    if name == "noniid":  # two clients' importance logged each round, one value per head
+        rec = json.loads((tmp_path / name / "AoH-iid" / "metrics.jsonl").read_text())
+        assert len(rec["observed"]["alpha"]["0"]) == 72

@@ -77,6 +77,45 @@ def run(
 
 
 @app.command()
+def suite(
+    name: Annotated[str, typer.Argument(help="ablation | sparsity | noniid")],
+    overrides: Annotated[list[str] | None, typer.Argument(
+        help="section.key=value overrides applied to every variant.")] = None,
+    config: Annotated[Path, typer.Option(
+        "--config", help="Base experiment TOML shared by the variants.")] = Path(
+        "configs/suite.toml"),
+    out: Annotated[Path | None, typer.Option(
+        "--out", help="Suite directory (default: runs/suite-<name>).")] = None,
+    smoke: Annotated[bool, typer.Option(
+        "--smoke", help="Tiny sizes (seconds per run) to check the pipeline.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
+) -> None:
+    """Run an experiment suite of the AoH paper and write its report.md and PNG figures.
+
+    \b
+    ablation: B1 FedAvg, B2 random heads, AoH x random / loss selection at 90 % sparsity
+              (+ AoH structural): Table 1 and Fig. 3.
+    sparsity: AoH at 0, 50, 70, 90, 95 % sparsity, adapter and structural modes: Fig. 4.
+    noniid:   FedAvg and AoH on IID and Dirichlet 2.0 / 0.5 / 0.1: Table 5 and Fig. 5.
+    A finished variant is reused and an interrupted one resumed when the suite is re-run.
+    """
+    from fedprune.data import DataError
+    from fedprune.sim.suites import SUITES, run_suite
+    from fedprune.structure.model import ModelLoadError
+
+    if name not in SUITES:
+        _fail(f"unknown suite {name!r}; suites are {', '.join(SUITES)}")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    quiet_libraries()
+    try:
+        path = run_suite(name, config, overrides or [], out or Path(f"runs/suite-{name}"),
+                         smoke=smoke, progress=not quiet)
+    except (ConfigError, DataError, ModelLoadError) as e:
+        _fail(str(e))
+    console.print(f"report: {path}")
+
+
+@app.command()
 def report(run_dir: Annotated[Path, typer.Argument(help="A run directory.")]) -> None:
     """Print a summary table of a run directory (and write its report.md)."""
     from fedprune.report.summary import summarize, write_report

@@ -231,6 +231,8 @@ class RunConfig(_Section):
     num_threads: int = opt(0, "torch threads; 0 = all cores.")
     target_metric: float = opt(0.85, "Report the first round whose task metric reaches this.")
     eval_every: int = opt(1, "Evaluate the global model every N rounds (and after the last).")
+    count_flops: bool = opt(False, "Measure every local step's FLOPs with torch's "
+                            "FlopCounterMode (next to the analytic count).")
 
     def validate(self) -> None:
         _check(self.num_threads >= 0, "run.num_threads", f"must be >= 0, got {self.num_threads}")

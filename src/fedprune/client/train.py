@@ -7,10 +7,13 @@ model's trainable parameters, trains them in place, and returns the trained valu
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
 from fedprune.core.update import State
 
@@ -50,20 +53,24 @@ def _batches(indices: torch.Tensor, batch_size: int, gen: torch.Generator) -> It
         yield order[start:start + batch_size].tolist()
 
 
+class TrainStats(NamedTuple):
+    loss: float                          # mean training loss per example
+    shapes: list[tuple[int, int]]        # (batch size, padded length) of every step
+    flops: float | None                  # FlopCounterMode total when counted
+
+
 def local_train(model: torch.nn.Module, params: dict[str, torch.nn.Parameter],
                 rows: Sequence[dict], indices: Sequence[int], collate: Collate,
                 spec: LocalTrainSpec, seed: int,
-                frozen: dict[str, torch.Tensor] | None = None
-                ) -> tuple[float, list[tuple[int, int]]]:
+                frozen: dict[str, torch.Tensor] | None = None, count_flops: bool = False
+                ) -> TrainStats:
     """Train ``params`` in place on ``rows[indices]``.
-
-    Returns the mean loss per example and the (batch size, padded length) of every step, for
-    OPs accounting.
 
     ``seed`` fixes shuffling and dropout, so the same (start values, data, seed) always gives
     the same result. ``frozen`` maps a parameter path to a bool mask of coordinates that must
     not move (pruned heads in adapter mode): their gradients are zeroed, so Adam's moments
-    and updates stay exactly zero there.
+    and updates stay exactly zero there (decoupled weight decay still shrinks them; callers
+    restore those coordinates). ``count_flops`` measures the steps with FlopCounterMode.
     """
     model.train()
     gen = torch.Generator().manual_seed(seed)
@@ -73,21 +80,24 @@ def local_train(model: torch.nn.Module, params: dict[str, torch.nn.Parameter],
     opt = _optimizer(list(params.values()), spec)
     idx = torch.as_tensor(list(indices), dtype=torch.long)
     loss_sum, seen, shapes = 0.0, 0, []
+    counter = FlopCounterMode(display=False) if count_flops else nullcontext()
     try:
-        for _ in range(spec.epochs):
-            for batch_idx in _batches(idx, spec.batch_size, gen):
-                batch = collate([rows[i] for i in batch_idx])
-                loss = model(**batch).loss
-                loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                loss_sum += loss.item() * len(batch_idx)
-                seen += len(batch_idx)
-                shapes.append(tuple(batch["input_ids"].shape))
+        with counter:
+            for _ in range(spec.epochs):
+                for batch_idx in _batches(idx, spec.batch_size, gen):
+                    batch = collate([rows[i] for i in batch_idx])
+                    loss = model(**batch).loss
+                    loss.backward()
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                    loss_sum += loss.item() * len(batch_idx)
+                    seen += len(batch_idx)
+                    shapes.append(tuple(batch["input_ids"].shape))
     finally:
         for h in hooks:
             h.remove()
-    return loss_sum / max(seen, 1), shapes
+    flops = float(counter.get_total_flops()) if count_flops else None
+    return TrainStats(loss_sum / max(seen, 1), shapes, flops)
 
 
 @torch.no_grad()

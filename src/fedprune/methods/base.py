@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from safetensors.torch import load, save
 
-from fedprune.client.train import LocalTrainSpec
+from fedprune.client.train import LocalTrainSpec, TrainStats
 from fedprune.core.accounting import train_ops
 from fedprune.core.update import ClientUpdate, InvalidUpdate, State
 from fedprune.structure.attention import describe
@@ -57,9 +57,14 @@ class Method:
         self.structure = describe(fed.model)
         self.arch = encoder_arch(fed.model, r=cfg.peft.r, target_modules=cfg.peft.target_modules)
 
-    def ops(self, heads_per_layer: list[int], shapes: list[tuple[int, int]]) -> dict[str, float]:
-        """Analytic training OPs of the local steps (empty where no formula exists)."""
-        return {"train_ops": train_ops(self.arch, heads_per_layer, shapes)} if self.arch else {}
+        self.count_flops = cfg.run.count_flops
+
+    def ops(self, heads_per_layer: list[int], stats: TrainStats) -> dict[str, float]:
+        """Analytic training OPs of the local steps (where a formula exists) and the
+        FlopCounterMode measurement (when run.count_flops)."""
+        out = {"train_ops": train_ops(self.arch, heads_per_layer, stats.shapes)} if self.arch \
+            else {}
+        return out | ({"train_flops_measured": stats.flops} if stats.flops is not None else {})
 
     # --- client side ---
     def local(self, start: State, indices: np.ndarray, seed: int) -> LocalResult:

@@ -18,12 +18,12 @@ class FedAvg(Method):
     def local(self, start: State, indices: np.ndarray, seed: int) -> LocalResult:
         fed = self.fed
         load_state(fed.params, start)
-        loss, shapes = local_train(fed.model, fed.params, fed.train_rows, indices, fed.collate,
-                                   self.spec, seed)
+        stats = local_train(fed.model, fed.params, fed.train_rows, indices, fed.collate,
+                            self.spec, seed, count_flops=self.count_flops)
         local = snapshot(fed.params)
         heads = [a.n_heads for a in self.structure.attention]
-        return LocalResult({k: local[k] - start[k] for k in local}, loss, len(indices),
-                           metrics=self.ops(heads, shapes))
+        return LocalResult({k: local[k] - start[k] for k in local}, stats.loss, len(indices),
+                           metrics=self.ops(heads, stats))
 
     def aggregate(self, state: State, updates: list[ClientUpdate], server_lr: float) -> State:
         return fedavg(state, updates, server_lr)

@@ -65,18 +65,18 @@ class HeadPruning(Method):
         if m.mode == "structural":
             keep = structural_keep(self.structure, eq7_keep(scores, m.sparsity, m.scope))
             with structural_view(fed.model, self.structure, keep) as view:
-                loss, shapes = local_train(fed.model, view.params, fed.train_rows, indices,
-                                           fed.collate, self.spec, seed)
+                stats = local_train(fed.model, view.params, fed.train_rows, indices,
+                                    fed.collate, self.spec, seed, count_flops=self.count_flops)
                 local = view.scatter(start)
         elif scores is not None:  # adapter mode: pruned slices frozen
             keep = eq7_keep(scores, m.sparsity, m.scope)
             frozen = {k: ~v for k, v in unit_mask(self.units, keep, start).items()}
-            loss, shapes = local_train(fed.model, fed.params, fed.train_rows, indices,
-                                       fed.collate, self.spec, seed, frozen=frozen)
+            stats = local_train(fed.model, fed.params, fed.train_rows, indices, fed.collate,
+                                self.spec, seed, frozen=frozen, count_flops=self.count_flops)
             local = snapshot(fed.params)
         else:  # importance after training: train everything, prune the upload
-            loss, shapes = local_train(fed.model, fed.params, fed.train_rows, indices,
-                                       fed.collate, self.spec, seed)
+            stats = local_train(fed.model, fed.params, fed.train_rows, indices, fed.collate,
+                                self.spec, seed, count_flops=self.count_flops)
             local = snapshot(fed.params)
             t0 = time.perf_counter()
             scores = self.scores(local, indices, seed)
@@ -90,9 +90,9 @@ class HeadPruning(Method):
         weights = {p: torch.where(keep[p], scores[p], 0.0).float() for p in scores}
         computing = [int(keep[a.path].sum()) if m.mode == "structural" else a.n_heads
                      for a in self.structure.attention]
-        metrics = {"score_s": score_s, **self.ops(computing, shapes),
+        metrics = {"score_s": score_s, **self.ops(computing, stats),
                    "kept_heads": float(sum(int(k.sum()) for k in keep.values()))}
-        return LocalResult(delta, loss, len(indices), weights, metrics)
+        return LocalResult(delta, stats.loss, len(indices), weights, metrics)
 
     def wire_tensors(self, result: LocalResult) -> State:
         """Non-head tensors whole; head-mapped tensors only their kept rows / columns (the

@@ -35,7 +35,15 @@ def summarize(run_dir: Path) -> dict[str, Any]:
         "bytes_up_per_client": mean(b for r in records for b in r["bytes_up"]),
         "bytes_down_per_client": mean(b for r in records for b in r["bytes_down"]),
         "seconds_per_round": mean(r["wall_s"] for r in records),
+        "train_ops_per_client": _client_mean(records, "train_ops"),
+        "train_flops_measured_per_client": _client_mean(records, "train_flops_measured"),
     }
+
+
+def _client_mean(records: list[dict[str, Any]], key: str) -> float | None:
+    """Mean over rounds and selected clients of a per-client metric (None if never logged)."""
+    values = [m[key] for r in records for m in r.get("client_metrics", {}).values() if key in m]
+    return mean(values) if values else None
 
 
 def markdown_table(records: list[dict[str, Any]]) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -16,9 +17,9 @@ from fedprune.client.payload import decode, encode
 from fedprune.client.train import evaluate, load_state
 from fedprune.config import ConfigError, ExperimentConfig
 from fedprune.core.selection import SELECTORS, History
-from fedprune.core.update import InvalidUpdate, validate_update
+from fedprune.core.update import InvalidUpdate, State, validate_update
 from fedprune.data import partition_summary
-from fedprune.methods import build_method
+from fedprune.methods import Method, build_method
 from fedprune.report.metrics import append_metrics, read_metrics, truncate_metrics, write_csv
 from fedprune.report.plots import plot_metric
 from fedprune.report.summary import write_report
@@ -69,9 +70,16 @@ def write_partition(fed: Federation, run_dir: Path) -> None:
              len(sizes), min(sizes), sum(sizes) / len(sizes), max(sizes), len(fed.val_rows))
 
 
+Observer = Callable[[int, State, Method], dict]
+
+
 def run(cfg: ExperimentConfig, run_dir: Path | None = None, *, resume: bool = False,
-        progress: bool = True) -> Path:
-    """Run (or resume) a federated experiment; returns the run directory."""
+        progress: bool = True, observe: Observer | None = None) -> Path:
+    """Run (or resume) a federated experiment; returns the run directory.
+
+    ``observe(round, global state, method)``, if given, is called after each round's
+    aggregation; what it returns is logged under "observed" (e.g. two clients' importance).
+    """
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg)
     prepare_run_dir(cfg, run_dir, resume)
     fed = build(cfg)
@@ -136,6 +144,8 @@ def run(cfg: ExperimentConfig, run_dir: Path | None = None, *, resume: bool = Fa
             "client_metrics": {str(u.client_id): u.metrics for u in valid},
             "wall_s": time.perf_counter() - t0,
         }
+        if observe is not None:
+            record["observed"] = observe(rnd, state, method)
         append_metrics(run_dir, record)
         server["round"] = rnd
         save_checkpoint(run_dir, state, server)

@@ -11,15 +11,19 @@ from fedprune.structure.attention import (
     features,
     projection_names,
 )
+from fedprune.structure.importance import ImportanceAccumulator, head_importance, kv_importance
 
 __all__ = [
     "SUPPORTED_FAMILIES",
     "AttentionModule",
+    "ImportanceAccumulator",
     "ModelStructure",
     "Projection",
     "StructureError",
     "UnsupportedModelError",
     "describe",
     "features",
+    "head_importance",
+    "kv_importance",
     "projection_names",
 ]

@@ -224,7 +224,7 @@ def structural_keep(
 
 
 @dataclass(frozen=True)
-class _Kept:
+class _Geometry:
     """Head geometry of one attention module inside the view."""
 
     n_heads: int  # kept query heads
@@ -255,7 +255,7 @@ class _ViewFamily:
     by head that do not pass through the projections.
     """
 
-    attrs: dict[str, Callable[[_Kept], int]] = field(default_factory=dict)
+    attrs: dict[str, Callable[[_Geometry], int]] = field(default_factory=dict)
     forward: _ForwardAdapter | None = None
 
 
@@ -393,12 +393,9 @@ def _cuts(structure: ModelStructure, kept: Mapping[str, Tensor]) -> dict[str, _C
             rows.setdefault(proj.module, []).append((proj.offset, index))
         cuts.setdefault(attn.o.module, _Cut()).cols = _head_features(0, heads, attn.head_dim)
     for module, parts in rows.items():
-        cuts.setdefault(module, _Cut()).rows = [index for _, index in sorted(parts, key=_first)]
+        parts.sort(key=lambda part: part[0])
+        cuts.setdefault(module, _Cut()).rows = [index for _, index in parts]
     return cuts
-
-
-def _first(part: tuple[int, Tensor]) -> int:
-    return part[0]
 
 
 def _sliced(param: Tensor, dim: int, index: Tensor) -> nn.Parameter:
@@ -430,6 +427,7 @@ class _Slicer:
         """Slice base weight/bias and every LoRA adapter of one (possibly peft-wrapped) q/k/v/o
         projection: rows = output features, cols = input features."""
         rows, cols = cut.row_index(), cut.cols
+        assert rows is None or cols is None, "a module is q/k/v (rows) or o (cols), not both"
         base = _base_layer(module)
         conv = isinstance(base, Conv1D)  # weight [in, out] instead of Linear's [out, in]
         self.cut(base, "weight", 1 if conv else 0, rows)
@@ -548,7 +546,8 @@ def structural_view(
     On exit, also on an exception, everything is restored: the same Parameter objects with
     the same values (training inside the view changes only the view's sliced copies and the
     non-sliced trainable tensors, which are the originals), the same attributes. Write trained
-    values back with `StructuralView.scatter`.
+    values back with `StructuralView.scatter`. The view is meant for local training (forward
+    and backward); generating with a KV cache inside it is not supported.
     """
     family = _VIEW_FAMILIES.get(structure.family)
     if family is None:
@@ -580,7 +579,7 @@ def _adapt_core(patcher: _Patcher, model: nn.Module, family: _ViewFamily,
     heads. The attention module is the parent of the q projection (BERT: `attention.self`)."""
     core = model.get_submodule(attn.q.module.rpartition(".")[0])
     n_heads = int(heads.sum())
-    geometry = _Kept(n_heads, n_heads // attn.group_size, attn.head_dim)
+    geometry = _Geometry(n_heads, n_heads // attn.group_size, attn.head_dim)
     for attr, value in family.attrs.items():
         if not hasattr(core, attr):
             raise AttributeError(f"{attn.path}: {type(core).__name__} has no attribute {attr!r} "

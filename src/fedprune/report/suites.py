@@ -1,0 +1,182 @@
+"""Suite reports: markdown tables and PNG figures over a suite's run directories."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+
+from fedprune.report.metrics import read_metrics
+from fedprune.report.summary import summarize
+
+
+def _fmt(value: Any, spec: str) -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def _row(label: str, run_dir: Path) -> dict[str, Any]:
+    s = summarize(run_dir)
+    cfg = json.loads((run_dir / "config.json").read_text())
+    return {"label": label, "cfg": cfg, **s}
+
+
+def _table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str, str]]) -> str:
+    """Markdown table; columns are (header, key, format spec)."""
+    lines = ["| " + " | ".join(h for h, _, _ in columns) + " |",
+             "|" + "---|" * len(columns)]
+    for r in rows:
+        lines.append("| " + " | ".join(_fmt(r.get(k), f) for _, k, f in columns) + " |")
+    return "\n".join(lines)
+
+
+COLUMNS = [("variant", "label", ""), ("final acc", "final_accuracy", ".4f"),
+           ("best acc", "best_accuracy", ".4f"), ("round at target", "round_at_target", ""),
+           ("KiB up / client", "kib_up", ",.1f"), ("analytic GOPs / client", "gops", ",.2f"),
+           ("measured GFLOPs / client", "gflops", ",.2f"), ("s / round", "seconds_per_round",
+                                                           ".1f")]
+
+
+def _enrich(row: dict[str, Any]) -> dict[str, Any]:
+    row["kib_up"] = row["bytes_up_per_client"] / 1024
+    ops, flops = row["train_ops_per_client"], row["train_flops_measured_per_client"]
+    row["gops"] = None if ops is None else ops / 1e9
+    row["gflops"] = None if flops is None else flops / 1e9
+    return row
+
+
+def _rows(suite_dir: Path, variants) -> list[dict[str, Any]]:
+    return [_enrich(_row(v.label, suite_dir / v.label)) for v in variants]
+
+
+def _header(title: str, rows: list[dict[str, Any]]) -> list[str]:
+    cfg = rows[0]["cfg"]
+    f, d = cfg["federation"], cfg["data"]
+    setup = (f"Model `{cfg['model']['name']}`, data `{d['dataset']}` (max_samples "
+             f"{d['max_samples'] or 'all'}, max_length {d['max_length']}), {f['num_clients']} "
+             f"clients, {f['clients_per_round']} per round, {f['rounds']} rounds, LoRA r="
+             f"{cfg['peft']['r']}, seed {cfg['run']['seed']}. Target accuracy "
+             f"{rows[0]['target']}. Bytes are measured on the serialized payloads; analytic "
+             f"OPs from core/accounting.py, measured FLOPs by torch FlopCounterMode.")
+    return [f"# {title}", "", setup, ""]
+
+
+def _curves(suite_dir: Path, variants, path: Path, title: str) -> None:
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for v in variants:
+        recs = [r for r in read_metrics(suite_dir / v.label) if r.get("accuracy") is not None]
+        ax.plot([r["round"] for r in recs], [r["accuracy"] for r in recs], marker=".",
+                label=v.label)
+    ax.set(xlabel="round", ylabel="validation accuracy", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def ablation_report(suite_dir: Path, variants) -> Path:
+    rows = _rows(suite_dir, variants)
+    _curves(suite_dir, variants, suite_dir / "accuracy_curves.png",
+            "Ablation: accuracy over rounds (Fig. 3)")
+    b1 = rows[0]
+    ratios = [f"- {r['label']}: upload {b1['kib_up'] / r['kib_up']:.2f}x smaller than B1"
+              + (f", analytic training OPs {b1['gops'] / r['gops']:.2f}x smaller"
+                 if r["gops"] else "")
+              + (f", measured FLOPs {b1['gflops'] / r['gflops']:.2f}x smaller"
+                 if r["gflops"] else "")
+              + f", accuracy {100 * (r['final_accuracy'] - b1['final_accuracy']):+.1f} points"
+              for r in rows[1:]]
+    text = [*_header("Ablation (paper Table 1)", rows), _table(rows, COLUMNS), "",
+            "Against B1 (FedAvg):", *ratios, "", "![accuracy curves](accuracy_curves.png)", ""]
+    return _write(suite_dir, text)
+
+
+def sparsity_report(suite_dir: Path, variants) -> Path:
+    rows = _rows(suite_dir, variants)
+    for r in rows:
+        r["mode"], r["sparsity"] = r["cfg"]["method"]["mode"], r["cfg"]["method"]["sparsity"]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    for mode in ("adapter", "structural"):
+        sel = [r for r in rows if r["mode"] == mode]
+        xs = [100 * r["sparsity"] for r in sel]
+        for ax, key, label in zip(axes, ("final_accuracy", "kib_up", "gops"),
+                                  ("final accuracy", "KiB up / client / round",
+                                   "analytic training GOPs / client / round"), strict=True):
+            ax.plot(xs, [r[key] for r in sel], marker="o", label=mode)
+            ax.set(xlabel="head sparsity (%)", ylabel=label)
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle("AoH against sparsity (Fig. 4)")
+    fig.tight_layout()
+    fig.savefig(suite_dir / "sparsity.png", dpi=110)
+    plt.close(fig)
+    cols = [("mode", "mode", ""), ("sparsity", "sparsity", ".2f"), *COLUMNS[1:]]
+    text = [*_header("Sparsity sweep (paper Fig. 4)", rows), _table(rows, cols), "",
+            "![sparsity](sparsity.png)", ""]
+    return _write(suite_dir, text)
+
+
+def noniid_report(suite_dir: Path, variants) -> Path:
+    rows = _rows(suite_dir, variants)
+    by = {r["label"]: r for r in rows}
+    parts = list(dict.fromkeys(v.label.split("-", 1)[1] for v in variants))
+    table = ["| partition | FedAvg acc | AoH acc | AoH − FedAvg |", "|---|---|---|---|"]
+    for p in parts:
+        fa, ao = by[f"FedAvg-{p}"]["final_accuracy"], by[f"AoH-{p}"]["final_accuracy"]
+        table.append(f"| {p} | {fa:.4f} | {ao:.4f} | {100 * (ao - fa):+.1f} |")
+    dist = _importance_figure(suite_dir, parts)
+    text = [*_header("Non-IID (paper Table 5, Fig. 5)", rows), *table, "",
+            ("Head importance (Eq. 6) of clients 0 and 1 on the global model every round, and "
+             "the Euclidean distance between them (mean over rounds): "
+             + ", ".join(f"{p} {d:.3f}" for p, d in dist.items())), "",
+            "![importance](importance.png)", "", _table(rows, COLUMNS), ""]
+    return _write(suite_dir, text)
+
+
+def _observed_alpha(run_dir: Path) -> dict[str, np.ndarray]:
+    """client -> [n_heads, rounds] importance logged by the suite's observer."""
+    recs = [r for r in read_metrics(run_dir) if "observed" in r]
+    return {c: np.array([r["observed"]["alpha"][c] for r in recs]).T for c in ("0", "1")}
+
+
+def _importance_figure(suite_dir: Path, parts: list[str]) -> dict[str, float]:
+    """Heatmaps of clients 0 and 1 (IID and the most skewed partition) and their distance;
+    returns the mean distance over rounds for every partition."""
+    alpha = {p: _observed_alpha(suite_dir / f"AoH-{p}") for p in parts}
+    dist = {p: np.linalg.norm(a["0"] - a["1"], axis=0) for p, a in alpha.items()}
+    shown = [parts[0], parts[-1]]
+    fig, axes = plt.subplots(2, 3, figsize=(15, 7))
+    vmax = max(alpha[p][c].max() for p in shown for c in ("0", "1"))
+    for row, part in enumerate(shown):
+        for col, c in enumerate(("0", "1")):
+            im = axes[row, col].imshow(alpha[part][c], aspect="auto", vmin=0, vmax=vmax,
+                                       cmap="viridis", interpolation="nearest")
+            axes[row, col].set(title=f"{part}: client {c}", xlabel="round index",
+                               ylabel="head (layer-major)")
+            fig.colorbar(im, ax=axes[row, col])
+        d = dist[part]
+        axes[row, 2].plot(range(1, len(d) + 1), d, marker="o")
+        axes[row, 2].set(title=f"{part}: ||alpha_0 - alpha_1||", xlabel="round")
+        axes[row, 2].grid(alpha=0.3)
+    fig.suptitle("Head importance over rounds, IID vs non-IID (Fig. 5)")
+    fig.tight_layout()
+    fig.savefig(suite_dir / "importance.png", dpi=100)
+    plt.close(fig)
+    return {p: float(d.mean()) for p, d in dist.items()}
+
+
+def _write(suite_dir: Path, lines: list[str]) -> Path:
+    path = suite_dir / "report.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+REPORTS = {"ablation": ablation_report, "sparsity": sparsity_report, "noniid": noniid_report}

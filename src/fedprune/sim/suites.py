@@ -79,7 +79,9 @@ def observe_importance(rnd: int, state, method) -> dict:
 
 def variant_config(base: Path | None, overrides: list[str], variant: Variant,
                    smoke: bool) -> ExperimentConfig:
-    return load_config(base, [*overrides, *variant.overrides, *(SMOKE if smoke else ()),
+    """Base file, then the smoke sizes, then the user's overrides, then the variant's own
+    options (they define the experiment, so nothing overrides them)."""
+    return load_config(base, [*(SMOKE if smoke else ()), *overrides, *variant.overrides,
                               f"run.name='{variant.label}'"])
 
 

@@ -20,6 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 RESULTS = Path(__file__).parent / "results"
@@ -49,7 +50,7 @@ def bench_plain(c: int, k: int, rounds: int) -> dict:
     """The same job as a bare loop over the shared model (fedprune's data and model set-up)."""
     from fedprune.client.train import evaluate
     from fedprune.config import load_config
-    from fedprune.core.selection import random_selection
+    from fedprune.core.selection import History, random_selection
     from fedprune.sim.runner import client_seed
     from fedprune.sim.setup import build
 
@@ -62,7 +63,7 @@ def bench_plain(c: int, k: int, rounds: int) -> dict:
         t0 = time.perf_counter()
         acc_delta = {n: torch.zeros_like(v, dtype=torch.float64) for n, v in glob.items()}
         total = 0
-        for cid in random_selection(rnd, c, k, cfg.run.seed):
+        for cid in random_selection(rnd, History(np.ones(c)), k, cfg.run.seed):
             idx = torch.as_tensor(fed.client_indices[cid], dtype=torch.long)
             with torch.no_grad():
                 for n, p in params.items():

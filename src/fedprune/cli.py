@@ -129,7 +129,10 @@ def report(run_dir: Annotated[Path, typer.Argument(help="A run directory.")]) ->
     table.add_column("figure")
     table.add_column("value", justify="right")
     for key, value in summary.items():
-        text = f"{value:,.4f}" if isinstance(value, float) else str(value)
+        if isinstance(value, float):
+            text = f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.4f}"
+        else:
+            text = "–" if value is None else str(value)
         table.add_row(key, text)
     console.print(table)
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import tomllib
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,17 +55,7 @@ class _Section:
 
 def _check_type(key: str, value: Any, hint: Any) -> None:
     origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        errors = []
-        for arm in typing.get_args(hint):
-            try:
-                return _check_type(key, value, arm)
-            except ConfigError as e:
-                errors.append(e)
-        raise ConfigError(f"`{key}` = {value!r} must be one of {hint}")
-    if hint is type(None):
-        _check(value is None, key, "must be empty")
-    elif origin is list:
+    if origin is list:
         (item,) = typing.get_args(hint)
         _check(isinstance(value, list), key, f"must be a list, got {value!r}")
         for i, v in enumerate(value):

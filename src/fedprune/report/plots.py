@@ -9,6 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from matplotlib.ticker import MaxNLocator
 
 
 def plot_metric(records: list[dict[str, Any]], path: Path, metric: str = "accuracy",
@@ -29,6 +30,7 @@ def plot_metric(records: list[dict[str, Any]], path: Path, metric: str = "accura
     ax_l.legend()
     for ax in (ax_m, ax_l):
         ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

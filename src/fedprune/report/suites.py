@@ -12,6 +12,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.ticker import MaxNLocator
 
 from fedprune.report.metrics import read_metrics
 from fedprune.report.summary import summarize
@@ -74,6 +75,7 @@ def _curves(suite_dir: Path, variants, path: Path, title: str) -> None:
         ax.plot([r["round"] for r in recs], [r["accuracy"] for r in recs], marker=".",
                 label=v.label)
     ax.set(xlabel="round", ylabel="validation accuracy", title=title)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -17,7 +17,7 @@ from fedprune.client.payload import decode, encode
 from fedprune.client.train import evaluate, load_state
 from fedprune.config import ConfigError, ExperimentConfig
 from fedprune.core.selection import SELECTORS, History
-from fedprune.core.update import InvalidUpdate, State, validate_update
+from fedprune.core.update import ClientUpdate, InvalidUpdate, State, validate_update
 from fedprune.data import partition_summary
 from fedprune.methods import Method, build_method
 from fedprune.report.metrics import append_metrics, read_metrics, truncate_metrics, write_csv
@@ -71,6 +71,92 @@ def write_partition(fed: Federation, run_dir: Path) -> None:
 
 
 Observer = Callable[[int, State, Method], dict]
+ServerState = dict  # {"round": int, "client_loss": {str(cid): L_c}, "global_loss": L_g | None}
+
+
+def initial_server_state(fed: Federation, run_dir: Path, resume: bool
+                         ) -> tuple[State, ServerState]:
+    """Round-0 global state and server state, or the last checkpoint's when resuming; metrics
+    of rounds after the checkpoint are dropped (they are redone)."""
+    state, server = fed.initial, {"round": 0, "client_loss": {}, "global_loss": None}
+    if resume and (ckpt := load_checkpoint(run_dir)) is not None:
+        state, server = ckpt
+    truncate_metrics(run_dir, server["round"])
+    return state, server
+
+
+def select_clients(cfg: ExperimentConfig, sizes: np.ndarray, server: ServerState,
+                   rnd: int) -> list[int]:
+    """This round's client ids by the configured policy (``SELECTORS``) over the history the
+    server holds: |D_c|, each client's last L_c, the last global loss L_g (Eq. 9)."""
+    fc = cfg.federation
+    history = History(sizes, {int(c): v for c, v in server["client_loss"].items()},
+                      server["global_loss"])
+    options = {"d": fc.pow_d} if fc.selection == "pow-d" else {}
+    return SELECTORS[fc.selection](rnd, history, fc.clients_per_round, cfg.run.seed, **options)
+
+
+def aggregate_payloads(method: Method, state: State, blobs: dict[int, bytes],
+                       server: ServerState, cfg: ExperimentConfig, rnd: int
+                       ) -> tuple[State, list[ClientUpdate], list[int]]:
+    """Decode and validate every payload, in client-id order so the result does not depend on
+    arrival order; reject a bad one alone (logged); aggregate the valid ones with the method's
+    rule unless fewer than ``federation.min_valid_updates``. Each valid client's L_c goes into
+    ``server["client_loss"]``. Returns (new state, valid updates, rejected client ids)."""
+    fc = cfg.federation
+    valid, rejected = [], []
+    for cid, blob in sorted(blobs.items()):
+        try:
+            update = method.decode(blob, cid)
+            validate_update(update, state)
+            valid.append(update)
+            server["client_loss"][str(cid)] = update.loss
+        except InvalidUpdate as e:
+            log.warning("round %d: rejected update: %s", rnd, e)
+            rejected.append(cid)
+    if len(valid) >= fc.min_valid_updates:
+        state = method.aggregate(state, valid, fc.server_lr)
+    else:
+        log.warning("round %d: %d valid updates < federation.min_valid_updates=%d; global "
+                    "model unchanged", rnd, len(valid), fc.min_valid_updates)
+    return state, valid, rejected
+
+
+def evaluate_global(cfg: ExperimentConfig, fed: Federation, state: State, rnd: int,
+                    server: ServerState) -> dict:
+    """Validation loss and accuracy of the global model on evaluation rounds (every
+    ``run.eval_every`` and the last); L_g is kept for the next round's selection."""
+    scores = {"eval_loss": None, "accuracy": None}
+    if rnd % cfg.run.eval_every == 0 or rnd == cfg.federation.rounds:
+        load_state(fed.params, state)
+        scores = evaluate(fed.model, fed.val_rows, fed.collate, cfg.federation.eval_batch_size)
+        server["global_loss"] = scores["eval_loss"]
+    return scores
+
+
+def round_record(rnd: int, selected: list[int], rejected: list[int],
+                 valid: list[ClientUpdate], scores: dict, bytes_up: list[int],
+                 bytes_down: list[int]) -> dict:
+    """One metrics.jsonl line (without wall time): train loss is the |D_c|-weighted mean L_c
+    over the valid updates; bytes are per selected client, measured on the payloads."""
+    n = sum(u.num_examples for u in valid) or 1
+    return {
+        "round": rnd, "selected": selected, "rejected": rejected,
+        "train_loss": sum(u.loss * u.num_examples for u in valid) / n, **scores,
+        "bytes_up": bytes_up, "bytes_down": bytes_down,
+        "client_metrics": {str(u.client_id): u.metrics for u in valid},
+    }
+
+
+def finish_run(cfg: ExperimentConfig, run_dir: Path, state: State) -> Path:
+    """Final artifacts: global.safetensors, metrics.csv, the accuracy plot, report.md."""
+    save_file({k: v.contiguous() for k, v in state.items()}, run_dir / "global.safetensors")
+    records = read_metrics(run_dir)
+    write_csv(run_dir, records)
+    plot_metric(records, run_dir / "accuracy.png", title=run_dir.name,
+                target=cfg.run.target_metric)
+    write_report(run_dir)
+    return run_dir
 
 
 def run(cfg: ExperimentConfig, run_dir: Path | None = None, *, resume: bool = False,
@@ -79,6 +165,7 @@ def run(cfg: ExperimentConfig, run_dir: Path | None = None, *, resume: bool = Fa
 
     ``observe(round, global state, method)``, if given, is called after each round's
     aggregation; what it returns is logged under "observed" (e.g. two clients' importance).
+    The Flower strategy (fedprune.flower.strategy) runs the same steps over the network.
     """
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg)
     prepare_run_dir(cfg, run_dir, resume)
@@ -86,13 +173,7 @@ def run(cfg: ExperimentConfig, run_dir: Path | None = None, *, resume: bool = Fa
     write_partition(fed, run_dir)
     fc = cfg.federation
     method = build_method(cfg, fed)
-    select = SELECTORS[fc.selection]
-    options = {"d": fc.pow_d} if fc.selection == "pow-d" else {}
-
-    state, server = fed.initial, {"round": 0, "client_loss": {}, "global_loss": None}
-    if resume and (ckpt := load_checkpoint(run_dir)) is not None:
-        state, server = ckpt
-    truncate_metrics(run_dir, server["round"])
+    state, server = initial_server_state(fed, run_dir, resume)
     sizes = np.array([len(ix) for ix in fed.client_indices])
 
     bar = tqdm(range(server["round"] + 1, fc.rounds + 1), total=fc.rounds,
@@ -100,9 +181,7 @@ def run(cfg: ExperimentConfig, run_dir: Path | None = None, *, resume: bool = Fa
     for rnd in bar:
         t0 = time.perf_counter()
         # --- SELECTION ---
-        history = History(sizes, {int(c): v for c, v in server["client_loss"].items()},
-                          server["global_loss"])
-        selected = select(rnd, history, fc.clients_per_round, cfg.run.seed, **options)
+        selected = select_clients(cfg, sizes, server, rnd)
 
         # --- LOCAL TRAINING: each client receives the serialized global state ---
         down = encode(state)
@@ -113,37 +192,13 @@ def run(cfg: ExperimentConfig, run_dir: Path | None = None, *, resume: bool = Fa
             blobs[cid] = method.encode(result)
 
         # --- AGGREGATION of the valid updates, in client-id order ---
-        valid, rejected = [], []
-        for cid, blob in sorted(blobs.items()):
-            try:
-                update = method.decode(blob, cid)
-                validate_update(update, state)
-                valid.append(update)
-                server["client_loss"][str(cid)] = update.loss
-            except InvalidUpdate as e:
-                log.warning("round %d: rejected update: %s", rnd, e)
-                rejected.append(cid)
-        if len(valid) >= fc.min_valid_updates:
-            state = method.aggregate(state, valid, fc.server_lr)
-        else:
-            log.warning("round %d: %d valid updates < federation.min_valid_updates=%d; global "
-                        "model unchanged", rnd, len(valid), fc.min_valid_updates)
+        state, valid, rejected = aggregate_payloads(method, state, blobs, server, cfg, rnd)
 
         # --- EVALUATION of the global model ---
-        scores = {"eval_loss": None, "accuracy": None}
-        if rnd % cfg.run.eval_every == 0 or rnd == fc.rounds:
-            load_state(fed.params, state)
-            scores = evaluate(fed.model, fed.val_rows, fed.collate, fc.eval_batch_size)
-            server["global_loss"] = scores["eval_loss"]
-        n = sum(u.num_examples for u in valid) or 1
-        record = {
-            "round": rnd, "selected": selected, "rejected": rejected,
-            "train_loss": sum(u.loss * u.num_examples for u in valid) / n, **scores,
-            "bytes_up": [len(blobs[c]) for c in selected],
-            "bytes_down": [len(down)] * len(selected),
-            "client_metrics": {str(u.client_id): u.metrics for u in valid},
-            "wall_s": time.perf_counter() - t0,
-        }
+        scores = evaluate_global(cfg, fed, state, rnd, server)
+        record = round_record(rnd, selected, rejected, valid, scores,
+                              [len(blobs[c]) for c in selected], [len(down)] * len(selected))
+        record["wall_s"] = time.perf_counter() - t0
         if observe is not None:
             record["observed"] = observe(rnd, state, method)
         append_metrics(run_dir, record)
@@ -152,10 +207,4 @@ def run(cfg: ExperimentConfig, run_dir: Path | None = None, *, resume: bool = Fa
         if scores["accuracy"] is not None:
             bar.set_postfix(acc=f"{scores['accuracy']:.3f}", loss=f"{scores['eval_loss']:.3f}")
 
-    save_file({k: v.contiguous() for k, v in state.items()}, run_dir / "global.safetensors")
-    records = read_metrics(run_dir)
-    write_csv(run_dir, records)
-    plot_metric(records, run_dir / "accuracy.png", title=run_dir.name,
-                target=cfg.run.target_metric)
-    write_report(run_dir)
-    return run_dir
+    return finish_run(cfg, run_dir, state)

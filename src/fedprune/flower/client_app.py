@@ -1,0 +1,68 @@
+"""The ClientApp: a SuperNode is one fedprune client, its partition id is the client id.
+
+Start a SuperNode with ``--node-config 'partition-id=<c> num-partitions=<C>'``. Each train
+message carries the experiment the ServerApp resolved (fedprune TOML text), the round and the
+client id; the handler builds the run's Federation (data partition, backbone, method) once per
+process, runs `Method.local` from the received global state with the same per-client seed as
+the in-process runner, and replies with `Method.encode` bytes.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from functools import lru_cache
+
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedprune.client.payload import decode
+from fedprune.config import ExperimentConfig, from_dict
+from fedprune.flower.wire import CONFIG, STATE, reply_content, unpack
+from fedprune.methods import Method, build_method
+from fedprune.sim.runner import client_seed
+from fedprune.sim.setup import Federation, build
+
+app = ClientApp()
+
+
+@lru_cache(maxsize=1)
+def federation(experiment: str) -> tuple[ExperimentConfig, Federation, Method]:
+    """Config, Federation and method of a run, built once per process (one backbone)."""
+    cfg = from_dict(tomllib.loads(experiment), source="experiment sent by the ServerApp")
+    fed = build(cfg)
+    return cfg, fed, build_method(cfg, fed)
+
+
+def partition_id(context: Context, num_clients: int) -> int:
+    """This SuperNode's client id, checked against the federation's size."""
+    node = context.node_config
+    if "partition-id" not in node or "num-partitions" not in node:
+        raise ValueError("SuperNode needs --node-config 'partition-id=<c> num-partitions=<C>' "
+                         f"(fedprune client id and federation.num_clients); got {dict(node)}")
+    pid, n = int(node["partition-id"]), int(node["num-partitions"])
+    if n != num_clients:
+        raise ValueError(f"SuperNode num-partitions={n} but the experiment has "
+                         f"federation.num_clients={num_clients}")
+    if not 0 <= pid < n:
+        raise ValueError(f"SuperNode partition-id={pid} is not in [0, {n})")
+    return pid
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Tell the server which client this SuperNode is (needed before Eq. 9 selection)."""
+    pid = partition_id(context, int(msg.content[CONFIG]["num-clients"]))
+    return Message(RecordDict({CONFIG: ConfigRecord({"partition-id": pid})}), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """One client's local round: `Method.local` from the received global state."""
+    config = msg.content[CONFIG]
+    cfg, fed, method = federation(str(config["experiment"]))
+    cid, rnd = partition_id(context, cfg.federation.num_clients), int(config["round"])
+    if cid != int(config["client-id"]):
+        raise ValueError(f"message for client {config['client-id']} reached partition {cid}")
+    start = decode(unpack(msg.content[STATE]))
+    result = method.local(start, fed.client_indices[cid], client_seed(cfg.run.seed, rnd, cid))
+    return Message(reply_content(method.encode(result)), reply_to=msg)

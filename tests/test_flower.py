@@ -1,0 +1,405 @@
+"""fedprune on a real Flower federation: a SuperLink and SuperNodes as processes on 127.0.0.1
+(TLS with certificates made here + SuperNode authentication, and --insecure), AoH on the real
+MiniLM with a tiny BBC subset. Parity with the in-process runner, a SuperNode killed
+mid-round, and the pieces that need no processes."""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import tomllib
+from contextlib import contextmanager
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import tomli_w
+import torch
+from safetensors.torch import load_file
+
+pytest.importorskip("flwr")
+
+from flwr.app import ConfigRecord, RecordDict
+
+from fedprune.config import ConfigError, load_config
+from fedprune.flower import strategy
+from fedprune.flower.client_app import partition_id
+from fedprune.flower.settings import FlowerSettings
+from fedprune.flower.wire import pack, unpack
+from fedprune.sim import runner
+
+ROOT = Path(__file__).parents[1]
+BIN = Path(sys.executable).parent  # flower-superlink, flower-supernode, flwr of this venv
+AOH = ROOT / "configs" / "aoh.toml"
+TINY = ["data.max_samples=96", "data.max_length=32", "federation.rounds=2",
+        "federation.batch_size=16", "federation.eval_batch_size=64", "run.num_threads=1"]
+FLOWER_ONLY = {"dropped", "wire_bytes_up", "wire_bytes_down"}
+
+
+def tiny(tmp: Path, clients: int) -> list[str]:
+    return [*TINY, f"federation.num_clients={clients}", f"federation.clients_per_round={clients}",
+            f"data.cache_dir='{tmp / 'cache'}'"]
+
+
+# --- processes --------------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _proc_table() -> dict[int, tuple[int, str]]:
+    """pid -> (parent pid, start time) of every process (start time guards against reuse)."""
+    table = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+                table[int(d.name)] = (int(fields[1]), fields[19])
+            except (OSError, IndexError):
+                pass
+    return table
+
+
+class Processes:
+    """Processes this test started and, transitively, theirs (SuperExec, ServerApp, ClientApp
+    processes): remembered while alive, ended by pid at the end."""
+
+    def __init__(self, env: dict[str, str], logs: Path) -> None:
+        self.env, self.logs = env, logs
+        self.roots: dict[str, subprocess.Popen] = {}
+        self.seen: set[tuple[int, str]] = set()
+
+    def start(self, name: str, *cmd: str) -> subprocess.Popen:
+        with open(self.logs / f"{name}.log", "w") as out:
+            proc = subprocess.Popen([str(BIN / cmd[0]), *cmd[1:]], stdout=out,
+                                    stderr=subprocess.STDOUT, env=self.env)
+        self.roots[name] = proc
+        return proc
+
+    def log(self, name: str) -> str:
+        return (self.logs / f"{name}.log").read_text(errors="replace")
+
+    def remember(self) -> None:
+        table = _proc_table()
+        todo = [p.pid for p in self.roots.values()]
+        while todo:
+            pid = todo.pop()
+            if pid in table:
+                self.seen.add((pid, table[pid][1]))
+                todo += [c for c, (ppid, _) in table.items() if ppid == pid]
+
+    def kill(self, name: str) -> None:
+        """SIGKILL one root (a crash: no goodbye to the SuperLink); its children are still
+        ended at cleanup."""
+        self.remember()
+        self.roots[name].kill()
+        self.roots[name].wait()
+
+    def stop_all(self) -> None:
+        self.remember()
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            table = _proc_table()
+            alive = [pid for pid, start in self.seen if table.get(pid, (0, None))[1] == start]
+            for pid in alive:
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+            deadline = time.monotonic() + 10
+            while alive and time.monotonic() < deadline:
+                table = _proc_table()
+                alive = [p for p, s in self.seen if table.get(p, (0, None))[1] == s]
+                time.sleep(0.2)
+        for proc in self.roots.values():
+            proc.wait(timeout=10)
+
+
+def wait_for(cond, what: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"waited {timeout:g} s for {what}")
+        time.sleep(0.2)
+
+
+def listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+# --- TLS certificates and SuperNode keys --------------------------------------------------------
+
+def make_tls(out: Path, nodes: int) -> dict[str, Path]:
+    """A CA, a SuperLink certificate for 127.0.0.1 signed by it, and one OpenSSH ECDSA key
+    pair per SuperNode (SuperNode authentication)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def cert(subject: str, key, issuer, issuer_key, *extensions):
+        b = (x509.CertificateBuilder()
+             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+             .issuer_name(issuer).public_key(key.public_key())
+             .serial_number(x509.random_serial_number())
+             .not_valid_before(now - datetime.timedelta(minutes=5))
+             .not_valid_after(now + datetime.timedelta(days=1)))
+        for ext, critical in extensions:
+            b = b.add_extension(ext, critical=critical)
+        return b.sign(issuer_key, hashes.SHA256())
+
+    pem = serialization.Encoding.PEM
+    ca_key = ec.generate_private_key(ec.SECP384R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedprune test CA")])
+    ca = cert("fedprune test CA", ca_key, ca_name, ca_key,
+              (x509.BasicConstraints(ca=True, path_length=None), True))
+    key = ec.generate_private_key(ec.SECP384R1())
+    san = x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                                       x509.DNSName("localhost")])
+    server = cert("127.0.0.1", key, ca.subject, ca_key, (san, False))
+    files = {"ca": out / "ca.crt", "cert": out / "server.pem", "key": out / "server.key"}
+    files["ca"].write_bytes(ca.public_bytes(pem))
+    files["cert"].write_bytes(server.public_bytes(pem))
+    files["key"].write_bytes(key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
+                                               serialization.NoEncryption()))
+    for i in range(nodes):
+        k = ec.generate_private_key(ec.SECP384R1())
+        (out / f"node{i}").write_bytes(k.private_bytes(
+            pem, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()))
+        (out / f"node{i}.pub").write_bytes(k.public_key().public_bytes(
+            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH))
+        files[f"node{i}"] = out / f"node{i}"
+    return files
+
+
+# --- a federation on 127.0.0.1 ------------------------------------------------------------------
+
+@contextmanager
+def federation(tmp: Path, nodes: int, *, tls: bool):
+    """SuperLink + ``nodes`` SuperNodes (partition-id i of ``nodes``); always torn down.
+
+    Runtime dependency installation is off (no network) and telemetry is disabled."""
+    home, port = tmp / "flwr-home", free_port()
+    home.mkdir(parents=True)
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+           "FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0", "OMP_NUM_THREADS": "1"}
+    procs = Processes(env, tmp)
+    files = make_tls(tmp / "tls", nodes) if tls else {}
+    connection = {"address": f"127.0.0.1:{port}"}
+    connection |= {"root-certificates": str(files["ca"])} if tls else {"insecure": True}
+    (home / "config.toml").write_text(tomli_w.dumps(
+        {"superlink": {"default": "test", "test": connection}}))
+    link = ["--ssl-certfile", str(files["cert"]), "--ssl-keyfile", str(files["key"]),
+            "--ssl-ca-certfile", str(files["ca"]), "--enable-supernode-auth"] if tls \
+        else ["--insecure"]
+    try:
+        procs.start("superlink", "flower-superlink", *link, "--host", "127.0.0.1",
+                    "--port", str(port), "--disable-runtime-dependency-installation")
+        wait_for(lambda: listening(port), "the SuperLink to listen")
+        for i in range(nodes):
+            node = ["--insecure"]
+            if tls:  # SuperNode authentication: register the public key, sign with the private
+                flwr(env, tmp, "supernode", "register", f"{files[f'node{i}']}.pub", "test")
+                node = ["--root-certificates", str(files["ca"]),
+                        "--auth-supernode-private-key", str(files[f"node{i}"])]
+            procs.start(f"supernode{i}", "flower-supernode", *node,
+                        "--superlink", f"127.0.0.1:{port}", "--port", str(free_port()),
+                        "--node-config", f"partition-id={i} num-partitions={nodes}")
+        yield SimpleNamespace(env=env, tmp=tmp, procs=procs)
+    finally:
+        procs.stop_all()
+
+
+def flwr(env: dict, tmp: Path, *args: str, timeout: float = 60) -> str:
+    res = subprocess.run([str(BIN / "flwr"), *args], check=False, env=env, cwd=tmp, capture_output=True,
+                         text=True, timeout=timeout)
+    assert res.returncode == 0, f"flwr {' '.join(args)} failed:\n{res.stdout}\n{res.stderr}"
+    return res.stdout
+
+
+def flwr_run(fed, run_config: list[str], name: str = "flwr-run", timeout: float = 400) -> str:
+    """`flwr run <repo> test --stream --run-config ...`: blocks until the ServerApp ends."""
+    with open(fed.tmp / f"{name}.log", "w") as out:
+        proc = subprocess.Popen([str(BIN / "flwr"), "run", str(ROOT), "test", "--stream",
+                                 *[a for c in run_config for a in ("--run-config", c)]],
+                                env=fed.env, cwd=fed.tmp, stdout=out, stderr=subprocess.STDOUT)
+    fed.procs.roots[name] = proc
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"flwr run did not finish in {timeout} s:\n{fed.procs.log(name)[-4000:]}")
+    return fed.procs.log(name)
+
+
+def records(run_dir: Path) -> list[dict]:
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+# --- TLS + SuperNode auth, 2 SuperNodes: parity with the in-process runner --------------------
+
+@pytest.fixture(scope="module")
+def flower_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("flower-tls")
+    overrides = tiny(tmp, 2)
+    run_dir = tmp / "flower-run"
+    t0 = time.perf_counter()
+    with federation(tmp, 2, tls=True) as fed:
+        config = (f"experiment='{AOH}' overrides='{'; '.join(overrides)}' "
+                  f"run-dir='{run_dir}' reply-timeout=240.0 connect-timeout=120.0")
+        log = flwr_run(fed, [config])
+    assert (run_dir / "global.safetensors").is_file(), log[-4000:]
+    return SimpleNamespace(tmp=tmp, run_dir=run_dir, overrides=overrides, log=log,
+                           seconds=time.perf_counter() - t0)
+
+
+def test_flower_run_writes_the_runner_artifacts(flower_run):
+    recs = records(flower_run.run_dir)
+    assert [r["round"] for r in recs] == [1, 2]
+    size = (flower_run.run_dir / "global.safetensors").stat().st_size
+    for r in recs:
+        assert r["selected"] == [0, 1] and r["dropped"] == [] and r["rejected"] == []
+        assert 0 <= r["accuracy"] <= 1 and r["eval_loss"] > 0
+        # down: the serialized global state; up: AoH sends the kept heads' slices only
+        assert r["bytes_down"] == [size, size] and all(0 < b < size for b in r["bytes_up"])
+        # Flower's framing (record headers, the experiment text down) adds a little
+        for wire, payload, slack in (("wire_bytes_down", "bytes_down", 8192),
+                                     ("wire_bytes_up", "bytes_up", 2048)):
+            assert all(0 < w - b < slack for w, b in zip(r[wire], r[payload]))
+    for name in ("config.json", "config.toml", "partition.json", "metrics.csv", "accuracy.png",
+                 "report.md", "checkpoint.safetensors"):
+        assert (flower_run.run_dir / name).is_file(), name
+    assert "fedprune INFO: round 2:" in flower_run.log
+
+
+def test_flower_run_equals_the_in_process_run(flower_run):
+    cfg = load_config(AOH, flower_run.overrides)
+    assert load_config(flower_run.run_dir / "config.toml") == cfg
+    sim_dir = runner.run(cfg, flower_run.tmp / "in-process", progress=False)
+    a = load_file(sim_dir / "global.safetensors")
+    b = load_file(flower_run.run_dir / "global.safetensors")
+    assert a.keys() == b.keys()
+    diff = max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert diff <= 1e-6, diff
+    for sim, net in zip(records(sim_dir), records(flower_run.run_dir), strict=True):
+        same = set(sim) - {"wall_s", "client_metrics"}
+        assert {k: sim[k] for k in same} == {k: net[k] for k in same}
+        assert set(net) - set(sim) == FLOWER_ONLY
+        for cid, m in sim["client_metrics"].items():  # all but timings
+            assert {k: v for k, v in m.items() if not k.endswith("_s")} == \
+                {k: v for k, v in net["client_metrics"][cid].items() if not k.endswith("_s")}
+
+
+# --- --insecure, 3 SuperNodes, one killed mid-round ------------------------------------------
+
+def test_supernode_killed_mid_round_is_dropped_and_the_run_goes_on(tmp_path):
+    overrides = tiny(tmp_path, 3)
+    run_dir = tmp_path / "flower-run"
+    (tmp_path / "run-config.toml").write_text(tomli_w.dumps({
+        "experiment": str(AOH), "overrides": "; ".join(overrides), "run-dir": str(run_dir),
+        "reply-timeout": 240.0, "connect-timeout": 120.0}))
+    with federation(tmp_path, 3, tls=False) as fed:
+        def crash_on_first_train() -> None:  # the kill lands while client 2 trains
+            wait_for(lambda: "Receiving: train" in fed.procs.log("supernode2"),
+                     "client 2 to receive its round-1 message", timeout=300)
+            time.sleep(1.0)
+            fed.procs.kill("supernode2")
+
+        killer = threading.Thread(target=crash_on_first_train, daemon=True)
+        killer.start()
+        log = flwr_run(fed, [str(tmp_path / "run-config.toml")])
+        killer.join(timeout=1)
+        node2 = fed.procs.log("supernode2")
+    assert "Sending: train" not in node2, "client 2 replied before the kill: no fault injected"
+    r1, r2 = records(run_dir)
+    assert r1["selected"] == [0, 1, 2] and r1["dropped"] == [2] and r1["rejected"] == []
+    assert r1["bytes_up"][2] == 0 and r1["bytes_down"][2] > 0 and r1["accuracy"] is not None
+    assert set(r1["client_metrics"]) == {"0", "1"}
+    # the next round runs with the survivors; the dead node gets nothing
+    assert r2["dropped"] == [2] and set(r2["client_metrics"]) == {"0", "1"}
+    assert r2["bytes_down"][2] == 0 and r2["accuracy"] is not None
+    assert "dropped client 2" in log
+    final = load_file(run_dir / "global.safetensors")
+    assert all(torch.isfinite(v).all() for v in final.values())
+
+
+# --- pieces without processes -----------------------------------------------------------------
+
+class FakeGrid:
+    """Accepts every message; client 0 replies, client 1 answers with an error, client 2
+    never replies."""
+
+    def push_messages(self, messages):
+        for i, m in enumerate(messages):
+            m.metadata.message_id = f"m{i}"
+        return [m.metadata.message_id for m in messages]
+
+    def pull_messages(self, ids):
+        replies = {"m0": SimpleNamespace(has_error=lambda: False),
+                   "m1": SimpleNamespace(has_error=lambda: True,
+                                         error=SimpleNamespace(code=2, reason="boom"))}
+        out = []
+        for mid in ids:
+            if mid in replies:
+                out.append(replies[mid])
+                out[-1].metadata = SimpleNamespace(reply_to_message_id=mid)
+        return out
+
+
+def test_exchange_drops_late_and_failed_clients(monkeypatch):
+    monkeypatch.setattr(strategy, "POLL_S", 0.01)
+    msgs = {c: SimpleNamespace(metadata=SimpleNamespace(message_id=""), content=RecordDict(
+        {"x": pack(b"abc")})) for c in (3, 5, 7)}
+    t0 = time.monotonic()
+    out = strategy.exchange(FakeGrid(), msgs, timeout=0.3)
+    assert 0.3 <= time.monotonic() - t0 < 2
+    assert set(out.replies) == {3}
+    assert out.failed == {5: "error 2: boom", 7: "no reply within 0.3 s"}
+    assert all(b > 3 for b in out.sent_bytes.values())
+
+
+def test_payload_bytes_travel_unchanged():
+    blob = bytes(range(256)) * 50_000  # > one 5 MB Flower array chunk
+    record = pack(blob)
+    assert unpack(record) == blob
+    with pytest.raises(ValueError, match="payload"):
+        unpack(ConfigRecord({"payload": b"x"}))
+
+
+def test_settings_come_from_the_run_config_declared_in_pyproject():
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
+    defaults = FlowerSettings.from_run_config(declared["config"])
+    assert defaults == FlowerSettings()  # pyproject and the dataclass agree on defaults
+    s = FlowerSettings.from_run_config({"experiment": str(AOH), "reply-timeout": 5,
+                                        "overrides": "federation.rounds=3;\nmethod.sparsity=0.5"})
+    assert s.reply_timeout == 5.0 and s.override_list() == ["federation.rounds=3",
+                                                            "method.sparsity=0.5"]
+    cfg = s.load()
+    assert cfg == load_config(AOH, ["federation.rounds=3", "method.sparsity=0.5"])
+    with pytest.raises(ConfigError, match="reply-timeout"):
+        FlowerSettings(reply_timeout=0)
+    with pytest.raises(ConfigError, match="federation.clients_per_round"):
+        FlowerSettings(overrides="federation.clients_per_round=99").load()
+
+
+def test_client_checks_its_partition_against_the_experiment():
+    node = SimpleNamespace(node_config={"partition-id": 1, "num-partitions": 3})
+    assert partition_id(node, 3) == 1
+    with pytest.raises(ValueError, match="num-partitions=3.*num_clients=4"):
+        partition_id(node, 4)
+    with pytest.raises(ValueError, match="--node-config"):
+        partition_id(SimpleNamespace(node_config={}), 3)
+    with pytest.raises(ValueError, match="partition-id=5"):
+        partition_id(SimpleNamespace(node_config={"partition-id": 5, "num-partitions": 3}), 3)

@@ -46,7 +46,7 @@ FLOWER_ONLY = {"dropped", "wire_bytes_up", "wire_bytes_down"}
 
 def tiny(tmp: Path, clients: int) -> list[str]:
     return [*TINY, f"federation.num_clients={clients}", f"federation.clients_per_round={clients}",
-            f"data.cache_dir='{tmp / 'cache'}'"]
+            f'data.cache_dir="{tmp / "cache"}"']
 
 
 # --- processes --------------------------------------------------------------------------------
@@ -58,15 +58,17 @@ def free_port() -> int:
 
 
 def _proc_table() -> dict[int, tuple[int, str]]:
-    """pid -> (parent pid, start time) of every process (start time guards against reuse)."""
+    """pid -> (parent pid, start time) of every live process (the start time guards against
+    pid reuse; zombies are dead already)."""
     table = {}
     for d in Path("/proc").iterdir():
         if d.name.isdigit():
             try:
                 fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if fields[0] != "Z":
                 table[int(d.name)] = (int(fields[1]), fields[19])
-            except (OSError, IndexError):
-                pass
     return table
 
 
@@ -191,11 +193,13 @@ def make_tls(out: Path, nodes: int) -> dict[str, Path]:
 def federation(tmp: Path, nodes: int, *, tls: bool):
     """SuperLink + ``nodes`` SuperNodes (partition-id i of ``nodes``); always torn down.
 
-    Runtime dependency installation is off (no network) and telemetry is disabled."""
+    Nothing leaves 127.0.0.1: runtime dependency installation (`uv sync`), telemetry and
+    Flower's update check (a POST to api.flower.ai at every process start) are off."""
     home, port = tmp / "flwr-home", free_port()
     home.mkdir(parents=True)
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-           "FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0", "OMP_NUM_THREADS": "1"}
+           "FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0",
+           "FLWR_DISABLE_UPDATE_CHECK": "1", "OMP_NUM_THREADS": "1"}
     procs = Processes(env, tmp)
     files = make_tls(tmp / "tls", nodes) if tls else {}
     connection = {"address": f"127.0.0.1:{port}"}
@@ -224,8 +228,8 @@ def federation(tmp: Path, nodes: int, *, tls: bool):
 
 
 def flwr(env: dict, tmp: Path, *args: str, timeout: float = 60) -> str:
-    res = subprocess.run([str(BIN / "flwr"), *args], check=False, env=env, cwd=tmp, capture_output=True,
-                         text=True, timeout=timeout)
+    res = subprocess.run([str(BIN / "flwr"), *args], check=False, env=env, cwd=tmp,
+                         capture_output=True, text=True, timeout=timeout)
     assert res.returncode == 0, f"flwr {' '.join(args)} failed:\n{res.stdout}\n{res.stderr}"
     return res.stdout
 
@@ -257,7 +261,8 @@ def flower_run(tmp_path_factory):
     run_dir = tmp / "flower-run"
     t0 = time.perf_counter()
     with federation(tmp, 2, tls=True) as fed:
-        config = (f"experiment='{AOH}' overrides='{'; '.join(overrides)}' "
+        # a relative experiment path is read from the app Flower shipped (the FAB)
+        config = (f"experiment='configs/aoh.toml' overrides='{'; '.join(overrides)}' "
                   f"run-dir='{run_dir}' reply-timeout=240.0 connect-timeout=120.0")
         log = flwr_run(fed, [config])
     assert (run_dir / "global.safetensors").is_file(), log[-4000:]
@@ -388,6 +393,10 @@ def test_settings_come_from_the_run_config_declared_in_pyproject():
                                                             "method.sparsity=0.5"]
     cfg = s.load()
     assert cfg == load_config(AOH, ["federation.rounds=3", "method.sparsity=0.5"])
+    relative = FlowerSettings(experiment="configs/aoh.toml")
+    assert relative.experiment_path(Path("/app")) == Path("/app/configs/aoh.toml")
+    assert relative.load(ROOT) == load_config(AOH)
+    assert s.experiment_path(Path("/app")) == AOH  # absolute: a file on the SuperLink machine
     with pytest.raises(ConfigError, match="reply-timeout"):
         FlowerSettings(reply_timeout=0)
     with pytest.raises(ConfigError, match="federation.clients_per_round"):

@@ -11,23 +11,31 @@ from __future__ import annotations
 
 import tomllib
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedprune.client.payload import decode
 from fedprune.config import ExperimentConfig, from_dict
 from fedprune.flower.wire import CONFIG, STATE, reply_content, unpack
-from fedprune.methods import Method, build_method
-from fedprune.sim.runner import client_seed
-from fedprune.sim.setup import Federation, build
+
+if TYPE_CHECKING:
+    from fedprune.methods import Method
+    from fedprune.sim.setup import Federation
 
 app = ClientApp()
 
 
 @lru_cache(maxsize=1)
 def federation(experiment: str) -> tuple[ExperimentConfig, Federation, Method]:
-    """Config, Federation and method of a run, built once per process (one backbone)."""
+    """Config, Federation and method of a run, built once per process (one backbone).
+
+    torch / transformers are imported here, not at module level: under subprocess isolation
+    every message is a fresh ClientApp process, and the query before round 1 needs none of
+    them (it saves seconds per SuperNode)."""
+    from fedprune.methods import build_method
+    from fedprune.sim.setup import build
+
     cfg = from_dict(tomllib.loads(experiment), source="experiment sent by the ServerApp")
     fed = build(cfg)
     return cfg, fed, build_method(cfg, fed)
@@ -58,6 +66,9 @@ def query(msg: Message, context: Context) -> Message:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """One client's local round: `Method.local` from the received global state."""
+    from fedprune.client.payload import decode
+    from fedprune.sim.runner import client_seed
+
     config = msg.content[CONFIG]
     cfg, fed, method = federation(str(config["experiment"]))
     cid, rnd = partition_id(context, cfg.federation.num_clients), int(config["round"])

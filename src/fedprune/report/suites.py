@@ -159,9 +159,11 @@ def _importance_figure(suite_dir: Path, parts: list[str]) -> dict[str, float]:
     vmax = max(alpha[p][c].max() for p in shown for c in ("0", "1"))
     for row, part in enumerate(shown):
         for col, c in enumerate(("0", "1")):
+            heads, rounds = alpha[part][c].shape
             im = axes[row, col].imshow(alpha[part][c], aspect="auto", vmin=0, vmax=vmax,
-                                       cmap="viridis", interpolation="nearest")
-            axes[row, col].set(title=f"{part}: client {c}", xlabel="round index",
+                                       cmap="viridis", interpolation="nearest",
+                                       extent=(0.5, rounds + 0.5, heads - 0.5, -0.5))
+            axes[row, col].set(title=f"{part}: client {c}", xlabel="round",
                                ylabel="head (layer-major)")
             fig.colorbar(im, ax=axes[row, col])
         d = dist[part]

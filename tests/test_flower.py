@@ -1,13 +1,15 @@
 """fedprune on a real Flower federation: a SuperLink and SuperNodes as processes on 127.0.0.1
 (TLS with certificates made here + SuperNode authentication, and --insecure), AoH on the real
-MiniLM with a tiny BBC subset. Parity with the in-process runner, a SuperNode killed
-mid-round, and the pieces that need no processes."""
+MiniLM with a tiny BBC subset. Parity with the in-process runner (also on Flower's simulation
+engine, via `flwr run` and via `run_simulation`), a SuperNode killed mid-round, and the pieces
+that need no processes."""
 
 from __future__ import annotations
 
 import datetime
 import ipaddress
 import json
+import logging
 import os
 import signal
 import socket
@@ -30,8 +32,9 @@ pytest.importorskip("flwr")
 from flwr.app import ConfigRecord, RecordDict
 
 from fedprune.config import ConfigError, load_config
-from fedprune.flower import strategy
+from fedprune.flower import client_app, strategy
 from fedprune.flower.client_app import partition_id
+from fedprune.flower.server_app import server_app
 from fedprune.flower.settings import FlowerSettings
 from fedprune.flower.wire import pack, unpack
 from fedprune.sim import runner
@@ -190,8 +193,9 @@ def make_tls(out: Path, nodes: int) -> dict[str, Path]:
 # --- a federation on 127.0.0.1 ------------------------------------------------------------------
 
 @contextmanager
-def federation(tmp: Path, nodes: int, *, tls: bool):
+def federation(tmp: Path, nodes: int, *, tls: bool, simulation: bool = False):
     """SuperLink + ``nodes`` SuperNodes (partition-id i of ``nodes``); always torn down.
+    ``simulation``: the SuperLink runs Flower's simulation engine (pass ``nodes=0``).
 
     Nothing leaves 127.0.0.1: runtime dependency installation (`uv sync`), telemetry and
     Flower's update check (a POST to api.flower.ai at every process start) are off."""
@@ -209,6 +213,7 @@ def federation(tmp: Path, nodes: int, *, tls: bool):
     link = ["--ssl-certfile", str(files["cert"]), "--ssl-keyfile", str(files["key"]),
             "--ssl-ca-certfile", str(files["ca"]), "--enable-supernode-auth"] if tls \
         else ["--insecure"]
+    link += ["--simulation"] if simulation else []
     try:
         procs.start("superlink", "flower-superlink", *link, "--host", "127.0.0.1",
                     "--port", str(port), "--disable-runtime-dependency-installation")
@@ -234,11 +239,12 @@ def flwr(env: dict, tmp: Path, *args: str, timeout: float = 60) -> str:
     return res.stdout
 
 
-def flwr_run(fed, run_config: list[str], name: str = "flwr-run", timeout: float = 400) -> str:
-    """`flwr run <repo> test --stream --run-config ...`: blocks until the ServerApp ends."""
+def flwr_run(fed, run_config: list[str], *args: str, name: str = "flwr-run",
+             timeout: float = 400) -> str:
+    """`flwr run <repo> test --stream --run-config ... *args`: blocks until the ServerApp ends."""
     with open(fed.tmp / f"{name}.log", "w") as out:
         proc = subprocess.Popen([str(BIN / "flwr"), "run", str(ROOT), "test", "--stream",
-                                 *[a for c in run_config for a in ("--run-config", c)]],
+                                 *[a for c in run_config for a in ("--run-config", c)], *args],
                                 env=fed.env, cwd=fed.tmp, stdout=out, stderr=subprocess.STDOUT)
     fed.procs.roots[name] = proc
     try:
@@ -252,22 +258,57 @@ def records(run_dir: Path) -> list[dict]:
     return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+def run_config(overrides: list[str], run_dir: Path) -> str:
+    """A `--run-config` for the tiny 2-client AoH experiment; the relative experiment path is
+    read from the app Flower shipped (the FAB)."""
+    return (f"experiment='configs/aoh.toml' overrides='{'; '.join(overrides)}' "
+            f"run-dir='{run_dir}' reply-timeout=240.0 connect-timeout=120.0")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The in-process run (`fedprune.sim.runner`) of the tiny 2-client AoH experiment that
+    every 2-client Flower run below must reproduce."""
+    tmp = tmp_path_factory.mktemp("reference")
+    overrides = tiny(tmp, 2)
+    cfg = load_config(AOH, overrides)
+    return SimpleNamespace(overrides=overrides, cfg=cfg,
+                           run_dir=runner.run(cfg, tmp / "in-process", progress=False))
+
+
+def assert_same_run(reference, run_dir: Path) -> None:
+    """Same config, final global state (within 1e-6) and per-round records as the in-process
+    run, but for timings (keys ending in `_s`; their digits also travel in `bytes_up`) and the
+    Flower-only fields."""
+    assert load_config(run_dir / "config.toml") == reference.cfg
+    a = load_file(reference.run_dir / "global.safetensors")
+    b = load_file(run_dir / "global.safetensors")
+    assert a.keys() == b.keys()
+    diff = max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert diff <= 1e-6, diff
+    for sim, net in zip(records(reference.run_dir), records(run_dir), strict=True):
+        same = {k for k in sim if not k.endswith("_s")} - {"client_metrics", "bytes_up"}
+        assert {k: sim[k] for k in same} == {k: net[k] for k in same}
+        assert set(net) - set(sim) == FLOWER_ONLY
+        for cid, m in sim["client_metrics"].items():  # all but timings
+            assert {k: v for k, v in m.items() if not k.endswith("_s")} == \
+                {k: v for k, v in net["client_metrics"][cid].items() if not k.endswith("_s")}
+            # the payload carries the metrics as text: timings' digits change bytes_up a little
+            i, timings = sim["selected"].index(int(cid)), sum(k.endswith("_s") for k in m)
+            assert abs(sim["bytes_up"][i] - net["bytes_up"][i]) <= 24 * timings
+
+
 # --- TLS + SuperNode auth, 2 SuperNodes: parity with the in-process runner --------------------
 
 @pytest.fixture(scope="module")
-def flower_run(tmp_path_factory):
+def flower_run(tmp_path_factory, reference):
     tmp = tmp_path_factory.mktemp("flower-tls")
-    overrides = tiny(tmp, 2)
     run_dir = tmp / "flower-run"
     t0 = time.perf_counter()
     with federation(tmp, 2, tls=True) as fed:
-        # a relative experiment path is read from the app Flower shipped (the FAB)
-        config = (f"experiment='configs/aoh.toml' overrides='{'; '.join(overrides)}' "
-                  f"run-dir='{run_dir}' reply-timeout=240.0 connect-timeout=120.0")
-        log = flwr_run(fed, [config])
+        log = flwr_run(fed, [run_config(reference.overrides, run_dir)])
     assert (run_dir / "global.safetensors").is_file(), log[-4000:]
-    return SimpleNamespace(tmp=tmp, run_dir=run_dir, overrides=overrides, log=log,
-                           seconds=time.perf_counter() - t0)
+    return SimpleNamespace(run_dir=run_dir, log=log, seconds=time.perf_counter() - t0)
 
 
 def test_flower_run_writes_the_runner_artifacts(flower_run):
@@ -289,22 +330,47 @@ def test_flower_run_writes_the_runner_artifacts(flower_run):
     assert "fedprune INFO: round 2:" in flower_run.log
 
 
-def test_flower_run_equals_the_in_process_run(flower_run):
-    cfg = load_config(AOH, flower_run.overrides)
-    assert load_config(flower_run.run_dir / "config.toml") == cfg
-    sim_dir = runner.run(cfg, flower_run.tmp / "in-process", progress=False)
-    a = load_file(sim_dir / "global.safetensors")
-    b = load_file(flower_run.run_dir / "global.safetensors")
-    assert a.keys() == b.keys()
-    diff = max(float((a[k] - b[k]).abs().max()) for k in a)
-    assert diff <= 1e-6, diff
-    for sim, net in zip(records(sim_dir), records(flower_run.run_dir), strict=True):
-        same = set(sim) - {"wall_s", "client_metrics"}
-        assert {k: sim[k] for k in same} == {k: net[k] for k in same}
-        assert set(net) - set(sim) == FLOWER_ONLY
-        for cid, m in sim["client_metrics"].items():  # all but timings
-            assert {k: v for k, v in m.items() if not k.endswith("_s")} == \
-                {k: v for k, v in net["client_metrics"][cid].items() if not k.endswith("_s")}
+def test_flower_run_equals_the_in_process_run(flower_run, reference):
+    assert_same_run(reference, flower_run.run_dir)
+
+
+# --- Flower's simulation engine (Ray): the same apps, 2 virtual SuperNodes --------------------
+
+def test_flwr_run_on_the_simulation_engine_equals_the_in_process_run(reference, tmp_path):
+    """`flwr run` on a `--simulation` SuperLink: the virtual SuperNodes get partition-id /
+    num-partitions from Flower, one Ray actor (1 CPU) each."""
+    pytest.importorskip("ray")
+    run_dir = tmp_path / "sim-run"
+    with federation(tmp_path, 0, tls=False, simulation=True) as fed:
+        log = flwr_run(fed, [run_config(reference.overrides, run_dir)], "--federation-config",
+                       "num-supernodes=2 client-resources-num-cpus=1")
+    assert (run_dir / "global.safetensors").is_file(), log[-4000:]
+    assert_same_run(reference, run_dir)
+
+
+def test_run_simulation_python_api_and_resume_equal_the_in_process_run(reference, tmp_path,
+                                                                      monkeypatch):
+    """`flwr.simulation.run_simulation` in this process (it starts Ray and shuts it down):
+    round 1, then `resume=true` continues the run directory's checkpoint to round 2."""
+    ray = pytest.importorskip("ray")
+    from flwr.simulation import run_simulation
+
+    monkeypatch.delenv("PYTHONPATH", raising=False)  # Ray sets it for its workers: restored
+    log = logging.getLogger("fedprune")  # the ServerApp adds a handler: restored
+    monkeypatch.setattr(log, "handlers", [])
+    monkeypatch.setattr(log, "level", log.level)
+    run_dir = tmp_path / "sim-run"
+    for rounds, resume in ((1, False), (2, True)):
+        overrides = "; ".join([*reference.overrides, f"federation.rounds={rounds}"])
+        app = server_app({"experiment": str(AOH), "overrides": overrides,
+                          "run-dir": str(run_dir), "resume": resume})
+        run_simulation(server_app=app, client_app=client_app.app, num_supernodes=2,
+                       backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
+        assert not ray.is_initialized()
+        if not resume:
+            first = records(run_dir)
+    assert records(run_dir)[:1] == first  # round 1 was continued from, not redone
+    assert_same_run(reference, run_dir)
 
 
 # --- --insecure, 3 SuperNodes, one killed mid-round ------------------------------------------
@@ -401,6 +467,8 @@ def test_settings_come_from_the_run_config_declared_in_pyproject():
         FlowerSettings(reply_timeout=0)
     with pytest.raises(ConfigError, match="federation.clients_per_round"):
         FlowerSettings(overrides="federation.clients_per_round=99").load()
+    with pytest.raises(ConfigError, match="run-dirr"):  # run_simulation: checked by us
+        server_app({"run-dirr": "/tmp/x"})
 
 
 def test_client_checks_its_partition_against_the_experiment():

@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from fedprune.cli import app
+from fedprune.compute import resolve_dtype
 from fedprune.config import ConfigError, load_config
 from fedprune.core.selection import History
 from fedprune.sim import runner
@@ -31,7 +32,11 @@ def run_small(tmp_path, name, *extra, resume=False):
 
 
 def strip_time(records):
-    return [{k: v for k, v in r.items() if k != "wall_s"} for r in records]
+    """Records without wall-clock timings (keys ending in _s, also per client)."""
+    def strip(d):
+        return {k: strip(v) if isinstance(v, dict) else v for k, v in d.items()
+                if not k.endswith("_s")}
+    return [strip(r) for r in records]
 
 
 def metrics(run_dir):
@@ -67,6 +72,14 @@ def test_end_to_end_artifacts(two_rounds):
         assert (run_dir / name).is_file(), name
     part = json.loads((run_dir / "partition.json").read_text())
     assert sum(part["sizes"]) == 128 and len(part["label_histograms"]) == 4
+    env = json.loads((run_dir / "environment.json").read_text())
+    assert env["compute_dtype"] == str(resolve_dtype("auto")).removeprefix("torch.")
+    for r in records:  # each phase timed; every BBC article is longer than max_length 48: no padding
+        assert r["eval_s"] > 0
+        assert all(m["train_s"] > 0 and m["pad_fraction"] == 0.0
+                   for m in r["client_metrics"].values())
+    report = (run_dir / "report.md").read_text()
+    assert "local training" in report and f"compute: {env['compute_dtype']}" in report
     assert load_config(run_dir / "config.toml") == small_cfg(two_rounds[0])
 
 

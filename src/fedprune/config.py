@@ -75,8 +75,15 @@ class ModelConfig(_Section):
     _name = "model"
     name: str = opt("minilm", "Backbone: 'minilm' (bundled all-MiniLM-L6-v2), 'smollm2' (bundled "
                     "SmolLM2-135M-Instruct), a local model folder, or a Hugging Face hub name.")
-    attn_implementation: str = opt("sdpa", "Attention kernel for training and evaluation.",
-                                   ("eager", "sdpa"))
+    compute_dtype: str = opt("auto", "Precision of the frozen backbone's compute: 'auto' = "
+                             "bfloat16 where the CPU has AVX512-BF16 or AMX, else float32. "
+                             "Trainable tensors, optimizer state, updates and aggregation are "
+                             "always float32.",
+                             ("auto", "float32", "bfloat16"))
+    attn_implementation: str = opt("auto", "Attention path: 'auto' = eager maths with fast "
+                                   "dropout masks when training on a CPU (faster than SDPA's "
+                                   "backward there), SDPA otherwise; 'eager' / 'sdpa' = "
+                                   "transformers' own.", ("auto", "eager", "sdpa"))
 
 
 @dataclass
@@ -148,6 +155,9 @@ class FederationConfig(_Section):
     optimizer: str = opt("adamw", "Client optimizer (fresh state every round).",
                          ("adamw", "sgd"))
     weight_decay: float = opt(0.0, "Client optimizer weight decay.")
+    group_by_length: bool = opt(False, "Group each client's batches by length (transformers' "
+                                "length-grouped sampler) so that little padding is computed; "
+                                "batches are always padded only to their longest row.")
     server_lr: float = opt(1.0, "Server learning rate eta applied to the aggregated update.")
     selection: str = opt("random", "Client selection: 'random'; 'loss' (AoH Eq. 9: top-K by "
                          "last local loss minus global validation loss, never-seen clients "

@@ -6,6 +6,7 @@ model's trainable parameters, trains them in place, and returns the trained valu
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
+from transformers.trainer_pt_utils import get_length_grouped_indices
 
 from fedprune.core.update import State
 
@@ -27,6 +29,7 @@ class LocalTrainSpec:
     lr: float
     optimizer: str = "adamw"
     weight_decay: float = 0.0
+    group_by_length: bool = False  # batches of similar lengths (less padding)
 
 
 def load_state(params: dict[str, torch.nn.Parameter], state: State) -> None:
@@ -47,16 +50,31 @@ def _optimizer(params: Sequence[torch.nn.Parameter], spec: LocalTrainSpec) -> to
     return torch.optim.SGD(params, lr=spec.lr, weight_decay=spec.weight_decay)
 
 
-def _batches(indices: torch.Tensor, batch_size: int, gen: torch.Generator) -> Iterator[list[int]]:
-    order = indices[torch.randperm(len(indices), generator=gen)]
-    for start in range(0, len(order), batch_size):
-        yield order[start:start + batch_size].tolist()
+def _batches(rows: Sequence[dict], indices: torch.Tensor, spec: LocalTrainSpec,
+             gen: torch.Generator) -> Iterator[list[int]]:
+    """One epoch of batches: a seeded shuffle, or with ``group_by_length`` transformers'
+    length-grouped order (shuffle, sort by length inside mega-batches of 50 batches)."""
+    if spec.group_by_length:
+        lengths = [len(rows[i]["input_ids"]) for i in indices.tolist()]
+        order = indices[get_length_grouped_indices(lengths, spec.batch_size, generator=gen)]
+    else:
+        order = indices[torch.randperm(len(indices), generator=gen)]
+    for start in range(0, len(order), spec.batch_size):
+        yield order[start:start + spec.batch_size].tolist()
 
 
 class TrainStats(NamedTuple):
     loss: float                          # mean training loss per example
     shapes: list[tuple[int, int]]        # (batch size, padded length) of every step
+    tokens: int                          # real (non-padding) tokens over all steps
+    seconds: float                       # wall time of the local steps
     flops: float | None                  # FlopCounterMode total when counted
+
+    @property
+    def pad_fraction(self) -> float:
+        """Share of the computed positions that were padding."""
+        total = sum(b * n for b, n in self.shapes)
+        return 1.0 - self.tokens / total if total else 0.0
 
 
 def local_train(model: torch.nn.Module, params: dict[str, torch.nn.Parameter],
@@ -79,12 +97,13 @@ def local_train(model: torch.nn.Module, params: dict[str, torch.nn.Parameter],
              for k, m in (frozen or {}).items()]
     opt = _optimizer(list(params.values()), spec)
     idx = torch.as_tensor(list(indices), dtype=torch.long)
-    loss_sum, seen, shapes = 0.0, 0, []
+    loss_sum, seen, tokens, shapes = 0.0, 0, 0, []
     counter = FlopCounterMode(display=False) if count_flops else nullcontext()
+    t0 = time.perf_counter()
     try:
         with counter:
             for _ in range(spec.epochs):
-                for batch_idx in _batches(idx, spec.batch_size, gen):
+                for batch_idx in _batches(rows, idx, spec, gen):
                     batch = collate([rows[i] for i in batch_idx])
                     loss = model(**batch).loss
                     loss.backward()
@@ -93,11 +112,12 @@ def local_train(model: torch.nn.Module, params: dict[str, torch.nn.Parameter],
                     loss_sum += loss.item() * len(batch_idx)
                     seen += len(batch_idx)
                     shapes.append(tuple(batch["input_ids"].shape))
+                    tokens += int(batch["attention_mask"].sum())
     finally:
         for h in hooks:
             h.remove()
     flops = float(counter.get_total_flops()) if count_flops else None
-    return TrainStats(loss_sum / max(seen, 1), shapes, flops)
+    return TrainStats(loss_sum / max(seen, 1), shapes, tokens, time.perf_counter() - t0, flops)
 
 
 @torch.no_grad()

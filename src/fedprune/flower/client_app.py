@@ -1,10 +1,11 @@
 """The ClientApp: a SuperNode is one fedprune client, its partition id is the client id.
 
-Start a SuperNode with ``--node-config 'partition-id=<c> num-partitions=<C>'``. Each train
-message carries the experiment the ServerApp resolved (fedprune TOML text), the round and the
-client id; the handler builds the run's Federation (data partition, backbone, method) once per
-process, runs `Method.local` from the received global state with the same per-client seed as
-the in-process runner, and replies with `Method.encode` bytes.
+Start a SuperNode with ``--node-config 'partition-id=<c> num-partitions=<C>'``; Flower's
+simulation engine sets both for its virtual SuperNodes. Each train message carries the
+experiment the ServerApp resolved (fedprune TOML text), the round and the client id; the
+handler builds the run's Federation (data partition, backbone, method) once per process (per
+Ray actor in a simulation), runs `Method.local` from the received global state with the same
+per-client seed as the in-process runner, and replies with `Method.encode` bytes.
 """
 
 from __future__ import annotations
@@ -50,7 +51,8 @@ def partition_id(context: Context, num_clients: int) -> int:
     pid, n = int(node["partition-id"]), int(node["num-partitions"])
     if n != num_clients:
         raise ValueError(f"SuperNode num-partitions={n} but the experiment has "
-                         f"federation.num_clients={num_clients}")
+                         f"federation.num_clients={num_clients} (simulation: run "
+                         f"num-supernodes={num_clients})")
     if not 0 <= pid < n:
         raise ValueError(f"SuperNode partition-id={pid} is not in [0, {n})")
     return pid

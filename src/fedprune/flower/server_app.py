@@ -1,19 +1,26 @@
-"""The ServerApp: resolve the experiment from the run config, run the fedprune round loop."""
+"""The ServerApp: resolve the experiment from the run config, run the fedprune round loop.
+
+`app` serves deployments and `flwr run` on either runtime (SuperNodes or Flower's simulation
+engine). `server_app(run_config)` makes one with a fixed run config for Flower's Python
+simulation API, `flwr.simulation.run_simulation`, which has no run config to pass.
+"""
 
 from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Mapping
+from dataclasses import fields
 from pathlib import Path
+from typing import Any
 
 from flwr.app import Context
 from flwr.common.config import get_project_dir
 from flwr.serverapp import Grid, ServerApp
 
+from fedprune.config import ConfigError
 from fedprune.flower.settings import FlowerSettings
 from fedprune.flower.strategy import FedpruneStrategy
-
-app = ServerApp()
 
 
 def _log_to_stderr() -> None:
@@ -33,10 +40,23 @@ def app_dir(grid: Grid) -> Path | None:
     return get_project_dir(run.fab_id, run.fab_version, run.fab_hash) if run.fab_id else None
 
 
-@app.main()
-def main(grid: Grid, context: Context) -> None:
-    _log_to_stderr()
-    settings = FlowerSettings.from_run_config(context.run_config)
-    cfg = settings.load(app_dir(grid))
-    run_dir = FedpruneStrategy(cfg, settings).start(grid)
-    logging.getLogger("fedprune").info("run finished: %s", run_dir)
+def server_app(run_config: Mapping[str, Any] | None = None) -> ServerApp:
+    """A ServerApp; ``run_config`` (run-config keys as in pyproject.toml, e.g.
+    ``{"experiment": "configs/aoh.toml", "run-dir": "runs/x"}``) is laid over the run's."""
+    run_config = dict(run_config or {})
+    if unknown := set(run_config) - {f.name.replace("_", "-") for f in fields(FlowerSettings)}:
+        raise ConfigError(f"unknown run-config keys {sorted(unknown)}")
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        _log_to_stderr()
+        settings = FlowerSettings.from_run_config({**context.run_config, **run_config})
+        cfg = settings.load(app_dir(grid))
+        run_dir = FedpruneStrategy(cfg, settings).start(grid)
+        logging.getLogger("fedprune").info("run finished: %s", run_dir)
+
+    return app
+
+
+app = server_app()

@@ -46,6 +46,7 @@ from fedprune.sim.runner import (
     prepare_run_dir,
     round_record,
     select_clients,
+    write_environment,
     write_partition,
 )
 from fedprune.sim.setup import build
@@ -143,6 +144,7 @@ class FedpruneStrategy:
         run_dir = Path(settings.run_dir) if settings.run_dir else default_run_dir(cfg)
         prepare_run_dir(cfg, run_dir, settings.resume)
         fed = build(cfg)
+        write_environment(fed, run_dir)
         write_partition(fed, run_dir)
         method = build_method(cfg, fed)
         state, server = initial_server_state(fed, run_dir, settings.resume)

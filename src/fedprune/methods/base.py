@@ -53,7 +53,7 @@ class Method:
         self.fed = fed
         f = cfg.federation
         self.spec = LocalTrainSpec(f.local_epochs, f.batch_size, f.lr, f.optimizer,
-                                   f.weight_decay)
+                                   f.weight_decay, f.group_by_length)
         self.structure = describe(fed.model)
         self.arch = encoder_arch(fed.model, r=cfg.peft.r, target_modules=cfg.peft.target_modules)
 
@@ -62,9 +62,12 @@ class Method:
     def ops(self, heads_per_layer: list[int], stats: TrainStats) -> dict[str, float]:
         """Analytic training OPs of the local steps (where a formula exists) and the
         FlopCounterMode measurement (when run.count_flops)."""
-        out = {"train_ops": train_ops(self.arch, heads_per_layer, stats.shapes)} if self.arch \
-            else {}
-        return out | ({"train_flops_measured": stats.flops} if stats.flops is not None else {})
+        out = {"train_s": stats.seconds, "pad_fraction": stats.pad_fraction}
+        if self.arch:
+            out["train_ops"] = train_ops(self.arch, heads_per_layer, stats.shapes)
+        if stats.flops is not None:
+            out["train_flops_measured"] = stats.flops
+        return out
 
     # --- client side ---
     def local(self, start: State, indices: np.ndarray, seed: int) -> LocalResult:

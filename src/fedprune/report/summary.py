@@ -26,7 +26,10 @@ def summarize(run_dir: Path) -> dict[str, Any]:
     target = config["run"]["target_metric"]
     evaluated = [r for r in records if r.get("accuracy") is not None]
     last = evaluated[-1] if evaluated else {}
+    env_path = run_dir / "environment.json"
+    env = json.loads(env_path.read_text()) if env_path.is_file() else {}
     return {
+        "compute_dtype": env.get("compute_dtype"), "threads": env.get("threads"),
         "run": run_dir.name, "method": config["method"]["name"],
         "rounds": records[-1]["round"], "final_accuracy": last.get("accuracy"),
         "best_accuracy": max((r["accuracy"] for r in evaluated), default=None),
@@ -37,6 +40,11 @@ def summarize(run_dir: Path) -> dict[str, Any]:
         "seconds_per_round": mean(r["wall_s"] for r in records),
         "train_ops_per_client": _client_mean(records, "train_ops"),
         "train_flops_measured_per_client": _client_mean(records, "train_flops_measured"),
+        "train_s_per_client": _client_mean(records, "train_s"),
+        "importance_s_per_client": _client_mean(records, "score_s"),
+        "eval_s": mean(r["eval_s"] for r in evaluated) if evaluated and "eval_s" in last
+        else None,
+        "pad_fraction": _client_mean(records, "pad_fraction"),
     }
 
 
@@ -59,6 +67,16 @@ def markdown_table(records: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _phases(s: dict[str, Any]) -> str:
+    """Where a round's time goes, per selected client and per evaluation."""
+    parts = [(s["train_s_per_client"], "local training"), (s["importance_s_per_client"],
+             "importance pass"), (s["eval_s"], "evaluation")]
+    text = ", ".join(f"{label} {v:.2f} s" for v, label in parts if v is not None)
+    pad = s["pad_fraction"]
+    return text + (f"; {100 * pad:.1f} % of the trained positions were padding"
+                   if pad is not None else "")
+
+
 def write_report(run_dir: Path) -> Path:
     """report.md: summary, plot and per-round table."""
     run_dir = Path(run_dir)
@@ -73,7 +91,8 @@ def write_report(run_dir: Path) -> Path:
         f"- accuracy target {s['target']}: {reached}",
         (f"- bytes per selected client and round: up {s['bytes_up_per_client']:,.0f}, "
          f"down {s['bytes_down_per_client']:,.0f}"),
-        f"- seconds per round: {s['seconds_per_round']:.1f}", "",
+        f"- seconds per round: {s['seconds_per_round']:.1f} ({_phases(s)})",
+        f"- compute: {s['compute_dtype'] or '?'} on {s['threads'] or '?'} threads", "",
         "![accuracy and loss](accuracy.png)", "",
         markdown_table(read_metrics(run_dir)), "",
     ])

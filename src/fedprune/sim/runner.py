@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import tomli_w
+import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
@@ -58,6 +59,14 @@ def prepare_run_dir(cfg: ExperimentConfig, run_dir: Path, resume: bool) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     config_path.write_text(json.dumps(cfg.to_dict(), indent=2))
     (run_dir / "config.toml").write_text(tomli_w.dumps(cfg.to_dict()))
+
+
+def write_environment(fed: Federation, run_dir: Path) -> None:
+    """environment.json: what 'auto' settings resolved to on this machine."""
+    env = {"torch": torch.__version__, "threads": torch.get_num_threads(),
+           "compute_dtype": str(fed.compute_dtype).removeprefix("torch.")}
+    (run_dir / "environment.json").write_text(json.dumps(env))
+    log.info("compute: %s, %d threads", env["compute_dtype"], env["threads"])
 
 
 def write_partition(fed: Federation, run_dir: Path) -> None:
@@ -126,10 +135,12 @@ def evaluate_global(cfg: ExperimentConfig, fed: Federation, state: State, rnd: i
                     server: ServerState) -> dict:
     """Validation loss and accuracy of the global model on evaluation rounds (every
     ``run.eval_every`` and the last); L_g is kept for the next round's selection."""
-    scores = {"eval_loss": None, "accuracy": None}
+    scores = {"eval_loss": None, "accuracy": None, "eval_s": 0.0}
     if rnd % cfg.run.eval_every == 0 or rnd == cfg.federation.rounds:
+        t0 = time.perf_counter()
         load_state(fed.params, state)
         scores = evaluate(fed.model, fed.val_rows, fed.collate, cfg.federation.eval_batch_size)
+        scores["eval_s"] = time.perf_counter() - t0
         server["global_loss"] = scores["eval_loss"]
     return scores
 
@@ -160,16 +171,19 @@ def finish_run(cfg: ExperimentConfig, run_dir: Path, state: State) -> Path:
 
 
 def run(cfg: ExperimentConfig, run_dir: Path | None = None, *, resume: bool = False,
-        progress: bool = True, observe: Observer | None = None) -> Path:
+        progress: bool = True, observe: Observer | None = None,
+        fed: Federation | None = None) -> Path:
     """Run (or resume) a federated experiment; returns the run directory.
 
     ``observe(round, global state, method)``, if given, is called after each round's
     aggregation; what it returns is logged under "observed" (e.g. two clients' importance).
+    ``fed``: an already built federation for ``cfg`` (the benchmark reshapes clients' data).
     The Flower strategy (fedprune.flower.strategy) runs the same steps over the network.
     """
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg)
     prepare_run_dir(cfg, run_dir, resume)
-    fed = build(cfg)
+    fed = fed or build(cfg)
+    write_environment(fed, run_dir)
     write_partition(fed, run_dir)
     fc = cfg.federation
     method = build_method(cfg, fed)

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from transformers import AutoTokenizer
 
+from fedprune.compute import attn_implementation, prepare_compute, resolve_dtype
 from fedprune.config import ExperimentConfig
 from fedprune.core.update import State
 from fedprune.data import load_source, pad_batch, partition, tokenize_cached, train_val_split
@@ -31,6 +32,7 @@ class Federation:
     collate: object                        # rows -> padded batch tensors
     special_ids: set[int]                  # not queries of the importance pass (Eq. 6)
     exclude_key_ids: set[int]              # not keys of the importance pass (SEP / EOS)
+    compute_dtype: torch.dtype             # what model.compute_dtype resolved to
 
 
 def cache_dir(cfg: ExperimentConfig) -> Path:
@@ -65,15 +67,17 @@ def build(cfg: ExperimentConfig) -> Federation:
                       alpha=p.alpha, shards_per_client=p.shards_per_client,
                       min_partition_size=p.min_partition_size)
     model = load_backbone(cfg.model.name, task="classification", num_labels=len(names),
-                          attn_implementation=cfg.model.attn_implementation, seed=cfg.run.seed,
-                          cache_dir=cache)
+                          attn_implementation=attn_implementation(cfg.model.attn_implementation),
+                          seed=cfg.run.seed, cache_dir=cache)
     pc = cfg.peft
     model = apply_lora(model, task="classification", r=pc.r, alpha=pc.alpha, dropout=pc.dropout,
                        target_modules=pc.target_modules, seed=cfg.run.seed)
+    dtype = resolve_dtype(cfg.model.compute_dtype)
+    prepare_compute(model, dtype, cfg.model.attn_implementation)
     params = trainable_parameters(model)
     initial = {k: v.detach().clone() for k, v in params.items()}
     special = {tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id,
                tokenizer.bos_token_id, tokenizer.eos_token_id} - {None}
     exclude_keys = {tokenizer.sep_token_id, tokenizer.eos_token_id} - {None}
     return Federation(model, params, initial, train_rows, val_rows, parts, names,
-                      partial(pad_batch, tokenizer), special, exclude_keys)
+                      partial(pad_batch, tokenizer), special, exclude_keys, dtype)

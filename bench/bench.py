@@ -1,0 +1,391 @@
+"""fedprune against a plain float32 transformers + peft loop, and at this machine's ceilings.
+
+One run measures, each in its own process (so that peak RSS is its own):
+
+- ceilings: a 2048^3 matmul in float32 and bfloat16 (GFLOP/s);
+- grid: the default job (MiniLM + BBC News, FedAvg, seeded random selection, evaluation every
+  round) at C/K = 10/2, 100/10, 1000/20: the plain loop (transformers' SDPA attention and
+  dropout, float32, a bare round loop with no serialization, validation, checkpoints or logs)
+  against ``fedprune.sim.runner.run`` with its defaults; seconds per round, each phase's
+  GFLOP/s and share of the ceiling of its dtype (MFU), peak RSS, accuracy after the rounds;
+- smollm2: one LoRA instruction-tuning round on SmolLM2-135M-Instruct (article -> headline,
+  chat template, loss on the answer only), plain float32 loop against fedprune's client code;
+- sweep: per-round time and peak RSS of fedprune at K = 10 for C = 10 ... 10,000 clients,
+  each client holding the same number of examples (a seeded sample of the training set, so
+  that only C changes); evaluation only after the last round, which is not timed;
+- structural: one local epoch of AoH with 50 % and 90 % of MiniLM's heads removed
+  (mode 'structural') against all heads: measured speedup and analytic FLOP reduction.
+
+    python bench/bench.py                 # everything; writes bench/results/bench.json
+    python bench/bench.py --only grid --grid 10:2 --rounds 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+RESULTS = Path(__file__).parent / "results"
+PLAIN = ["model.compute_dtype=float32", "model.attn_implementation=sdpa"]
+PARTS = ("ceilings", "grid", "smollm2", "sweep", "structural")
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def ceiling(dtype: torch.dtype, n: int = 2048, reps: int = 10) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * n ** 3 * reps / (time.perf_counter() - t0) / 1e9
+
+
+def child_ceilings() -> dict:
+    return {"threads": torch.get_num_threads(), "float32_gflops": ceiling(torch.float32),
+            "bfloat16_gflops": ceiling(torch.bfloat16)}
+
+
+# --- grid: the default job ----------------------------------------------------------------
+
+def job(c: int, k: int, rounds: int, *extra: str):
+    from fedprune.config import load_config
+    return load_config(None, ["model.name=minilm", "data.dataset=bbc_news",
+                              f"federation.num_clients={c}", f"federation.clients_per_round={k}",
+                              f"federation.rounds={rounds}", "run.seed=0", *extra])
+
+
+def eval_flops(fed, cfg) -> float:
+    """FLOPs of one evaluation pass over the validation rows (counted, not timed)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from fedprune.client.train import evaluate
+    with FlopCounterMode(display=False) as counter:
+        evaluate(fed.model, fed.val_rows, fed.collate, cfg.federation.eval_batch_size)
+    return float(counter.get_total_flops())
+
+
+def child_fedprune(c: int, k: int, rounds: int) -> dict:
+    from fedprune.report.metrics import read_metrics
+    from fedprune.sim.runner import run
+    from fedprune.sim.setup import build
+
+    cfg = job(c, k, rounds)
+    fed = build(cfg)
+    with tempfile.TemporaryDirectory() as tmp:
+        records = read_metrics(run(cfg, Path(tmp) / "run", progress=False, fed=fed))
+    steady = records[1:] or records  # round 1 warms up
+    clients = [m for r in steady for m in r["client_metrics"].values()]
+    train_s = sum(m["train_s"] for m in clients)
+    eval_s = sum(r["eval_s"] for r in steady)
+    return {"sec_per_round": [r["wall_s"] for r in records],
+            "accuracy": records[-1]["accuracy"],
+            "train_s_per_round": train_s / len(steady), "eval_s_per_round": eval_s / len(steady),
+            "train_gflops": sum(m["train_ops"] for m in clients) / train_s / 1e9,
+            "eval_gflops": eval_flops(fed, cfg) * len(steady) / eval_s / 1e9,
+            "compute_dtype": str(fed.compute_dtype).removeprefix("torch."),
+            "bytes_up_per_client": records[-1]["bytes_up"][0]}
+
+
+def child_plain(c: int, k: int, rounds: int) -> dict:
+    """The same federated job as a bare loop over a plain float32 transformers + peft model."""
+    from fedprune.client.train import evaluate
+    from fedprune.core.accounting import train_ops
+    from fedprune.core.selection import History, random_selection
+    from fedprune.sim.runner import client_seed
+    from fedprune.sim.setup import build
+    from fedprune.structure.model import encoder_arch
+
+    cfg = job(c, k, rounds, *PLAIN)
+    fed, fc = build(cfg), cfg.federation
+    arch = encoder_arch(fed.model, r=cfg.peft.r, target_modules=cfg.peft.target_modules)
+    heads = [arch.hidden // arch.head_dim] * arch.layers
+    params = fed.params
+    glob = {n: p.detach().clone() for n, p in params.items()}
+    times, train_s, eval_s, ops, acc = [], [], [], [], None
+    for rnd in range(1, rounds + 1):
+        t0 = time.perf_counter()
+        acc_delta = {n: torch.zeros_like(v, dtype=torch.float64) for n, v in glob.items()}
+        total, shapes = 0, []
+        for cid in random_selection(rnd, History(np.ones(c)), k, cfg.run.seed):
+            idx = torch.as_tensor(fed.client_indices[cid], dtype=torch.long)
+            with torch.no_grad():
+                for n, p in params.items():
+                    p.copy_(glob[n])
+            seed = client_seed(cfg.run.seed, rnd, cid)
+            gen = torch.Generator().manual_seed(seed)
+            torch.manual_seed(seed)
+            opt = torch.optim.AdamW(list(params.values()), lr=fc.lr)
+            fed.model.train()
+            order = idx[torch.randperm(len(idx), generator=gen)].tolist()
+            for s in range(0, len(order), fc.batch_size):
+                batch = fed.collate([fed.train_rows[i] for i in order[s:s + fc.batch_size]])
+                shapes.append(tuple(batch["input_ids"].shape))
+                fed.model(**batch).loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                for n, p in params.items():
+                    acc_delta[n] += (p.detach() - glob[n]).double() * len(idx)
+            total += len(idx)
+        t_train = time.perf_counter()
+        glob = {n: (v.double() + acc_delta[n] / total).float() for n, v in glob.items()}
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(glob[n])
+        t_eval = time.perf_counter()
+        acc = evaluate(fed.model, fed.val_rows, fed.collate, fc.eval_batch_size)["accuracy"]
+        times.append(time.perf_counter() - t0)
+        train_s.append(t_train - t0)
+        eval_s.append(time.perf_counter() - t_eval)
+        ops.append(train_ops(arch, heads, shapes))
+    steady = slice(1, None) if rounds > 1 else slice(None)
+    return {"sec_per_round": times, "accuracy": acc,
+            "train_s_per_round": float(np.mean(train_s[steady])),
+            "eval_s_per_round": float(np.mean(eval_s[steady])),
+            "train_gflops": sum(ops[steady]) / sum(train_s[steady]) / 1e9,
+            "eval_gflops": eval_flops(fed, cfg) * len(eval_s[steady]) / sum(eval_s[steady]) / 1e9,
+            "compute_dtype": "float32"}
+
+
+# --- SmolLM2: one LoRA instruction-tuning round -------------------------------------------
+
+def child_smollm2(mode: str, clients: int = 2, examples: int = 16, batch: int = 4,
+                  max_length: int = 256) -> dict:
+    """``clients`` clients each train one epoch on ``examples`` article -> headline pairs."""
+    from transformers import AutoTokenizer
+
+    from fedprune.client.train import LocalTrainSpec, load_state, local_train, snapshot
+    from fedprune.compute import attn_implementation, prepare_compute, resolve_dtype
+    from fedprune.data import load_source
+    from fedprune.structure.model import apply_lora, load_backbone, resolve, trainable_parameters
+
+    cache = Path.home() / ".cache" / "fedprune"
+    dtype = torch.float32 if mode == "plain" else resolve_dtype("auto")
+    attention = "sdpa" if mode == "plain" else "auto"
+    tok = AutoTokenizer.from_pretrained(resolve("smollm2", cache))
+    model = load_backbone("smollm2", task="causal_lm", num_labels=0,
+                          attn_implementation=attn_implementation(attention), seed=0,
+                          cache_dir=cache)
+    model = apply_lora(model, task="causal_lm", r=16, alpha=32, dropout=0.05,
+                       target_modules=list("qkvo"), seed=0)
+    prepare_compute(model, dtype, attention)
+    params = trainable_parameters(model)
+    start = snapshot(params)
+    ds = load_source("bbc_news", text_column="text", label_column="label").shuffle(seed=0)
+    rows = []
+    for ex in ds.select(range(clients * examples)):
+        article = ex["text"].split("\n", 1)[1].strip()
+        article = tok.decode(tok(article, add_special_tokens=False)["input_ids"][:max_length - 80])
+        prompt = tok.apply_chat_template(
+            [{"role": "user", "content": f"Write a headline for this article.\n\n{article}"}],
+            tokenize=False, add_generation_prompt=True)
+        p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+        a_ids = tok(ex["headline"] + tok.eos_token, add_special_tokens=False)["input_ids"]
+        rows.append({"input_ids": p_ids + a_ids, "labels": [-100] * len(p_ids) + a_ids})
+
+    def collate(batch_rows: list[dict]) -> dict[str, torch.Tensor]:
+        n = max(len(r["input_ids"]) for r in batch_rows)
+        ids = torch.full((len(batch_rows), n), tok.pad_token_id)
+        labels = torch.full((len(batch_rows), n), -100)
+        mask = torch.zeros((len(batch_rows), n), dtype=torch.long)
+        for i, r in enumerate(batch_rows):
+            ids[i, :len(r["input_ids"])] = torch.tensor(r["input_ids"])
+            labels[i, :len(r["labels"])] = torch.tensor(r["labels"])
+            mask[i, :len(r["input_ids"])] = 1
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+    spec = LocalTrainSpec(1, batch, 2e-4)
+    t0 = time.perf_counter()
+    losses, flops, train_s = [], 0.0, 0.0
+    for cid in range(clients):
+        load_state(params, start)
+        idx = list(range(cid * examples, (cid + 1) * examples))
+        stats = local_train(model, params, rows, idx, collate, spec, seed=cid)
+        losses.append(stats.loss)
+        train_s += stats.seconds
+    round_s = time.perf_counter() - t0
+    # FLOPs of the same steps, counted once more (not timed)
+    for cid in range(clients):
+        load_state(params, start)
+        idx = list(range(cid * examples, (cid + 1) * examples))
+        flops += local_train(model, params, rows, idx, collate, spec, seed=cid,
+                             count_flops=True).flops
+    return {"round_s": round_s, "train_gflops": flops / train_s / 1e9,
+            "mean_loss": float(np.mean(losses)), "tokens_per_client": sum(
+                len(r["input_ids"]) for r in rows) / clients,
+            "compute_dtype": str(dtype).removeprefix("torch.")}
+
+
+# --- sweep over C ---------------------------------------------------------------------------
+
+def child_sweep(c: int, k: int = 10, per_client: int = 16, rounds: int = 5) -> dict:
+    from fedprune.report.metrics import read_metrics
+    from fedprune.sim.runner import run
+    from fedprune.sim.setup import build
+
+    cfg = job(c, k, rounds, f"run.eval_every={rounds}")
+    small = job(10, k, rounds)
+    fed = build(small)  # data and model once; then C clients of `per_client` examples each
+    rng = np.random.default_rng(0)
+    n = len(fed.train_rows)
+    fed.client_indices = [np.sort(rng.choice(n, per_client, replace=False)) for _ in range(c)]
+    with tempfile.TemporaryDirectory() as tmp:
+        records = read_metrics(run(cfg, Path(tmp) / "run", progress=False, fed=fed))
+    timed = [r["wall_s"] for r in records[1:-1]]  # not the warm-up nor the evaluated round
+    return {"sec_per_round": timed, "mean_sec_per_round": float(np.mean(timed))}
+
+
+# --- structural head pruning ------------------------------------------------------------------
+
+def child_structural(reps: int = 2) -> dict:
+    from fedprune.client.train import load_state, local_train
+    from fedprune.core.accounting import train_ops
+    from fedprune.methods import build_method
+    from fedprune.methods.heads import eq7_keep
+    from fedprune.sim.setup import build
+    from fedprune.structure.heads import structural_keep, structural_view
+
+    cfg = job(10, 2, 1, "method.name=aoh", "method.mode=structural")
+    fed = build(cfg)
+    method = build_method(cfg, fed)
+    idx = fed.client_indices[0]
+    method.scores(fed.initial, idx, seed=0)  # warm-up
+    t0 = time.perf_counter()
+    scores = method.scores(fed.initial, idx, seed=0)
+    out = {"importance_s": time.perf_counter() - t0,
+           "importance_samples": cfg.method.importance_samples, "client_examples": len(idx)}
+    for sparsity in (0.0, 0.5, 0.9):
+        keep = structural_keep(method.structure, eq7_keep(scores, sparsity, "layer"))
+        times = []
+        for rep in range(reps + 1):  # the first epoch warms up
+            load_state(fed.params, fed.initial)
+            with structural_view(fed.model, method.structure, keep) as view:
+                stats = local_train(fed.model, view.params, fed.train_rows, idx, fed.collate,
+                                    method.spec, seed=rep)
+            times.append(stats.seconds)
+        heads = [int(keep[a.path].sum()) for a in method.structure.attention]
+        out[str(sparsity)] = {"epoch_s": min(times[1:]), "heads": heads,
+                              "train_ops": train_ops(method.arch, heads, stats.shapes)}
+    full = out["0.0"]
+    out["importance_share_of_epoch"] = out["importance_s"] / full["epoch_s"]
+    for s in ("0.5", "0.9"):
+        r = out[s]
+        r["speedup"] = full["epoch_s"] / r["epoch_s"]
+        r["analytic_speedup"] = full["train_ops"] / r["train_ops"]
+        r["ratio_to_analytic"] = r["speedup"] / r["analytic_speedup"]
+        r["share_of_analytic_gain"] = (r["speedup"] - 1) / (r["analytic_speedup"] - 1)
+    return out
+
+
+CHILDREN = {
+    "ceilings": child_ceilings, "plain": child_plain, "fedprune": child_fedprune,
+    "smollm2": child_smollm2, "sweep": child_sweep, "structural": child_structural,
+}
+
+
+def spawn(name: str, *args) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--child", name, *map(str, args)],
+                         check=False, capture_output=True, text=True)
+    if out.returncode:
+        raise SystemExit(f"bench child {name} {args} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", nargs="+", choices=PARTS, default=list(PARTS),
+                    help="parts to run (default: all)")
+    ap.add_argument("--grid", nargs="+", default=["10:2", "100:10", "1000:20"],
+                    help="C:K pairs of the grid (total clients : clients per round)")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds per grid measurement")
+    ap.add_argument("--sweep", nargs="+", type=int, default=[10, 100, 1000, 10000],
+                    help="values of C for the sweep at K = 10")
+    ap.add_argument("--out", type=Path, default=RESULTS / "bench.json", help="results file")
+    ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        name, *rest = args.child
+        result = CHILDREN[name](*[x if name == "smollm2" else int(x) for x in rest])
+        result["peak_rss_mb"] = peak_rss_mb()
+        print(json.dumps(result))
+        return
+
+    results = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    results["torch"] = torch.__version__
+    if "ceilings" in args.only:
+        results["ceilings"] = spawn("ceilings")
+        print("ceilings (GFLOP/s):", results["ceilings"], flush=True)
+    ceil = results.get("ceilings", {})
+    peak = {"float32": ceil.get("float32_gflops"), "bfloat16": ceil.get("bfloat16_gflops")}
+
+    def mfu(res: dict, key: str) -> float | None:
+        top = peak.get(res["compute_dtype"])
+        return res[key] / top if top else None
+
+    if "grid" in args.only:
+        rows = []
+        for item in args.grid:
+            c, k = map(int, item.split(":"))
+            row = {"clients": c, "per_round": k}
+            for mode in ("plain", "fedprune"):
+                res = spawn(mode, c, k, args.rounds)
+                steady = res["sec_per_round"][1:] or res["sec_per_round"]
+                res["sec_per_round_steady"] = sum(steady) / len(steady)
+                res["train_mfu"], res["eval_mfu"] = mfu(res, "train_gflops"), mfu(res, "eval_gflops")
+                row[mode] = res
+            row["speedup"] = (row["plain"]["sec_per_round_steady"]
+                              / row["fedprune"]["sec_per_round_steady"])
+            rows.append(row)
+            p, f = row["plain"], row["fedprune"]
+            print(f"C={c:5d} K={k:3d}  plain {p['sec_per_round_steady']:6.2f} s/round "
+                  f"(train {p['train_gflops']:.0f} GFLOP/s)  fedprune "
+                  f"{f['sec_per_round_steady']:6.2f} s/round (train {f['train_gflops']:.0f} "
+                  f"GFLOP/s, {f['compute_dtype']})  speedup {row['speedup']:.2f}x  RSS "
+                  f"{f['peak_rss_mb']:.0f} / {p['peak_rss_mb']:.0f} MB  acc "
+                  f"{f['accuracy']:.3f} / {p['accuracy']:.3f}", flush=True)
+        results["grid"] = rows
+    if "smollm2" in args.only:
+        res = {mode: spawn("smollm2", mode) for mode in ("plain", "fedprune")}
+        for r in res.values():
+            r["train_mfu"] = mfu(r, "train_gflops")
+        res["speedup"] = res["plain"]["round_s"] / res["fedprune"]["round_s"]
+        results["smollm2"] = res
+        print(f"SmolLM2 round: plain {res['plain']['round_s']:.1f} s, fedprune "
+              f"{res['fedprune']['round_s']:.1f} s ({res['speedup']:.2f}x)", flush=True)
+    if "sweep" in args.only:
+        sweep = [{"clients": c, **spawn("sweep", c)} for c in args.sweep]
+        base = sweep[0]
+        for row in sweep:
+            row["time_vs_first"] = row["mean_sec_per_round"] / base["mean_sec_per_round"]
+            row["rss_vs_first"] = row["peak_rss_mb"] / base["peak_rss_mb"]
+            print(f"sweep C={row['clients']:6d} K=10: {row['mean_sec_per_round']:.2f} s/round "
+                  f"({row['time_vs_first']:.2f}x), peak RSS {row['peak_rss_mb']:.0f} MB "
+                  f"({row['rss_vs_first']:.2f}x)", flush=True)
+        results["sweep"] = sweep
+    if "structural" in args.only:
+        results["structural"] = spawn("structural")
+        for s in ("0.5", "0.9"):
+            r = results["structural"][s]
+            print(f"structural {s}: epoch {r['epoch_s']:.2f} s, speedup {r['speedup']:.2f}x "
+                  f"vs analytic {r['analytic_speedup']:.2f}x (ratio {r['ratio_to_analytic']:.2f}, "
+                  f"{100 * r['share_of_analytic_gain']:.0f} % of the gain)", flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

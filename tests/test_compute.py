@@ -107,6 +107,12 @@ def test_lean_attention_dropout_drops_probabilities() -> None:
     torch.testing.assert_close(out, want.transpose(1, 2).expand(b, q, h, d))
 
 
+def test_lean_attention_refuses_variants_it_does_not_compute() -> None:
+    q = torch.zeros(1, 2, 3, 4)
+    with pytest.raises(NotImplementedError, match="softcap.*attn_implementation='sdpa'"):
+        lean_attention(torch.nn.Module(), q, q, q, None, softcap=30.0)
+
+
 def test_resolve_dtype_follows_the_cpu_flags() -> None:
     flags = set(Path("/proc/cpuinfo").read_text().split())
     fast = bool({"avx512_bf16", "amx_bf16"} & flags)  # the model runs on the CPU

@@ -28,6 +28,7 @@ from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
 ATTENTION = "fedprune"  # name of the "auto" attention in transformers' registries
 _WORD = 1 << 15
+_UNSUPPORTED = ("softcap", "sliding_window", "s_aux")  # attention variants we do not compute
 
 
 def resolve_dtype(name: str, device: str = "cpu") -> torch.dtype:
@@ -70,6 +71,11 @@ def lean_attention(module, query, key, value, attention_mask, scaling=None, drop
                    position_bias=None, **kwargs):
     """Attention for every family we support. query [b, h, q, d], key / value [b, h_kv, k, d],
     attention_mask additive [b, 1, q, k] or None; returns ([b, q, h, d], None)."""
+    extra = sorted(k for k in _UNSUPPORTED if kwargs.get(k) is not None)
+    if extra:
+        raise NotImplementedError(
+            f"{type(module).__name__}: model.attn_implementation='auto' does not implement "
+            f"{', '.join(extra)}; set model.attn_implementation='sdpa' or 'eager'")
     if query.is_cuda or not torch.is_grad_enabled():
         if attention_mask is not None and attention_mask.is_floating_point():
             attention_mask = attention_mask.to(query.dtype)  # SDPA wants the query's dtype

@@ -69,9 +69,10 @@ def markdown_table(records: list[dict[str, Any]]) -> str:
 
 def _phases(s: dict[str, Any]) -> str:
     """Where a round's time goes, per selected client and per evaluation."""
-    parts = [(s["train_s_per_client"], "local training"), (s["importance_s_per_client"],
-             "importance pass"), (s["eval_s"], "evaluation")]
-    text = ", ".join(f"{label} {v:.2f} s" for v, label in parts if v is not None)
+    parts = [(s["train_s_per_client"], "local training {:.2f} s per client"),
+             (s["importance_s_per_client"], "importance pass {:.2f} s per client"),
+             (s["eval_s"], "evaluation {:.2f} s")]
+    text = ", ".join(label.format(v) for v, label in parts if v is not None)
     pad = s["pad_fraction"]
     return text + (f"; {100 * pad:.1f} % of the trained positions were padding"
                    if pad is not None else "")

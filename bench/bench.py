@@ -2,7 +2,8 @@
 
 One run measures, each in its own process (so that peak RSS is its own):
 
-- ceilings: a 2048^3 matmul in float32 and bfloat16 (GFLOP/s);
+- ceilings: a 2048^3 matmul in float32 and bfloat16 (GFLOP/s); floor: the GEMMs of one
+  16 x 128 MiniLM training step timed alone in bf16 (the least a step can take);
 - grid: the default job (MiniLM + BBC News, FedAvg, seeded random selection, evaluation every
   round) at C/K = 10/2, 100/10, 1000/20: the plain loop (transformers' SDPA attention and
   dropout, float32, a bare round loop with no serialization, validation, checkpoints or logs)
@@ -36,7 +37,7 @@ import torch
 
 RESULTS = Path(__file__).parent / "results"
 PLAIN = ["model.compute_dtype=float32", "model.attn_implementation=sdpa"]
-PARTS = ("ceilings", "grid", "smollm2", "sweep", "structural")
+PARTS = ("ceilings", "floor", "grid", "smollm2", "sweep", "structural")
 
 
 def peak_rss_mb() -> float:
@@ -56,6 +57,46 @@ def ceiling(dtype: torch.dtype, n: int = 2048, reps: int = 10) -> float:
 def child_ceilings() -> dict:
     return {"threads": torch.get_num_threads(), "float32_gflops": ceiling(torch.float32),
             "bfloat16_gflops": ceiling(torch.bfloat16)}
+
+
+def child_floor(batch: int = 16, seq: int = 128, reps: int = 5, trials: int = 5) -> dict:
+    """The GEMMs of one MiniLM + LoRA training step timed alone in bf16: per layer the q/k/v/o
+    and FFN projections and the two attention products, forward and input-gradient backward
+    (the frozen weights need no weight gradient): a lower bound on a step's time. Min and
+    median over trials that each allocate their operands afresh."""
+    t, h, f, heads, d, layers = batch * seq, 384, 1536, 12, 32, 6
+    bf = torch.bfloat16
+
+    def trial() -> float:
+        x, w, up, down, hid = (torch.randn(*s, dtype=bf) for s in
+                               [(t, h), (h, h), (h, f), (f, h), (t, f)])
+        q, kt, p, v = (torch.randn(*s, dtype=bf) for s in
+                       [(batch * heads, seq, d), (batch * heads, d, seq),
+                        (batch * heads, seq, seq), (batch * heads, seq, d)])
+
+        def layer() -> None:  # each product freed at once (kept alive, they cost ~60 % more)
+            for _ in range(4):
+                x @ w
+                x @ w.T
+            x @ up
+            hid @ down
+            hid @ up.T
+            x @ down.T
+            for _ in range(3):
+                torch.bmm(q, kt)
+                torch.bmm(p, v)
+
+        for _ in range(3):
+            layer()
+        t0 = time.perf_counter()
+        for _ in range(reps * layers):
+            layer()
+        return (time.perf_counter() - t0) / reps
+
+    steps = sorted(trial() for _ in range(trials))
+    flops = layers * (2 * t * (4 * h * h + 2 * h * f) * 2 + 3 * 2 * 2 * batch * heads * seq * seq * d)
+    return {"step_ms_min": 1e3 * steps[0], "step_ms_median": 1e3 * steps[len(steps) // 2],
+            "gflop": flops / 1e9, "gflops_best": flops / steps[0] / 1e9}
 
 
 # --- grid: the default job ----------------------------------------------------------------
@@ -291,7 +332,7 @@ def child_structural(reps: int = 2) -> dict:
 
 
 CHILDREN = {
-    "ceilings": child_ceilings, "plain": child_plain, "fedprune": child_fedprune,
+    "ceilings": child_ceilings, "floor": child_floor, "plain": child_plain, "fedprune": child_fedprune,
     "smollm2": child_smollm2, "sweep": child_sweep, "structural": child_structural,
 }
 
@@ -329,6 +370,9 @@ def main() -> None:
     if "ceilings" in args.only:
         results["ceilings"] = spawn("ceilings")
         print("ceilings (GFLOP/s):", results["ceilings"], flush=True)
+    if "floor" in args.only:
+        results["floor"] = spawn("floor")
+        print("GEMM floor of a 16 x 128 MiniLM step (bf16):", results["floor"], flush=True)
     ceil = results.get("ceilings", {})
     peak = {"float32": ceil.get("float32_gflops"), "bfloat16": ceil.get("bfloat16_gflops")}
 

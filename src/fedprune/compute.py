@@ -5,7 +5,7 @@ step): float32 SDPA 0.63 s; bf16 autocast with SDPA 0.44 s, with eager attention
 which torch's dropout masks are 0.19 s (CPU ``bernoulli_`` costs ~6 ns per element); without
 dropout SDPA's flash backward is slower than eager maths (0.33 vs 0.19 s). Hence:
 
-- ``compute_dtype``: bf16 autocast where the hardware runs it fast; trainable tensors,
+- ``compute_dtype``: bf16 autocast where the CPU runs it fast; trainable tensors,
   optimizer state, updates and aggregation stay float32. Frozen linear weights are stored in
   the compute dtype once, since autocast would otherwise cast them again at every call.
 - attention ``"auto"`` (registered in transformers' AttentionInterface as ``fedprune``): with
@@ -25,18 +25,18 @@ import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
+from transformers.pytorch_utils import Conv1D
 
 ATTENTION = "fedprune"  # name of the "auto" attention in transformers' registries
 _WORD = 1 << 15
 _UNSUPPORTED = ("softcap", "sliding_window", "s_aux")  # attention variants we do not compute
 
 
-def resolve_dtype(name: str, device: str = "cpu") -> torch.dtype:
-    """'auto' -> bfloat16 where ``device`` runs it fast (a CPU with AVX512-BF16 or AMX, a GPU
-    with bf16 support), else float32; 'float32' / 'bfloat16' as named."""
+def resolve_dtype(name: str) -> torch.dtype:
+    """'auto' -> bfloat16 where the CPU runs it fast (AVX512-BF16 or AMX), else float32;
+    'float32' / 'bfloat16' as named. (The backbone runs on the CPU.)"""
     if name == "auto":
-        fast = torch.cuda.is_bf16_supported() if device.startswith("cuda") else \
-            torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+        fast = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
         return torch.bfloat16 if fast else torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
 
@@ -123,7 +123,7 @@ def prepare_compute(model: torch.nn.Module, dtype: torch.dtype, attention: str) 
     if dtype == torch.float32:
         return
     for module in model.modules():
-        if isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D":
+        if isinstance(module, (torch.nn.Linear, Conv1D)):
             for p in module.parameters(recurse=False):
                 if not p.requires_grad:
                     p.data = p.data.to(dtype)

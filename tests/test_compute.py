@@ -13,8 +13,8 @@ from fedprune.client.train import LocalTrainSpec, TrainStats, _batches
 from fedprune.compute import (
     ATTENTION,
     FastDropout,
-    drop_mask,
     fast_dropout,
+    keep_mask,
     lean_attention,
     prepare_compute,
     resolve_dtype,
@@ -28,8 +28,7 @@ def test_fast_dropout_rate_scale_and_seed() -> None:
     torch.manual_seed(3)
     y = fast_dropout(x, p)
     kept = y != 0
-    threshold = round(p * 2**15)  # p is rounded to a multiple of 2^-15
-    keep_prob = 1 - threshold / 2**15
+    keep_prob = 1 - round(p * 2**16) / 2**16  # p is rounded to a multiple of 2^-16
     sigma = math.sqrt(n * keep_prob * (1 - keep_prob))
     assert abs(int(kept.sum()) - n * keep_prob) < 5 * sigma
     torch.testing.assert_close(y[kept], x[kept] / keep_prob, rtol=1e-6, atol=0)
@@ -39,11 +38,19 @@ def test_fast_dropout_rate_scale_and_seed() -> None:
 
 
 def test_fast_dropout_words_are_uniform() -> None:
-    # all four 16-bit words of each draw are used: each must drop at the same rate
+    """All four 16-bit words of each 64-bit draw are used, each over its full range: every
+    word position drops at the same rate, and rates near 0, 1/2 and 1 come out right."""
     torch.manual_seed(0)
-    drop, _ = drop_mask(torch.Size([4 * 200_000]), 0.5)
-    rates = drop.view(-1, 4).float().mean(0)
-    assert torch.allclose(rates, torch.full((4,), 0.5), atol=0.005), rates
+    n = 4 * 200_000
+    for p in (0.5, 0.9, 1e-3, 0.999):
+        keep, scale = keep_mask(torch.Size([n]), p, torch.bfloat16)
+        assert keep.dtype == torch.bfloat16 and set(keep.unique().tolist()) <= {0.0, 1.0}
+        rates = 1 - keep.view(-1, 4).float().mean(0)
+        sigma = math.sqrt(p * (1 - p) / (n // 4))
+        assert torch.allclose(rates, torch.full((4,), p), atol=5 * sigma), (p, rates)
+        assert scale == 2**16 / (2**16 - round(p * 2**16))
+    keep, scale = keep_mask(torch.Size([10]), 1e-7, torch.float32)  # rounds to p = 0
+    assert bool((keep == 1).all()) and scale == 1.0
 
 
 def test_fast_dropout_gradient_is_the_mask() -> None:
@@ -51,7 +58,7 @@ def test_fast_dropout_gradient_is_the_mask() -> None:
     torch.manual_seed(1)
     y = FastDropout(0.3).train()(x)
     y.sum().backward()
-    keep_prob = 1 - round(0.3 * 2**15) / 2**15
+    keep_prob = 1 - round(0.3 * 2**16) / 2**16
     torch.testing.assert_close(x.grad, (y != 0).float() / keep_prob)
 
 
@@ -92,7 +99,7 @@ def test_lean_attention_equals_eager(family: str) -> None:
 
 def test_lean_attention_dropout_drops_probabilities() -> None:
     """Uniform attention over k keys with value 1: the output is (kept keys / k) / P(keep),
-    with the kept keys drawn by drop_mask from the same seed."""
+    with the kept keys drawn by keep_mask from the same seed."""
     module = torch.nn.Module().train()
     b, h, q, k, d, p = 2, 3, 4, 16, 8, 0.25
     query, key = torch.zeros(b, h, q, d), torch.zeros(b, h, k, d)
@@ -101,8 +108,8 @@ def test_lean_attention_dropout_drops_probabilities() -> None:
     with torch.enable_grad():
         out, weights = lean_attention(module, query, key, value, None, dropout=p)
     torch.manual_seed(5)
-    drop, scale = drop_mask(torch.Size([b, h, q, k]), p)
-    want = (~drop).sum(-1, keepdim=True) / k * scale  # [b, h, q, 1]
+    keep, scale = keep_mask(torch.Size([b, h, q, k]), p, torch.float32)
+    want = keep.sum(-1, keepdim=True) / k * scale  # [b, h, q, 1]
     assert weights is None
     torch.testing.assert_close(out, want.transpose(1, 2).expand(b, q, h, d))
 

@@ -182,7 +182,7 @@ def run(cfg: ExperimentConfig, run_dir: Path | None = None, *, resume: bool = Fa
     """
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg)
     prepare_run_dir(cfg, run_dir, resume)
-    fed = fed or build(cfg)
+    fed = build(cfg) if fed is None else fed
     write_environment(fed, run_dir)
     write_partition(fed, run_dir)
     fc = cfg.federation

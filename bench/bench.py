@@ -3,7 +3,9 @@
 One run measures, each in its own process (so that peak RSS is its own):
 
 - ceilings: a 2048^3 matmul in float32 and bfloat16 (GFLOP/s); floor: the GEMMs of one
-  16 x 128 MiniLM training step timed alone in bf16 (the least a step can take);
+  16 x 128 MiniLM training step timed alone in bf16 (the least a step can take); step: that
+  whole training step (forward, backward, AdamW) as fedprune runs it and with the plain
+  loop's settings (float32, transformers' SDPA and dropout): min / median ms and MFU;
 - grid: the default job (MiniLM + BBC News, FedAvg, seeded random selection, evaluation every
   round) at C/K = 10/2, 100/10, 1000/20: the plain loop (transformers' SDPA attention and
   dropout, float32, a bare round loop with no serialization, validation, checkpoints or logs)
@@ -37,7 +39,7 @@ import torch
 
 RESULTS = Path(__file__).parent / "results"
 PLAIN = ["model.compute_dtype=float32", "model.attn_implementation=sdpa"]
-PARTS = ("ceilings", "floor", "grid", "smollm2", "sweep", "structural")
+PARTS = ("ceilings", "floor", "step", "grid", "smollm2", "sweep", "structural")
 
 
 def peak_rss_mb() -> float:
@@ -97,6 +99,39 @@ def child_floor(batch: int = 16, seq: int = 128, reps: int = 5, trials: int = 5)
     flops = layers * (2 * t * (4 * h * h + 2 * h * f) * 2 + 3 * 2 * 2 * batch * heads * seq * seq * d)
     return {"step_ms_min": 1e3 * steps[0], "step_ms_median": 1e3 * steps[len(steps) // 2],
             "gflop": flops / 1e9, "gflops_best": flops / steps[0] / 1e9}
+
+
+def child_step(mode: str, steps: int = 20) -> dict:
+    """One training step of the default job on 16 full-length (128-token) articles."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from fedprune.sim.setup import build
+
+    cfg = job(10, 2, 1, *(PLAIN if mode == "plain" else []))
+    fed = build(cfg)
+    rows = [r for r in fed.train_rows if len(r["input_ids"]) == cfg.data.max_length][:16]
+    batch = fed.collate(rows)
+    fed.model.train()
+    opt = torch.optim.AdamW(list(fed.params.values()), lr=cfg.federation.lr)
+
+    def step() -> None:
+        fed.model(**batch).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    with FlopCounterMode(display=False) as counter:
+        step()
+    for _ in range(2):
+        step()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return {"step_ms_min": 1e3 * times[0], "step_ms_median": 1e3 * times[len(times) // 2],
+            "gflop": counter.get_total_flops() / 1e9,
+            "compute_dtype": str(fed.compute_dtype).removeprefix("torch.")}
 
 
 # --- grid: the default job ----------------------------------------------------------------
@@ -332,7 +367,8 @@ def child_structural(reps: int = 2) -> dict:
 
 
 CHILDREN = {
-    "ceilings": child_ceilings, "floor": child_floor, "plain": child_plain, "fedprune": child_fedprune,
+    "ceilings": child_ceilings, "floor": child_floor, "step": child_step, "plain": child_plain,
+    "fedprune": child_fedprune,
     "smollm2": child_smollm2, "sweep": child_sweep, "structural": child_structural,
 }
 
@@ -360,7 +396,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.child:
         name, *rest = args.child
-        result = CHILDREN[name](*[x if name == "smollm2" else int(x) for x in rest])
+        result = CHILDREN[name](*[x if name in ("smollm2", "step") else int(x) for x in rest])
         result["peak_rss_mb"] = peak_rss_mb()
         print(json.dumps(result))
         return
@@ -380,6 +416,13 @@ def main() -> None:
         top = peak.get(res["compute_dtype"])
         return res[key] / top if top else None
 
+    if "step" in args.only:
+        results["step"] = {mode: spawn("step", mode) for mode in ("plain", "fedprune")}
+        for mode, r in results["step"].items():
+            r["mfu"] = mfu({**r, "gflops": r["gflop"] / r["step_ms_median"] * 1e3}, "gflops")
+            print(f"training step ({mode}, {r['compute_dtype']}): {r['step_ms_min']:.0f} ms min, "
+                  f"{r['step_ms_median']:.0f} ms median, {r['gflop']:.1f} GFLOP, MFU "
+                  f"{100 * r['mfu']:.1f} % (median)", flush=True)
     if "grid" in args.only:
         rows = []
         for item in args.grid:

@@ -241,7 +241,7 @@ def child_plain(c: int, k: int, rounds: int) -> dict:
 def child_smollm2(mode: str, clients: int = 2, examples: int = 16, batch: int = 4,
                   max_length: int = 256) -> dict:
     """``clients`` clients each train one epoch on ``examples`` article -> headline pairs."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, DataCollatorForSeq2Seq
 
     from fedprune.client.train import LocalTrainSpec, load_state, local_train, snapshot
     from fedprune.compute import attn_implementation, prepare_compute, resolve_dtype
@@ -272,17 +272,8 @@ def child_smollm2(mode: str, clients: int = 2, examples: int = 16, batch: int = 
         a_ids = tok(ex["headline"] + tok.eos_token, add_special_tokens=False)["input_ids"]
         rows.append({"input_ids": p_ids + a_ids, "labels": [-100] * len(p_ids) + a_ids})
 
-    def collate(batch_rows: list[dict]) -> dict[str, torch.Tensor]:
-        n = max(len(r["input_ids"]) for r in batch_rows)
-        ids = torch.full((len(batch_rows), n), tok.pad_token_id)
-        labels = torch.full((len(batch_rows), n), -100)
-        mask = torch.zeros((len(batch_rows), n), dtype=torch.long)
-        for i, r in enumerate(batch_rows):
-            ids[i, :len(r["input_ids"])] = torch.tensor(r["input_ids"])
-            labels[i, :len(r["labels"])] = torch.tensor(r["labels"])
-            mask[i, :len(r["input_ids"])] = 1
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-
+    # right-padded input_ids / attention_mask, labels padded with -100
+    collate = DataCollatorForSeq2Seq(tok, padding=True, return_tensors="pt")
     spec = LocalTrainSpec(1, batch, 2e-4)
     t0 = time.perf_counter()
     losses, flops, train_s = [], 0.0, 0.0
@@ -419,10 +410,12 @@ def main() -> None:
     if "step" in args.only:
         results["step"] = {mode: spawn("step", mode) for mode in ("plain", "fedprune")}
         for mode, r in results["step"].items():
-            r["mfu"] = mfu({**r, "gflops": r["gflop"] / r["step_ms_median"] * 1e3}, "gflops")
+            r["gflops"] = r["gflop"] / r["step_ms_median"] * 1e3
+            r["mfu"] = mfu(r, "gflops")
+            share = f", MFU {100 * r['mfu']:.1f} % (median)" if r["mfu"] is not None else ""
             print(f"training step ({mode}, {r['compute_dtype']}): {r['step_ms_min']:.0f} ms min, "
-                  f"{r['step_ms_median']:.0f} ms median, {r['gflop']:.1f} GFLOP, MFU "
-                  f"{100 * r['mfu']:.1f} % (median)", flush=True)
+                  f"{r['step_ms_median']:.0f} ms median, {r['gflop']:.1f} GFLOP{share}",
+                  flush=True)
     if "grid" in args.only:
         rows = []
         for item in args.grid:

@@ -60,8 +60,8 @@ class Method:
         self.count_flops = cfg.run.count_flops
 
     def ops(self, heads_per_layer: list[int], stats: TrainStats) -> dict[str, float]:
-        """Analytic training OPs of the local steps (where a formula exists) and the
-        FlopCounterMode measurement (when run.count_flops)."""
+        """Client metrics of the local steps: wall time, padding share, analytic training OPs
+        (where a formula exists) and the FlopCounterMode measurement (when run.count_flops)."""
         out = {"train_s": stats.seconds, "pad_fraction": stats.pad_fraction}
         if self.arch:
             out["train_ops"] = train_ops(self.arch, heads_per_layer, stats.shapes)

@@ -105,7 +105,7 @@ def child_step(mode: str, steps: int = 20) -> dict:
     """One training step of the default job on 16 full-length (128-token) articles."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from fedprune.sim.setup import build
+    from fedprune.client.world import build
 
     cfg = job(10, 2, 1, *(PLAIN if mode == "plain" else []))
     fed = build(cfg)
@@ -154,9 +154,9 @@ def eval_flops(fed, cfg) -> float:
 
 
 def child_fedprune(c: int, k: int, rounds: int) -> dict:
+    from fedprune.client.world import build
     from fedprune.report.metrics import read_metrics
     from fedprune.sim.runner import run
-    from fedprune.sim.setup import build
 
     cfg = job(c, k, rounds)
     fed = build(cfg)
@@ -178,10 +178,10 @@ def child_fedprune(c: int, k: int, rounds: int) -> dict:
 def child_plain(c: int, k: int, rounds: int) -> dict:
     """The same federated job as a bare loop over a plain float32 transformers + peft model."""
     from fedprune.client.train import evaluate
+    from fedprune.client.world import build
     from fedprune.core.accounting import train_ops
     from fedprune.core.selection import History, random_selection
     from fedprune.sim.runner import client_seed
-    from fedprune.sim.setup import build
     from fedprune.structure.model import encoder_arch
 
     cfg = job(c, k, rounds, *PLAIN)
@@ -244,8 +244,8 @@ def child_smollm2(mode: str, clients: int = 2, examples: int = 16, batch: int = 
     from transformers import AutoTokenizer, DataCollatorForSeq2Seq
 
     from fedprune.client.train import LocalTrainSpec, load_state, local_train, snapshot
-    from fedprune.compute import attn_implementation, prepare_compute, resolve_dtype
     from fedprune.data import load_source
+    from fedprune.structure.compute import attn_implementation, prepare_compute, resolve_dtype
     from fedprune.structure.model import apply_lora, load_backbone, resolve, trainable_parameters
 
     cache = Path.home() / ".cache" / "fedprune"
@@ -299,9 +299,9 @@ def child_smollm2(mode: str, clients: int = 2, examples: int = 16, batch: int = 
 # --- sweep over C ---------------------------------------------------------------------------
 
 def child_sweep(c: int, k: int = 10, per_client: int = 16, rounds: int = 5) -> dict:
+    from fedprune.client.world import build
     from fedprune.report.metrics import read_metrics
     from fedprune.sim.runner import run
-    from fedprune.sim.setup import build
 
     cfg = job(c, k, rounds, f"run.eval_every={rounds}")
     small = job(10, k, rounds)
@@ -319,13 +319,14 @@ def child_sweep(c: int, k: int = 10, per_client: int = 16, rounds: int = 5) -> d
 
 def child_structural(reps: int = 2) -> dict:
     from fedprune.client.train import load_state, local_train
+    from fedprune.client.world import build
     from fedprune.core.accounting import train_ops
     from fedprune.methods import build_method
     from fedprune.methods.heads import eq7_keep
-    from fedprune.sim.setup import build
-    from fedprune.structure.heads import structural_keep, structural_view
+    from fedprune.structure.headmap import structural_keep
+    from fedprune.structure.headview import structural_view
 
-    cfg = job(10, 2, 1, "method.name=aoh", "method.mode=structural")
+    cfg = job(10, 2, 1, "method.name=aoh", "method.aoh.mode=structural")
     fed = build(cfg)
     method = build_method(cfg, fed)
     idx = fed.client_indices[0]
@@ -333,7 +334,7 @@ def child_structural(reps: int = 2) -> dict:
     t0 = time.perf_counter()
     scores = method.scores(fed.initial, idx, seed=0)
     out = {"importance_s": time.perf_counter() - t0,
-           "importance_samples": cfg.method.importance_samples, "client_examples": len(idx)}
+           "importance_samples": cfg.method.own.importance_samples, "client_examples": len(idx)}
     for sparsity in (0.0, 0.5, 0.9):
         keep = structural_keep(method.structure, eq7_keep(scores, sparsity, "layer"))
         times = []

@@ -10,7 +10,7 @@ import torch
 from tests.test_structure import BUILDERS
 
 from fedprune.client.train import LocalTrainSpec, TrainStats, _batches
-from fedprune.compute import (
+from fedprune.structure.compute import (
     ATTENTION,
     FastDropout,
     fast_dropout,

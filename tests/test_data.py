@@ -314,18 +314,18 @@ def test_partition_summary_is_json_and_consistent(bbc_labels: np.ndarray) -> Non
     ("kwargs", "named"),
     [
         ({"scheme": "pathological"}, r"partition\.scheme.*'iid', 'dirichlet', 'shards'"),
-        ({"num_clients": 0}, r"partition\.num_clients.*federation"),
-        ({"num_clients": 11}, r"partition\.num_clients.*\[1, 10\]"),
-        ({"num_clients": 2.0}, r"partition\.num_clients"),
+        ({"num_clients": 0}, r"`federation\.num_clients` \(the federation size\)"),
+        ({"num_clients": 11}, r"`federation\.num_clients`.*\[1, 10\]"),
+        ({"num_clients": 2.0}, r"`federation\.num_clients`"),
         ({"alpha": 0.0}, r"partition\.alpha"),
         ({"alpha": -1.0}, r"partition\.alpha"),
         ({"shards_per_client": 0}, r"partition\.shards_per_client"),
         ({"scheme": "shards", "num_clients": 4, "shards_per_client": 3},
-         r"partition\.shards_per_client"),
+         r"`partition\.shards_per_client`=3 x `federation\.num_clients`=4"),
         ({"min_partition_size": -1}, r"partition\.min_partition_size"),
         ({"scheme": "dirichlet", "num_clients": 5, "min_partition_size": 3},
          r"partition\.min_partition_size"),
-        ({"seed": -1}, r"seed"),
+        ({"seed": -1}, r"`run\.seed` must be"),
     ],
 )
 def test_partition_bad_arguments(kwargs: dict, named: str) -> None:

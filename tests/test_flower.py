@@ -454,11 +454,11 @@ def test_settings_come_from_the_run_config_declared_in_pyproject():
     defaults = FlowerSettings.from_run_config(declared["config"])
     assert defaults == FlowerSettings()  # pyproject and the dataclass agree on defaults
     s = FlowerSettings.from_run_config({"experiment": str(AOH), "reply-timeout": 5,
-                                        "overrides": "federation.rounds=3;\nmethod.sparsity=0.5"})
+                                        "overrides": "federation.rounds=3;\nmethod.aoh.sparsity=0.5"})
     assert s.reply_timeout == 5.0 and s.override_list() == ["federation.rounds=3",
-                                                            "method.sparsity=0.5"]
+                                                            "method.aoh.sparsity=0.5"]
     cfg = s.load()
-    assert cfg == load_config(AOH, ["federation.rounds=3", "method.sparsity=0.5"])
+    assert cfg == load_config(AOH, ["federation.rounds=3", "method.aoh.sparsity=0.5"])
     relative = FlowerSettings(experiment="configs/aoh.toml")
     assert relative.experiment_path(Path("/app")) == Path("/app/configs/aoh.toml")
     assert relative.load(ROOT) == load_config(AOH)

@@ -1,4 +1,4 @@
-"""Tests for fedprune.structure.heads: the head map of LoRA tensors and structural head pruning.
+"""Tests for fedprune.structure.headmap / headview: the head map and structural head pruning.
 
 Tiny random models of every family are built from configs (no downloads); slice bounds are
 written out by hand from those configs. Structural pruning is checked against a reference
@@ -20,15 +20,14 @@ from peft import LoraConfig, get_peft_model
 from torch.utils.flop_counter import FlopCounterMode
 
 from fedprune.structure import ModelStructure, describe, projection_names
-from fedprune.structure.heads import (
+from fedprune.structure.headmap import (
     HeadSlice,
     HeadUnit,
-    StructuralView,
     head_units,
     structural_keep,
-    structural_view,
     unit_mask,
 )
+from fedprune.structure.headview import StructuralView, structural_view
 from fedprune.structure.model import apply_lora, trainable_parameters
 
 P = "base_model.model."  # peft prefix of every path

@@ -16,7 +16,7 @@ from peft import LoraConfig, get_peft_model
 
 from fedprune.structure import describe, projection_names
 from fedprune.structure.attention import ModelStructure
-from fedprune.structure.importance import ImportanceAccumulator, head_importance, kv_importance
+from fedprune.structure.importance import ImportanceAccumulator, head_importance
 
 PEFT_PREFIX = "base_model.model."
 SENTENCES = [
@@ -323,15 +323,6 @@ def test_cross_attention_without_encoder_is_rejected():
 
 
 # --- tests: hand-computed -------------------------------------------------------------------
-
-
-def test_kv_importance_is_max_over_group():
-    alpha = torch.tensor([0.1, 0.5, 0.2, 0.3, 0.3, 0.9])
-    torch.testing.assert_close(kv_importance(alpha, 3), torch.tensor([0.5, 0.9]))
-    torch.testing.assert_close(kv_importance(alpha, 2), torch.tensor([0.5, 0.3, 0.9]))
-    torch.testing.assert_close(kv_importance(alpha, 1), alpha)
-    with pytest.raises(ValueError):
-        kv_importance(alpha, 4)
 
 
 def test_accumulator_by_hand():

@@ -7,13 +7,13 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from fedprune.client.world import build
 from fedprune.config import MethodConfig, load_config
 from fedprune.core.accounting import train_ops
 from fedprune.core.update import InvalidUpdate
-from fedprune.methods import build_method
-from fedprune.methods.heads import eq7_keep
-from fedprune.sim.setup import build
-from fedprune.structure.heads import structural_view
+from fedprune.methods import METHODS, build_method
+from fedprune.methods.heads import ALPHA, eq7_keep
+from fedprune.structure.headview import structural_view
 
 
 @pytest.fixture(scope="module")
@@ -25,9 +25,15 @@ def fed(tmp_path_factory):
     return cfg, build(cfg)
 
 
-def method(fed, **options):
+def method(fed, name="fedavg", **options):
     cfg, f = fed
-    return build_method(dataclasses.replace(cfg, method=MethodConfig(**options)), f)
+    section = METHODS[name].Config(**options)
+    return build_method(dataclasses.replace(cfg, method=MethodConfig(name, {name: section})), f)
+
+
+def alpha(result):
+    """attention path -> the head weights a LocalResult sends."""
+    return {p.removesuffix(ALPHA): w for p, w in result.extra.items()}
 
 
 def test_eq7_hand_computed():
@@ -50,8 +56,8 @@ def test_only_kept_slices_move_and_travel(fed, name, mode):
     m = method(fed, name=name, mode=mode, sparsity=0.75)
     f = fed[1]
     start = {k: v.clone() for k, v in f.initial.items()}
-    res = m.local(start, f.client_indices[0], seed=3)
-    keep = {p: w > 0 for p, w in res.head_weights.items()}
+    res = m.local(start, 0, seed=3)
+    keep = {p: w > 0 for p, w in alpha(res).items()}
     n_kept = sum(int(k.sum()) for k in keep.values())
     assert n_kept == 18  # 72 heads, s = 0.75: sorted positions >= 53.25 -> 18 heads
     for unit in m.units:
@@ -67,10 +73,14 @@ def test_only_kept_slices_move_and_travel(fed, name, mode):
     assert update.client_id == 7 and update.num_examples == len(f.client_indices[0])
     for k, v in res.delta.items():
         assert torch.equal(update.delta[k], v), k
-    for p, w in res.head_weights.items():
-        assert torch.equal(update.head_weights[p], w)
+    for unit in m.units:  # each head slice weighs its unit's weight (0 when pruned)
+        a = float(alpha(res)[unit.path][list(unit.query_heads)].max())
+        want = 0.0 if a == 0 else (a if name == "aoh" else float(update.num_examples))
+        for s in unit.slices:
+            assert (s_of(update.weights[s.key].expand_as(update.delta[s.key]), s) == want).all()
+    assert set(update.weights) == set(m.key_dim)  # every other tensor weighs |D_c|
     if name == "aoh":  # alpha of kept heads is a mean of max attention probabilities
-        w = torch.cat(list(res.head_weights.values()))
+        w = torch.cat(list(alpha(res).values()))
         assert ((w == 0) | ((w > 0) & (w <= 1))).all()
 
 
@@ -81,9 +91,9 @@ def s_of(t, s):
 def test_malformed_payloads_name_the_client(fed):
     m = method(fed, name="aoh")
     f = fed[1]
-    res = m.local({k: v.clone() for k, v in f.initial.items()}, f.client_indices[1], seed=1)
-    path = next(iter(res.head_weights))
-    bad = dict(res.head_weights)
+    res = m.local({k: v.clone() for k, v in f.initial.items()}, 1, seed=1)
+    path = next(iter(res.extra))
+    bad = dict(res.extra)
     bad[path] = -bad[path] - 1
     with pytest.raises(InvalidUpdate, match="client 4: .*finite and >= 0"):
         m.decode(m.encode(type(res)(res.delta, 1.0, 5, bad)), 4)

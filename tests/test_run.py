@@ -10,11 +10,13 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from fedprune.cli import app
-from fedprune.compute import resolve_dtype
+from fedprune.client.world import build
 from fedprune.config import ConfigError, load_config
 from fedprune.core.selection import History
+from fedprune.methods import METHODS
 from fedprune.sim import runner
-from fedprune.sim.setup import build
+from fedprune.sim.checkpoint import CheckpointError
+from fedprune.structure.compute import resolve_dtype
 
 ROOT = __import__("pathlib").Path(__file__).parents[1]
 SMALL = ["data.max_samples=160", "data.max_length=48", "federation.num_clients=4",
@@ -84,9 +86,15 @@ def test_end_to_end_artifacts(two_rounds):
 
 
 def test_training_moves_the_model_and_learns(two_rounds):
-    _, run_dir = two_rounds
+    tmp, run_dir = two_rounds
+    cfg = small_cfg(tmp)
+    fed = build(cfg)
+    untrained = METHODS["fedavg"](cfg, fed).evaluate(fed.initial)  # the round-0 global model
     records = metrics(run_dir)
-    assert records[1]["eval_loss"] < records[0]["eval_loss"] + 0.05
+    # 2 rounds of 3 local steps at lr 1e-3 move the loss little (1.600 -> 1.585 here) but
+    # surely: every round's global model is better than the untrained one
+    assert all(r["eval_loss"] < untrained["eval_loss"] - 0.005 for r in records)
+    assert records[-1]["eval_loss"] < records[0]["eval_loss"]
     final = load_file(run_dir / "global.safetensors")
     b = [v for k, v in final.items() if "lora_B" in k]
     assert all(t.abs().sum() > 0 for t in b)  # LoRA B starts at zero; every one was trained
@@ -195,3 +203,78 @@ def test_suite_smoke(tmp_path, name):
 def test_cli_unknown_suite():
     res = CliRunner().invoke(app, ["suite", "tabel1"])
     assert res.exit_code == 2 and "unknown suite 'tabel1'" in res.output and "ablation" in res.output
+
+
+def poison(monkeypatch, victims):
+    """Clients in ``victims`` send NaN updates (rejected by validation)."""
+    import fedprune.methods.fedavg as fedavg_method
+
+    real = fedavg_method.FedAvg.local
+
+    def local(self, start, client_id, seed):
+        result = real(self, start, client_id, seed)
+        if client_id in victims:
+            next(iter(result.delta.values()))[0] = float("nan")
+        return result
+
+    monkeypatch.setattr(fedavg_method.FedAvg, "local", local)
+
+
+def first_selected(cfg):
+    return runner.SELECTORS["random"](1, History(np.ones(cfg.federation.num_clients)),
+                                      cfg.federation.clients_per_round, cfg.run.seed)
+
+
+def test_all_rejected_round_logs_no_train_loss_and_changes_nothing(tmp_path, monkeypatch):
+    cfg = small_cfg(tmp_path, "federation.rounds=1")
+    poison(monkeypatch, set(first_selected(cfg)))
+    run_dir = runner.run(cfg, tmp_path / "p", progress=False)
+    (record,) = metrics(run_dir)
+    assert record["rejected"] == record["selected"] and record["train_loss"] is None
+    final, initial = load_file(run_dir / "global.safetensors"), build(cfg).initial
+    assert all(torch.equal(final[k], initial[k]) for k in initial)
+    assert "train loss" in (run_dir / "report.md").read_text()
+
+
+def test_losses_of_a_round_not_aggregated_are_not_kept(tmp_path, monkeypatch):
+    # 1 valid update < min_valid_updates = 2: the round is not aggregated, so the valid
+    # client's L_c must not steer Eq. 9 selection later
+    cfg = small_cfg(tmp_path, "federation.rounds=1", "federation.min_valid_updates=2")
+    victim, _ = first_selected(cfg)
+    poison(monkeypatch, {victim})
+    run_dir = runner.run(cfg, tmp_path / "p", progress=False)
+    (record,) = metrics(run_dir)
+    assert record["rejected"] == [victim] and record["train_loss"] is not None
+    from fedprune.sim.checkpoint import load_checkpoint
+
+    _, server = load_checkpoint(run_dir)
+    assert server["client_loss"] == {}
+
+
+def test_num_examples_must_match_the_partition(tmp_path, monkeypatch, caplog):
+    import fedprune.methods.fedavg as fedavg_method
+
+    cfg = small_cfg(tmp_path, "federation.rounds=1")
+    liar = first_selected(cfg)[0]
+    real = fedavg_method.FedAvg.local
+
+    def local(self, start, client_id, seed):
+        result = real(self, start, client_id, seed)
+        if client_id == liar:
+            result.num_examples *= 10  # claims ten times its data to weigh more in Eq. 5
+        return result
+
+    monkeypatch.setattr(fedavg_method.FedAvg, "local", local)
+    run_dir = runner.run(cfg, tmp_path / "p", progress=False)
+    (record,) = metrics(run_dir)
+    assert record["rejected"] == [liar]
+    assert f"client {liar}: num_examples=" in caplog.text and "the server knows" in caplog.text
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
+    cfg = small_cfg(tmp_path, "federation.rounds=1")
+    run_dir = runner.run(cfg, tmp_path / "p", progress=False)
+    (run_dir / "checkpoint.safetensors").write_bytes(b"\x10\x00\x00\x00garbage")
+    with pytest.raises(CheckpointError, match="checkpoint .*checkpoint.safetensors is corrupt"):
+        runner.run(small_cfg(tmp_path, "federation.rounds=2"), run_dir, resume=True,
+                   progress=False)

@@ -1,4 +1,4 @@
-"""Command line: `fedprune run`, `fedprune report`, `fedprune options`.
+"""Command line: `fedprune run`, `suite`, `report`, `options`, `env`.
 
 The list of config options shown by `--help` is generated from config.py.
 """
@@ -62,6 +62,7 @@ def run(
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
 ) -> None:
     from fedprune.data import DataError
+    from fedprune.sim.checkpoint import CheckpointError
     from fedprune.sim.runner import run as run_experiment
     from fedprune.structure.model import ModelLoadError
 
@@ -70,7 +71,7 @@ def run(
     try:
         cfg = load_config(config, overrides or [])
         run_dir = run_experiment(cfg, out, resume=resume, progress=not quiet)
-    except (ConfigError, DataError, ModelLoadError) as e:
+    except (ConfigError, DataError, ModelLoadError, CheckpointError) as e:
         _fail(str(e))
     console.print(f"run directory: {run_dir}")
     report(run_dir)
@@ -141,3 +142,41 @@ def report(run_dir: Annotated[Path, typer.Argument(help="A run directory.")]) ->
 def options() -> None:
     """List every configuration option with its default and meaning."""
     print(options_help())
+
+
+@app.command()
+def env(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+    """Versions, the CPU and its SIMD features, threads, and what model.compute_dtype=auto
+    resolves to here (every run records the same in environment.json)."""
+    import json
+
+    from fedprune.environment import environment
+
+    info = environment()
+    if as_json:
+        print(json.dumps(info, indent=1))
+        return
+    cpu = info["cpu"]
+    features = ", ".join(f"{k.upper().replace('_', '-')} {'yes' if cpu[k] else 'no'}"
+                         for k in ("avx2", "avx512", "avx512_bf16", "amx"))
+    print(" ".join(f"{k} {v or '-'}" for k, v in info["versions"].items()))
+    print(f"cpu: {cpu['model']} ({cpu['machine']}; torch kernels: {cpu['capability']})")
+    print(f"simd: {features}")
+    print(f"threads: {info['threads']}; model.compute_dtype=auto -> "
+          f"{info['auto_compute_dtype']}; cuda: {'yes' if info['cuda'] else 'no'}")
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        print(f"fedprune {version('fedprune')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(version: Annotated[bool, typer.Option(
+        "--version", callback=_version, is_eager=True, help="Print the version.")] = False
+         ) -> None:
+    """fedprune: federated adaptation of transformer language models with structured
+    sparsity. `fedprune env` describes this machine."""

@@ -2,7 +2,9 @@
 
 An experiment is a TOML file whose tables mirror the dataclasses below (``[model]``,
 ``[peft]``, ``[data]``, ``[partition]``, ``[federation]``, ``[method]``, ``[run]``), plus
-``section.key=value`` overrides from the command line. Every field carries its help text in
+``section.key=value`` overrides from the command line. ``[method]`` names the method; each
+method's own options live in its section ``[method.<name>]``, a dataclass defined in the
+method's file (`fedprune.methods`), so adding a method edits nothing here. Every field carries its help text in
 ``metadata["help"]``; the CLI lists them, so the docs cannot drift from the code.
 Validation errors name the option (``federation.clients_per_round``) and the allowed values.
 """
@@ -190,35 +192,64 @@ class FederationConfig(_Section):
                f"got {self.min_valid_updates}")
 
 
-@dataclass
-class MethodConfig(_Section):
-    _name = "method"
-    name: str = opt("fedavg", "Federated method: 'fedavg' (B1), 'random_heads' (B2: FedAvg + "
-                    "random head pruning), 'aoh' (Assortment of Attention Heads).",
-                    ("fedavg", "random_heads", "aoh"))
-    sparsity: float = opt(0.9, "Head-pruning sparsity s: each client keeps the heads scoring at "
-                          "least the s-quantile of its scores (Eq. 7).")
-    scope: str = opt("global", "Quantile of Eq. 7 over all heads or within each layer.",
-                     ("global", "layer"))
-    mode: str = opt("adapter", "'adapter': pruned heads' PEFT slices frozen and not sent; "
-                    "'structural': pruned heads removed from the local forward and backward.",
-                    ("adapter", "structural"))
-    importance: str = opt("before", "Compute head scores on the received global model before "
-                          "local training (pruning can cut training compute) or after it.",
-                          ("before", "after"))
-    importance_samples: int = opt(64, "Client examples used for the importance pass (a seeded "
-                                  "subsample); 0 = all.")
-    eps: float = opt(1e-8, "epsilon of Eq. 8's denominator.")
+class MethodOptions(_Section):
+    """Base of a method's own config section ``[method.<name>]``: each method file defines
+    one (a dataclass with `opt` fields) and names it as its ``Method.Config``."""
 
-    def validate(self) -> None:
-        _check(0 <= self.sparsity < 1, "method.sparsity",
-               f"must be in [0, 1), got {self.sparsity}")
-        _check(self.importance_samples >= 0, "method.importance_samples",
-               f"must be >= 0, got {self.importance_samples}")
-        _check(self.eps >= 0, "method.eps", f"must be >= 0, got {self.eps}")
-        _check(not (self.mode == "structural" and self.importance == "after"),
-               "method.importance", "'after' needs method.mode='adapter': structural pruning "
-               "must know the kept heads before training")
+
+@dataclass
+class MethodConfig:
+    """``[method]``: which method runs (``name``) and the sections ``[method.<name>]`` of the
+    methods given (the chosen one always; others are checked but not used)."""
+
+    name: str = "fedavg"
+    options: dict[str, MethodOptions] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        registry = method_configs()
+        if self.name not in registry:
+            allowed = ", ".join(repr(n) for n in registry)
+            raise ConfigError(f"`method.name` = {self.name!r} is not allowed; choose one of "
+                              f"{allowed}")
+        if self.name not in self.options:
+            self.options = {**self.options, self.name: registry[self.name]()}
+
+    @property
+    def own(self) -> MethodOptions:
+        """The chosen method's section."""
+        return self.options[self.name]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name,
+                **{n: dataclasses.asdict(o) for n, o in sorted(self.options.items())}}
+
+
+def method_configs() -> dict[str, type[MethodOptions]]:
+    """method name -> its config section class, from the method registry."""
+    from fedprune.methods import METHODS  # the registry imports torch: only when needed
+
+    return {name: m.Config for name, m in METHODS.items()}
+
+
+def _method_from_dict(table: dict[str, Any], source: str) -> MethodConfig:
+    registry = method_configs()
+    options = {}
+    for key, value in table.items():
+        if key == "name":
+            continue
+        if key in registry:
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: [method.{key}] must be a table")
+            options[key] = _section(registry[key], value, f"method.{key}", source)
+            continue
+        homes = [f"`method.{n}.{key}`" for n, cls in registry.items()
+                 if key in {f.name for f in dataclasses.fields(cls)}]
+        if homes:
+            raise ConfigError(f"{source}: `method.{key}` is an option of a method's own "
+                              f"section now: {' or '.join(homes)}")
+        raise ConfigError(f"{source}: unknown option `method.{key}`; [method] takes `name` "
+                          f"and the sections {', '.join(f'[method.{n}]' for n in registry)}")
+    return MethodConfig(table.get("name", "fedavg"), options)
 
 
 @dataclass
@@ -240,7 +271,7 @@ class RunConfig(_Section):
 
 SECTIONS: dict[str, type[_Section]] = {
     "model": ModelConfig, "peft": PeftConfig, "data": DataConfig, "partition": PartitionConfig,
-    "federation": FederationConfig, "method": MethodConfig, "run": RunConfig,
+    "federation": FederationConfig, "run": RunConfig,
 }
 
 
@@ -257,39 +288,45 @@ class ExperimentConfig:
     run: RunConfig = field(default_factory=RunConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
-        return dataclasses.asdict(self)
+        return {f.name: (getattr(self, f.name).to_dict() if f.name == "method"
+                         else dataclasses.asdict(getattr(self, f.name)))
+                for f in dataclasses.fields(self)}
+
+
+def _section(cls: type[_Section], table: dict[str, Any], name: str, source: str) -> _Section:
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in table:
+        if key not in known:
+            raise ConfigError(f"{source}: unknown option `{name}.{key}`; options of "
+                              f"[{name}] are {', '.join(sorted(known)) or 'none'}")
+    return cls(**table)
 
 
 def from_dict(raw: dict[str, Any], source: str = "config") -> ExperimentConfig:
     """Build and validate a config from nested tables; unknown sections or keys are errors."""
-    sections = {}
+    sections: dict[str, Any] = {}
     for name, table in raw.items():
-        if name not in SECTIONS:
+        if name not in SECTIONS and name != "method":
             raise ConfigError(f"{source}: unknown section [{name}]; sections are "
-                              f"{', '.join(SECTIONS)}")
+                              f"{', '.join([*SECTIONS, 'method'])}")
         if not isinstance(table, dict):
             raise ConfigError(f"{source}: [{name}] must be a table")
-        known = {f.name for f in dataclasses.fields(SECTIONS[name])}
-        for key in table:
-            if key not in known:
-                raise ConfigError(f"{source}: unknown option `{name}.{key}`; options of "
-                                  f"[{name}] are {', '.join(sorted(known))}")
-        sections[name] = SECTIONS[name](**table)
+        sections[name] = (_method_from_dict(table, source) if name == "method"
+                          else _section(SECTIONS[name], table, name, source))
     return ExperimentConfig(**sections)
 
 
-def parse_override(item: str) -> tuple[str, str, Any]:
-    """'federation.rounds=5' -> ('federation', 'rounds', 5). Values are TOML; bare words are
-    strings."""
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """'federation.rounds=5' -> (['federation', 'rounds'], 5); 'method.aoh.sparsity=0.9' ->
+    (['method', 'aoh', 'sparsity'], 0.9). Values are TOML; bare words are strings."""
     if "=" not in item or "." not in item.split("=", 1)[0]:
         raise ConfigError(f"override {item!r} must look like section.key=value")
     key, text = item.split("=", 1)
-    section, name = key.strip().split(".", 1)
     try:
         value = tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
         value = text
-    return section, name, value
+    return [part.strip() for part in key.split(".")], value
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> ExperimentConfig:
@@ -306,19 +343,37 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Experimen
             raise ConfigError(f"config file {str(path)!r} is not valid TOML: {e}") from None
         source = str(path)
     for item in overrides:
-        section, name, value = parse_override(item)
-        raw.setdefault(section, {})[name] = value
+        path, value = parse_override(item)
+        table = raw
+        for part in path[:-1]:
+            table = table.setdefault(part, {})
+            if not isinstance(table, dict):
+                raise ConfigError(f"override {item!r}: `{part}` is not a table")
+        table[path[-1]] = value
     return from_dict(raw, source)
 
 
 def options_help() -> str:
-    """Every option with its default and help text, for `--help`."""
+    """Every option with its default and help text, for `--help` and `fedprune options`."""
     lines = []
     for name, cls in SECTIONS.items():
-        lines.append(f"[{name}]")
-        for f in dataclasses.fields(cls):
-            default = f.default_factory() if callable(f.default_factory) else f.default
-            choices = f.metadata.get("choices")
-            extra = f" (one of: {', '.join(map(str, choices))})" if choices else ""
-            lines.append(f"  {name}.{f.name} = {default!r}: {f.metadata['help']}{extra}")
+        lines += _section_help(name, cls)
+        if name == "federation":  # [method] and its sections, in the usual order
+            names = ", ".join(repr(n) for n in method_configs())
+            lines += ["[method]", (f"  method.name = 'fedavg': Federated method (one of: "
+                                   f"{names}); its options are in [method.<name>].")]
+            for method, options in method_configs().items():
+                lines += _section_help(f"method.{method}", options)
     return "\n".join(lines)
+
+
+def _section_help(name: str, cls: type[_Section]) -> list[str]:
+    lines = [f"[{name}]"]
+    for f in dataclasses.fields(cls):
+        default = f.default_factory() if callable(f.default_factory) else f.default
+        choices = f.metadata.get("choices")
+        extra = f" (one of: {', '.join(map(str, choices))})" if choices else ""
+        lines.append(f"  {name}.{f.name} = {default!r}: {f.metadata['help']}{extra}")
+    if len(lines) == 1:
+        lines.append("  (no options)")
+    return lines

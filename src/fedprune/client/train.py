@@ -15,9 +15,9 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
-from transformers.trainer_pt_utils import get_length_grouped_indices
 
 from fedprune.core.update import State
+from fedprune.data import length_grouped_order
 
 Collate = Callable[[list[dict]], dict[str, torch.Tensor]]  # rows -> padded batch tensors
 
@@ -56,7 +56,7 @@ def _batches(rows: Sequence[dict], indices: torch.Tensor, spec: LocalTrainSpec,
     length-grouped order (shuffle, sort by length inside mega-batches of 50 batches)."""
     if spec.group_by_length:
         lengths = [len(rows[i]["input_ids"]) for i in indices.tolist()]
-        order = indices[get_length_grouped_indices(lengths, spec.batch_size, generator=gen)]
+        order = indices[length_grouped_order(lengths, spec.batch_size, gen)]
     else:
         order = indices[torch.randperm(len(indices), generator=gen)]
     for start in range(0, len(order), spec.batch_size):

@@ -1,47 +1,58 @@
-"""Aggregation rules: pure functions over partial state dicts, one signature, one registry.
+"""The one aggregation rule: a coordinate-wise weighted mean over the clients that own each
+coordinate (DESIGN.md "All three are one idea").
 
-Every rule maps (global state, valid updates, server learning rate) -> new global state and
-never mutates its inputs. Updates are consumed in client-id order so that the result does not
-depend on the order in which they arrived.
+Every method is a weight builder over `owned_mean`: FedAvg (Eq. 5) weighs every tensor by
+|D_c|; random head pruning (B2) by |D_c| times a 0/1 keep flag per head row / column; AoH
+(Eq. 8) by the head importance alpha; FedSpaLLM's l0 mean by the element mask of the kept
+weights; PruFed's HeteAgg by |D_c| over the clients whose (renamed) layers hold the key.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Literal
 
 import torch
 
 from fedprune.core.update import ClientUpdate, State
 
-Aggregator = Callable[[State, Sequence[ClientUpdate], float], State]
-AGGREGATORS: dict[str, Aggregator] = {}
+Empty = Literal["keep", "zero"]
 
 
-def register(name: str) -> Callable[[Aggregator], Aggregator]:
-    def wrap(fn: Aggregator) -> Aggregator:
-        AGGREGATORS[name] = fn
-        return fn
-    return wrap
+def owned_mean(global_state: State, updates: Sequence[ClientUpdate], server_lr: float = 1.0,
+               eps: float | Mapping[str, float] = 0.0, empty: Empty = "keep") -> State:
+    """For every global key g, over the updates that hold it (client-id order):
 
+        g <- where(S > 0, g + eta * A / (S + eps), g  if empty == "keep" else 0)
+        A = sum_c w_c * delta_c,   S = sum_c w_c   (w_c broadcast against delta_c)
 
-def weighted_delta(updates: Sequence[ClientUpdate], key: str) -> torch.Tensor | None:
-    """sum_c |D_c| * delta_c[key] / sum_c |D_c| over the clients that sent ``key``
-    (float64 accumulation, so the result is independent of summation order to ~1e-16)."""
-    owners = sorted((u for u in updates if key in u.delta), key=lambda u: u.client_id)
-    if not owners:
-        return None
-    total = sum(u.num_examples for u in owners)
-    acc = sum(u.delta[key].double() * u.num_examples for u in owners)
-    return acc / total
-
-
-@register("fedavg")
-def fedavg(global_state: State, updates: Sequence[ClientUpdate], server_lr: float) -> State:
-    """FedAvg with a server learning rate (DESIGN.md Eq. 5):
-    p <- p + eta * sum_c |D_c| dp_c / sum_c |D_c|. Tensors no client sent stay unchanged."""
+    accumulated in float64 and cast back to g's dtype. A key no update holds keeps its value
+    (whatever ``empty`` says: "zero" is for coordinates every owner pruned, FedSpaLLM).
+    ``eps`` is one number or one per key (missing keys: 0). One key at a time, so the extra
+    memory is two float64 tensors of the largest key. Inputs are never mutated.
+    """
+    ordered = sorted(updates, key=lambda u: u.client_id)
+    held = [{u.global_key(k): k for k in u.delta} for u in ordered]  # global -> local key
     new = {}
     for key, value in global_state.items():
-        delta = weighted_delta(updates, key)
-        new[key] = value.clone() if delta is None else (value.double() + server_lr * delta).to(
-            value.dtype)
+        acc = total = None
+        for update, local in zip(ordered, held, strict=True):
+            if key not in local:
+                continue
+            w = update.weight(local[key])
+            w = w.double() if isinstance(w, torch.Tensor) else float(w)
+            term = w * update.delta[local[key]].double()
+            acc = term if acc is None else acc + term
+            total = w if total is None else total + w
+        if acc is None:
+            new[key] = value.clone()
+            continue
+        e = eps.get(key, 0.0) if isinstance(eps, Mapping) else eps
+        moved = value.double() + server_lr * (acc / (total + e))
+        if isinstance(total, torch.Tensor) and not bool((total > 0).all()):
+            fallback = value.double() if empty == "keep" else torch.zeros_like(moved)
+            moved = torch.where(torch.as_tensor(total) > 0, moved, fallback)
+        elif not isinstance(total, torch.Tensor) and total <= 0:
+            moved = value.double() if empty == "keep" else torch.zeros_like(moved)
+        new[key] = moved.to(value.dtype)
     return new

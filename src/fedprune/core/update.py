@@ -3,37 +3,53 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
 
 State = dict[str, torch.Tensor]  # partial state dict: module path -> tensor
+Weight = float | torch.Tensor     # a per-key aggregation weight that broadcasts to the delta
 
 
 @dataclass
 class ClientUpdate:
-    """One client's contribution to a round.
+    """One client's contribution to a round: a partial state dict and how much it owns.
 
-    ``delta`` holds local - global for every tensor the client trained and sends (a partial
-    state dict keyed by parameter path). ``num_examples`` is |D_c|, ``loss`` the client's mean
-    local training loss L_c. Head-pruning methods add ``head_weights``: attention path ->
-    [n_heads] per-head weight (AoH: importance alpha, 0 for pruned heads).
+    ``delta`` holds local - global for every tensor the client trained and sends, keyed by
+    the client's *local* parameter paths; ``keymap`` renames local keys to global ones (a
+    layer-dropped model's layer 3 may be the global layer 7; identity when empty).
+    ``weights[key]`` is the client's aggregation weight for that tensor, broadcasting
+    against it: a scalar (|D_c|), a column [out, 1] or row [1, in] vector (per-head
+    importance alpha, a 0/1 keep flag), or an element mask (l0). A key without an entry
+    weighs |D_c|. ``num_examples`` is |D_c|, ``loss`` the mean local training loss L_c
+    (None for a method whose clients do not train, e.g. FedSpaLLM's pruners).
     """
 
     client_id: int
     delta: State
     num_examples: int
-    loss: float
+    loss: float | None
     metrics: dict[str, float] = field(default_factory=dict)
-    head_weights: dict[str, torch.Tensor] | None = None
+    weights: dict[str, Weight] = field(default_factory=dict)
+    keymap: dict[str, str] = field(default_factory=dict)
+
+    def weight(self, key: str) -> Weight:
+        return self.weights.get(key, float(self.num_examples))
+
+    def global_key(self, key: str) -> str:
+        return self.keymap.get(key, key)
 
 
 class InvalidUpdate(ValueError):
     """A client update that must not be aggregated; the message names client and reason."""
 
 
-def validate_update(update: ClientUpdate, reference: State) -> None:
-    """Reject an update whose keys, shapes, dtypes or values do not fit ``reference``.
+def validate_update(update: ClientUpdate, reference: Mapping[str, torch.Tensor],
+                    num_examples: int | None = None) -> None:
+    """Reject an update whose keys, shapes, dtypes, values or weights do not fit
+    ``reference`` (global keys), or whose |D_c| differs from ``num_examples`` (what the
+    server knows of the client's data, when it knows it).
 
     Raises InvalidUpdate naming the client and the first problem found.
     """
@@ -42,24 +58,40 @@ def validate_update(update: ClientUpdate, reference: State) -> None:
     def bad(reason: str) -> InvalidUpdate:
         return InvalidUpdate(f"client {cid}: {reason}")
 
-    if not isinstance(update.num_examples, int) or update.num_examples <= 0:
-        raise bad(f"num_examples must be a positive integer, got {update.num_examples!r}")
-    if not isinstance(update.loss, (int, float)) or not math.isfinite(update.loss):
-        raise bad(f"loss must be a finite number, got {update.loss!r}")
+    n = update.num_examples
+    if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
+        raise bad(f"num_examples must be a positive integer, got {n!r}")
+    if num_examples is not None and n != num_examples:
+        raise bad(f"num_examples={n} but the server knows {num_examples} examples of it")
+    loss = update.loss
+    if loss is not None and (not isinstance(loss, (int, float)) or not math.isfinite(loss)):
+        raise bad(f"loss must be a finite number, got {loss!r}")
     if not update.delta:
         raise bad("empty update")
     for key, tensor in update.delta.items():
-        if key not in reference:
-            raise bad(f"unknown tensor {key!r}")
-        ref = reference[key]
+        name = update.global_key(key)
+        if name not in reference:
+            raise bad(f"unknown tensor {name!r}")
+        ref = reference[name]
         if not isinstance(tensor, torch.Tensor):
-            raise bad(f"{key!r} is not a tensor")
+            raise bad(f"{name!r} is not a tensor")
         if tensor.shape != ref.shape:
-            raise bad(f"{key!r} has shape {tuple(tensor.shape)}, expected {tuple(ref.shape)}")
+            raise bad(f"{name!r} has shape {tuple(tensor.shape)}, expected {tuple(ref.shape)}")
         if tensor.dtype != ref.dtype:
-            raise bad(f"{key!r} has dtype {tensor.dtype}, expected {ref.dtype}")
+            raise bad(f"{name!r} has dtype {tensor.dtype}, expected {ref.dtype}")
         if not torch.isfinite(tensor).all():
-            raise bad(f"{key!r} has non-finite values")
-    for path, w in (update.head_weights or {}).items():
+            raise bad(f"{name!r} has non-finite values")
+    for key, w in update.weights.items():
+        if key not in update.delta:
+            raise bad(f"weight for {key!r}, which the update does not hold")
+        w = torch.as_tensor(w)
         if not torch.isfinite(w).all() or (w < 0).any():
-            raise bad(f"head weights of {path!r} must be finite and >= 0, got {w.tolist()}")
+            raise bad(f"weights of {update.global_key(key)!r} must be finite and >= 0")
+        shape = update.delta[key].shape
+        try:
+            fits = torch.broadcast_shapes(w.shape, shape) == shape
+        except RuntimeError:
+            fits = False
+        if not fits:
+            raise bad(f"weights of {update.global_key(key)!r} of shape {tuple(w.shape)} do "
+                      f"not broadcast to {tuple(shape)}")

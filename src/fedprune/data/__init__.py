@@ -9,7 +9,7 @@ from fedprune.data.sources import (
     load_source,
     train_val_split,
 )
-from fedprune.data.tokenize import cache_key, pad_batch, tokenize_cached
+from fedprune.data.tokenize import cache_key, length_grouped_order, pad_batch, tokenize_cached
 
 __all__ = [
     "BUNDLED",
@@ -18,6 +18,7 @@ __all__ = [
     "DataError",
     "HubSpec",
     "cache_key",
+    "length_grouped_order",
     "load_source",
     "pad_batch",
     "partition",

@@ -144,11 +144,11 @@ def _check_args(
         raise DataError(f"`partition.scheme` must be one of {list(SCHEMES)}, got {scheme!r}")
     if not _is_int(num_clients) or not 1 <= num_clients <= num_samples:
         raise DataError(
-            f"`partition.num_clients` (the federation size) must be an integer in "
+            f"`federation.num_clients` (the federation size) must be an integer in "
             f"[1, {num_samples}] (the number of training samples), got {num_clients!r}"
         )
     if not _is_int(seed) or seed < 0:
-        raise DataError(f"`seed` must be an integer >= 0, got {seed!r}")
+        raise DataError(f"`run.seed` must be an integer >= 0, got {seed!r}")
     if not isinstance(alpha, int | float | np.number) or not np.isfinite(alpha) or alpha <= 0:
         raise DataError(f"`partition.alpha` (Dirichlet concentration) must be > 0, got {alpha!r}")
     if not _is_int(shards_per_client) or shards_per_client < 1:
@@ -157,7 +157,7 @@ def _check_args(
         )
     if scheme == "shards" and num_clients * shards_per_client > num_samples:
         raise DataError(
-            f"`partition.shards_per_client`={shards_per_client} x `partition.num_clients`="
+            f"`partition.shards_per_client`={shards_per_client} x `federation.num_clients`="
             f"{num_clients} shards exceed the {num_samples} training samples"
         )
     if not _is_int(min_partition_size) or min_partition_size < 0:
@@ -174,6 +174,6 @@ def _failure_message(
             f"Dirichlet partition with `partition.alpha`={alpha} gave some of the "
             f"{num_clients} clients fewer than `partition.min_partition_size`={min_size} "
             "samples in 10 draws; raise alpha, lower min_partition_size or use fewer "
-            "clients (`partition.num_clients`)"
+            "clients (`federation.num_clients`)"
         )
     return f"`partition.scheme`={scheme!r} failed for {num_clients} clients: {exc}"

@@ -12,6 +12,7 @@ from typing import Any
 
 import datasets
 import torch
+from transformers.trainer_pt_utils import get_length_grouped_indices
 
 from fedprune.data.sources import DataError
 
@@ -109,3 +110,10 @@ def _save_atomic(ds: datasets.Dataset, path: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         if not path.is_dir():
             raise
+
+
+def length_grouped_order(lengths: Sequence[int], batch_size: int,
+                         generator: torch.Generator) -> list[int]:
+    """transformers' length-grouped order (shuffle, then sort by length inside mega-batches of
+    50 batches): positions into ``lengths``, so batches hold rows of similar length."""
+    return get_length_grouped_indices(list(lengths), batch_size, generator=generator)

@@ -21,8 +21,8 @@ from fedprune.config import ExperimentConfig, from_dict
 from fedprune.flower.wire import CONFIG, STATE, reply_content, unpack
 
 if TYPE_CHECKING:
+    from fedprune.client.world import Federation
     from fedprune.methods import Method
-    from fedprune.sim.setup import Federation
 
 app = ClientApp()
 
@@ -34,12 +34,13 @@ def federation(experiment: str) -> tuple[ExperimentConfig, Federation, Method]:
     torch / transformers are imported here, not at module level: under subprocess isolation
     every message is a fresh ClientApp process, and the query before round 1 needs none of
     them (it saves seconds per SuperNode)."""
-    from fedprune.methods import build_method
-    from fedprune.sim.setup import build
+    from fedprune.client.world import build
+    from fedprune.methods import METHODS
 
     cfg = from_dict(tomllib.loads(experiment), source="experiment sent by the ServerApp")
-    fed = build(cfg)
-    return cfg, fed, build_method(cfg, fed)
+    kind = METHODS[cfg.method.name]
+    fed = build(cfg, task=kind.task, adapter=kind.adapter)
+    return cfg, fed, kind(cfg, fed)
 
 
 def partition_id(context: Context, num_clients: int) -> int:
@@ -72,10 +73,10 @@ def train(msg: Message, context: Context) -> Message:
     from fedprune.sim.runner import client_seed
 
     config = msg.content[CONFIG]
-    cfg, fed, method = federation(str(config["experiment"]))
+    cfg, _, method = federation(str(config["experiment"]))
     cid, rnd = partition_id(context, cfg.federation.num_clients), int(config["round"])
     if cid != int(config["client-id"]):
         raise ValueError(f"message for client {config['client-id']} reached partition {cid}")
     start = decode(unpack(msg.content[STATE]))
-    result = method.local(start, fed.client_indices[cid], client_seed(cfg.run.seed, rnd, cid))
+    result = method.local(start, cid, client_seed(cfg.run.seed, rnd, cid))
     return Message(reply_content(method.encode(result)), reply_to=msg)

@@ -1,9 +1,9 @@
 """The fedprune round loop over a Flower Grid.
 
-`FedpruneStrategy.start` is `fedprune.sim.runner.run` with the local step moved to the
-SuperNodes: it calls the runner's own helpers (selection registry, decode + validate +
-aggregate in client-id order, global evaluation, metrics record, checkpoint, final report),
-so the two runtimes cannot drift apart. What the network adds:
+`FedpruneStrategy.start` is `fedprune.sim.runner.run` itself with a `FlowerTransport`: the
+local step goes to the SuperNodes, everything else (selection, decode + validate + aggregate
+in client-id order, evaluation, metrics, checkpoints, report) is the same code, so the two
+runtimes cannot drift apart. What the network adds:
 
 - client ids: a SuperNode's `partition-id`; learned once by a query to every node before the
   first round, because Eq. 9 selects client ids before anyone trains;
@@ -14,7 +14,7 @@ so the two runtimes cannot drift apart. What the network adds:
 
 Flower's own `flwr.serverapp.strategy.Strategy.start` is not reused: it aggregates
 ArrayRecords itself, evaluates at round 0 and on clients, and has no place for the selection
-history or measured payload bytes; the runner's loop is the reference here.
+history or measured payload bytes; fedprune's loop is the reference here.
 """
 
 from __future__ import annotations
@@ -24,32 +24,16 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-import numpy as np
 import tomli_w
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from fedprune.client.payload import encode
 from fedprune.config import ExperimentConfig
 from fedprune.flower.settings import FlowerSettings
 from fedprune.flower.wire import CONFIG, UPDATE, train_content, unpack, wire_size
-from fedprune.methods import build_method
-from fedprune.report.metrics import append_metrics
-from fedprune.sim.checkpoint import save_checkpoint
-from fedprune.sim.runner import (
-    aggregate_payloads,
-    default_run_dir,
-    evaluate_global,
-    finish_run,
-    initial_server_state,
-    prepare_run_dir,
-    round_record,
-    select_clients,
-    write_environment,
-    write_partition,
-)
-from fedprune.sim.setup import build
+from fedprune.sim import runner
 
 log = logging.getLogger("fedprune")
 POLL_S = 1.0  # seconds between two pulls of replies from the SuperLink
@@ -129,6 +113,49 @@ def discover_clients(grid: Grid, num_clients: int, settings: FlowerSettings) -> 
     return nodes
 
 
+class FlowerTransport:
+    """`runner.Transport` over a Grid: one TRAIN message per selected client's SuperNode."""
+
+    def __init__(self, grid: Grid, settings: FlowerSettings, experiment: str) -> None:
+        self.grid, self.settings, self.experiment = grid, settings, experiment
+        self.nodes: dict[int, int] = {}
+
+    def connect(self, num_clients: int) -> None:
+        self.nodes = discover_clients(self.grid, num_clients, self.settings)
+
+    def train(self, rnd: int, downlinks: dict[int, bytes]) -> runner.Exchange:
+        """Send each selected client whose node is online its downlink; wait for updates.
+        Clients whose node is offline get no message and count as failed (dropped)."""
+        online = set(self.grid.get_node_ids())
+        messages = {
+            cid: Message(train_content(blob, {"round": rnd, "client-id": cid,
+                                              "experiment": self.experiment}),
+                         self.nodes[cid], MessageType.TRAIN, ttl=self.settings.reply_timeout,
+                         group_id=str(rnd))
+            for cid, blob in downlinks.items() if self.nodes[cid] in online}
+        log.info("round %d: training on clients %s", rnd, sorted(messages))
+        result = exchange(self.grid, messages, self.settings.reply_timeout)
+        result.failed.update({c: f"SuperNode {self.nodes[c]} is offline"
+                              for c in downlinks if c not in messages})
+        replies = {c: unpack(r.content[UPDATE]) for c, r in result.replies.items()
+                   if UPDATE in r.content}
+        dropped = sorted(set(downlinks) - set(replies))
+        for cid in dropped:
+            log.warning("round %d: dropped client %d: %s", rnd, cid,
+                        result.failed.get(cid, "reply without an update record"))
+        selected = sorted(downlinks)
+        record = {"dropped": dropped,
+                  "wire_bytes_up": [wire_size(result.replies[c].content)
+                                    if c in result.replies else 0 for c in selected],
+                  "wire_bytes_down": [result.sent_bytes.get(c, 0) for c in selected]}
+        return runner.Exchange(replies, {c: result.failed.get(c, "no update") for c in dropped},
+                               set(result.sent_bytes), record)
+
+    def report(self, record: dict[str, Any]) -> None:
+        log.info("round %d: %s", record["round"], json.dumps({k: record.get(k) for k in (
+            "selected", "dropped", "rejected", "train_loss", "eval_loss", "accuracy")}))
+
+
 class FedpruneStrategy:
     """Runs one fedprune experiment on the SuperNodes a Grid reaches (see module doc)."""
 
@@ -139,67 +166,8 @@ class FedpruneStrategy:
         self.experiment = tomli_w.dumps(cfg.to_dict())
 
     def start(self, grid: Grid) -> Path:
-        """The round loop of `fedprune.sim.runner.run`; returns the run directory."""
-        cfg, fc, settings = self.cfg, self.cfg.federation, self.settings
-        run_dir = Path(settings.run_dir) if settings.run_dir else default_run_dir(cfg)
-        prepare_run_dir(cfg, run_dir, settings.resume)
-        fed = build(cfg)
-        write_environment(fed, run_dir)
-        write_partition(fed, run_dir)
-        method = build_method(cfg, fed)
-        state, server = initial_server_state(fed, run_dir, settings.resume)
-        sizes = np.array([len(ix) for ix in fed.client_indices])
-        nodes = discover_clients(grid, fc.num_clients, settings)
-
-        for rnd in range(server["round"] + 1, fc.rounds + 1):
-            t0 = time.perf_counter()
-            # --- SELECTION ---
-            selected = select_clients(cfg, sizes, server, rnd)
-
-            # --- LOCAL TRAINING on the selected SuperNodes ---
-            down = encode(state)
-            result = self.train_round(grid, nodes, selected, down, rnd)
-            blobs = {c: unpack(r.content[UPDATE]) for c, r in result.replies.items()
-                     if UPDATE in r.content}
-            for cid in sorted(set(selected) - set(blobs)):
-                log.warning("round %d: dropped client %d: %s", rnd, cid,
-                            result.failed.get(cid, "reply without an update record"))
-
-            # --- AGGREGATION of the valid updates, in client-id order ---
-            state, valid, rejected = aggregate_payloads(method, state, blobs, server, cfg, rnd)
-
-            # --- EVALUATION of the global model ---
-            scores = evaluate_global(cfg, fed, state, rnd, server)
-            sent = [c for c in selected if c in result.sent_bytes]
-            record = round_record(rnd, selected, rejected, valid, scores,
-                                  [len(blobs.get(c, b"")) for c in selected],
-                                  [len(down) if c in sent else 0 for c in selected])
-            record["dropped"] = sorted(set(selected) - set(blobs))
-            record["wire_bytes_up"] = [wire_size(result.replies[c].content)
-                                       if c in result.replies else 0 for c in selected]
-            record["wire_bytes_down"] = [result.sent_bytes.get(c, 0) for c in selected]
-            record["wall_s"] = time.perf_counter() - t0
-            append_metrics(run_dir, record)
-            server["round"] = rnd
-            save_checkpoint(run_dir, state, server)
-            log.info("round %d: %s", rnd, json.dumps({k: record[k] for k in (
-                "selected", "dropped", "rejected", "train_loss", "eval_loss", "accuracy")}))
-
-        return finish_run(cfg, run_dir, state)
-
-    def train_round(self, grid: Grid, nodes: dict[int, int], selected: list[int],
-                    down: bytes, rnd: int) -> Exchange:
-        """Send the global state to the selected clients whose node is online; wait for
-        their updates. Clients whose node is offline get no message and count as failed."""
-        online = set(grid.get_node_ids())
-        messages = {
-            cid: Message(train_content(down, {"round": rnd, "client-id": cid,
-                                              "experiment": self.experiment}),
-                         nodes[cid], MessageType.TRAIN, ttl=self.settings.reply_timeout,
-                         group_id=str(rnd))
-            for cid in selected if nodes[cid] in online}
-        log.info("round %d: training on clients %s", rnd, sorted(messages))
-        result = exchange(grid, messages, self.settings.reply_timeout)
-        result.failed.update({c: f"SuperNode {nodes[c]} is offline"
-                              for c in selected if c not in messages})
-        return result
+        """`fedprune.sim.runner.run` over the Grid; returns the run directory."""
+        settings = self.settings
+        run_dir = Path(settings.run_dir) if settings.run_dir else runner.default_run_dir(self.cfg)
+        return runner.run(self.cfg, run_dir, resume=settings.resume, progress=False,
+                          transport=lambda _: FlowerTransport(grid, settings, self.experiment))

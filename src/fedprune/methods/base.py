@@ -1,4 +1,13 @@
-"""The method protocol, the wire format of client updates, and the registry."""
+"""The method contract, the wire format of client updates, and the registry.
+
+A method is one file in this package: a `Method` subclass with its config section
+(``Config``, the ``[method.<name>]`` table) that registers itself by subclassing. It says
+what world it needs (``task``, ``adapter``), what each selected client receives
+(``downlink``), computes (``local``) and sends (``encode`` / ``decode``), how the server
+aggregates (``aggregate``: a weight builder over `core.aggregate.owned_mean`) and how the
+global state is evaluated (``evaluate``, with each metric's direction). The round loop
+(sim/runner.py), in process or over Flower, calls nothing else.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +15,11 @@ import json
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar
 
-import numpy as np
-import torch
 from safetensors.torch import load, save
 
-from fedprune.client.train import LocalTrainSpec, TrainStats
+from fedprune.client.train import LocalTrainSpec, TrainStats, evaluate, load_state
+from fedprune.client.world import Federation
+from fedprune.config import MethodOptions
 from fedprune.core.accounting import train_ops
 from fedprune.core.update import ClientUpdate, InvalidUpdate, State
 from fedprune.structure.attention import describe
@@ -18,7 +27,6 @@ from fedprune.structure.model import encoder_arch
 
 if TYPE_CHECKING:
     from fedprune.config import ExperimentConfig
-    from fedprune.sim.setup import Federation
 
 METHODS: dict[str, type[Method]] = {}
 
@@ -28,9 +36,9 @@ class LocalResult:
     """What a client computed in a round, before encoding."""
 
     delta: State                      # local - global, full-shaped
-    loss: float                       # mean local training loss L_c
+    loss: float | None                # mean local training loss L_c (None: no training)
     num_examples: int                 # |D_c|
-    head_weights: dict[str, torch.Tensor] | None = None  # attention path -> alpha [n_heads]
+    extra: State = field(default_factory=dict)  # method-specific tensors sent along (alpha)
     metrics: dict[str, float] = field(default_factory=dict)
 
 
@@ -43,20 +51,27 @@ def _metadata(blob: bytes) -> dict[str, str]:
 class Method:
     """A federated method. Subclasses register themselves under their ``name``."""
 
-    name: ClassVar[str] = ""
+    name: ClassVar[str]
+    Config: ClassVar[type[MethodOptions]]
+    task: ClassVar[str] = "classification"  # what the backbone does: classification | ...
+    adapter: ClassVar[str | None] = "lora"  # what clients train (None: nothing)
+    # metric -> higher is better; `target` is the one run.target_metric applies to
+    metrics: ClassVar[dict[str, bool]] = {"eval_loss": False, "accuracy": True}
+    target: ClassVar[str] = "accuracy"
 
     def __init_subclass__(cls) -> None:
-        METHODS[cls.name] = cls
+        if "name" in cls.__dict__:  # concrete methods only, not shared bases
+            METHODS[cls.name] = cls
 
     def __init__(self, cfg: ExperimentConfig, fed: Federation) -> None:
         self.cfg = cfg
+        self.options = cfg.method.own
         self.fed = fed
         f = cfg.federation
         self.spec = LocalTrainSpec(f.local_epochs, f.batch_size, f.lr, f.optimizer,
                                    f.weight_decay, f.group_by_length)
         self.structure = describe(fed.model)
         self.arch = encoder_arch(fed.model, r=cfg.peft.r, target_modules=cfg.peft.target_modules)
-
         self.count_flops = cfg.run.count_flops
 
     def ops(self, heads_per_layer: list[int], stats: TrainStats) -> dict[str, float]:
@@ -69,16 +84,26 @@ class Method:
             out["train_flops_measured"] = stats.flops
         return out
 
+    # --- server -> client ---
+    def initial_state(self) -> State:
+        """The round-0 global state (here: the trainable tensors' initial values)."""
+        return self.fed.initial
+
+    def downlink(self, state: State, client_id: int) -> State:
+        """What ``client_id`` receives of the global state (here: all of it)."""
+        return state
+
     # --- client side ---
-    def local(self, start: State, indices: np.ndarray, seed: int) -> LocalResult:
-        """Train from the received global state ``start`` on the client's ``indices``."""
+    def local(self, start: State, client_id: int, seed: int) -> LocalResult:
+        """Work from the received state ``start`` on client ``client_id``'s data."""
         raise NotImplementedError
 
     def encode(self, result: LocalResult) -> bytes:
         """The payload on the wire: tensors plus |D_c|, L_c and metrics as safetensors
         metadata, so measured bytes are everything a client sends."""
-        meta = {"num_examples": str(result.num_examples), "loss": repr(result.loss),
-                "metrics": json.dumps(result.metrics)}
+        meta = {"num_examples": str(result.num_examples), "metrics": json.dumps(result.metrics)}
+        if result.loss is not None:
+            meta["loss"] = repr(result.loss)
         tensors = {k: v.contiguous() for k, v in self.wire_tensors(result).items()}
         return save(tensors, metadata=meta)
 
@@ -92,17 +117,25 @@ class Method:
             tensors = load(blob)
             meta = _metadata(blob)
             update = ClientUpdate(client_id, tensors, int(meta["num_examples"]),
-                                  float(meta["loss"]), json.loads(meta.get("metrics", "{}")))
+                                  float(meta["loss"]) if "loss" in meta else None,
+                                  json.loads(meta.get("metrics", "{}")))
         except Exception as e:  # noqa: BLE001 - any parse failure is the client's fault
             raise InvalidUpdate(f"client {client_id}: malformed payload ({e!r})") from None
         return self.from_wire(update)
 
     def from_wire(self, update: ClientUpdate) -> ClientUpdate:
-        """Turn wire tensors into full-shaped deltas (identity for dense methods)."""
+        """Wire tensors -> full-shaped deltas and their aggregation weights (identity for
+        dense methods: every tensor weighs |D_c|)."""
         return update
 
     def aggregate(self, state: State, updates: list[ClientUpdate], server_lr: float) -> State:
         raise NotImplementedError
+
+    def evaluate(self, state: State) -> dict[str, float]:
+        """The global model's validation metrics (the keys of ``metrics``)."""
+        load_state(self.fed.params, state)
+        return evaluate(self.fed.model, self.fed.val_rows, self.fed.collate,
+                        self.cfg.federation.eval_batch_size)
 
 
 def build_method(cfg: ExperimentConfig, fed: Federation) -> Method:

@@ -1,28 +1,46 @@
-"""Head-pruned federated LoRA: AoH (importance) and B2 (random heads).
+"""Shared machinery of the head-pruned methods (B2 `random_heads.py`, AoH `aoh.py`).
 
-Both follow DESIGN.md Method A: per client and round a head score per attention head, Eq. 7
-keeps the heads scoring at least the s-quantile (scope global or per layer), the client trains
-only the kept heads' slices (mode `adapter`: pruned slices frozen; `structural`: pruned heads
-removed from the forward and backward), and sends only those slices plus the per-head
-weights. The server aggregates each head's slices blockwise (Eq. 8 with importance weights for
-AoH; a data-size mean over the clients that kept the head for B2) and Eq. 5 elsewhere.
+Both follow DESIGN.md Method A: per client and round a score per attention head, Eq. 7 keeps
+the heads scoring at least the s-quantile (scope global or per layer), the client trains only
+the kept heads' slices (mode `adapter`: pruned slices frozen; `structural`: pruned heads
+removed from the forward and backward) and sends only those slices plus one weight per head.
+The server turns the head weights into per-row / per-column aggregation weights of the
+head-mapped tensors (`owned_mean`); every other tensor weighs |D_c| (Eq. 5).
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from fedprune.client.train import load_state, local_train, snapshot
-from fedprune.core.blocks import Slice, blockwise_mean
-from fedprune.core.update import ClientUpdate, InvalidUpdate, State
+from fedprune.config import ConfigError, MethodOptions, opt
+from fedprune.core.aggregate import owned_mean
+from fedprune.core.update import ClientUpdate, InvalidUpdate, State, Weight
 from fedprune.methods.base import LocalResult, Method
-from fedprune.structure.heads import head_units, structural_keep, structural_view, unit_mask
-from fedprune.structure.importance import head_importance
+from fedprune.structure.headmap import head_units, structural_keep, unit_mask
+from fedprune.structure.headview import structural_view
 
 ALPHA = "::head_weights"  # wire key suffix: "<attention path>::head_weights" -> [n_heads]
+
+
+@dataclass
+class HeadPruningConfig(MethodOptions):
+    sparsity: float = opt(0.9, "Head-pruning sparsity s: each client keeps the heads scoring "
+                          "at least the s-quantile of its scores (Eq. 7).")
+    scope: str = opt("global", "Quantile of Eq. 7 over all heads or within each layer.",
+                     ("global", "layer"))
+    mode: str = opt("adapter", "'adapter': pruned heads' PEFT slices frozen and not sent; "
+                    "'structural': pruned heads removed from the local forward and backward.",
+                    ("adapter", "structural"))
+
+    def validate(self) -> None:
+        if not 0 <= self.sparsity < 1:
+            raise ConfigError(f"`{self._name}.sparsity`: must be in [0, 1), got "
+                              f"{self.sparsity}")
 
 
 def eq7_keep(scores: dict[str, torch.Tensor], sparsity: float, scope: str
@@ -42,13 +60,14 @@ def kept_index(mask: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 class HeadPruning(Method):
-    """Shared machinery; subclasses define ``scores`` and the aggregation weights."""
+    """Subclasses define ``scores`` (one per head) and ``unit_weight`` (the aggregation
+    weight of a head's slices)."""
+
+    importance = "before"  # when scores are computed; AoH makes it an option
 
     def __init__(self, cfg, fed) -> None:
         super().__init__(cfg, fed)
         self.units = head_units(fed.initial, self.structure)
-        self.blocks = [tuple(Slice(s.key, s.dim, s.start, s.stop) for s in u.slices)
-                       for u in self.units]
         self.key_dim = {s.key: s.dim for u in self.units for s in u.slices}
         self.n_heads = {a.path: a.n_heads for a in self.structure.attention}
 
@@ -56,11 +75,12 @@ class HeadPruning(Method):
     def scores(self, start: State, indices: np.ndarray, seed: int) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
-    def local(self, start: State, indices: np.ndarray, seed: int) -> LocalResult:
-        m, fed = self.cfg.method, self.fed
+    def local(self, start: State, client_id: int, seed: int) -> LocalResult:
+        m, fed = self.options, self.fed
+        indices = fed.client_indices[client_id]
         load_state(fed.params, start)
         t0 = time.perf_counter()
-        scores = self.scores(start, indices, seed) if m.importance == "before" else None
+        scores = self.scores(start, indices, seed) if self.importance == "before" else None
         score_s = time.perf_counter() - t0
         if m.mode == "structural":
             keep = structural_keep(self.structure, eq7_keep(scores, m.sparsity, m.scope))
@@ -87,39 +107,40 @@ class HeadPruning(Method):
         for key, value in local.items():
             d = value - start[key]
             delta[key] = d * masks[key] if key in masks else d  # pruned slices send nothing
-        weights = {p: torch.where(keep[p], scores[p], 0.0).float() for p in scores}
+        alpha = {p + ALPHA: torch.where(keep[p], scores[p], 0.0).float() for p in scores}
         computing = [int(keep[a.path].sum()) if m.mode == "structural" else a.n_heads
                      for a in self.structure.attention]
         metrics = {"score_s": score_s, **self.ops(computing, stats),
                    "kept_heads": float(sum(int(k.sum()) for k in keep.values()))}
-        return LocalResult(delta, stats.loss, len(indices), weights, metrics)
+        return LocalResult(delta, stats.loss, len(indices), alpha, metrics)
 
     def wire_tensors(self, result: LocalResult) -> State:
         """Non-head tensors whole; head-mapped tensors only their kept rows / columns (the
         server recovers which from the weights: kept <=> weight > 0); the head weights."""
-        masks = unit_mask(self.units, {p: w > 0 for p, w in result.head_weights.items()},
-                          result.delta)
+        keep = {p[:-len(ALPHA)]: w > 0 for p, w in result.extra.items()}
+        masks = unit_mask(self.units, keep, result.delta)
         out = {}
         for key, d in result.delta.items():
             dim = self.key_dim.get(key)
             out[key] = d if dim is None else d.index_select(dim, kept_index(masks[key], dim))
-        out.update({p + ALPHA: w for p, w in result.head_weights.items()})
-        return out
+        return {**out, **result.extra}
 
     # --- server side ---
     def from_wire(self, update: ClientUpdate) -> ClientUpdate:
+        """Kept slices -> full-shaped deltas (zeros elsewhere); head weights -> per-row /
+        per-column weights of the head-mapped tensors."""
         cid, tensors = update.client_id, dict(update.delta)
-        weights = {}
+        alpha = {}
         for path, n in self.n_heads.items():
             w = tensors.pop(path + ALPHA, None)
             if w is None or w.shape != (n,) or w.dtype != torch.float32:
                 raise InvalidUpdate(f"client {cid}: head weights of {path!r} missing or not "
                                     f"float32 [{n}]")
-            weights[path] = w
-        if not all(torch.isfinite(w).all() and (w >= 0).all() for w in weights.values()):
+            alpha[path] = w
+        if not all(torch.isfinite(w).all() and (w >= 0).all() for w in alpha.values()):
             raise InvalidUpdate(f"client {cid}: head weights must be finite and >= 0")
         reference = self.fed.initial
-        masks = unit_mask(self.units, {p: w > 0 for p, w in weights.items()}, reference)
+        masks = unit_mask(self.units, {p: w > 0 for p, w in alpha.items()}, reference)
         for key, dim in self.key_dim.items():
             if key not in tensors:
                 raise InvalidUpdate(f"client {cid}: head-mapped tensor {key!r} missing")
@@ -130,54 +151,35 @@ class HeadPruning(Method):
                 raise InvalidUpdate(f"client {cid}: {key!r} has shape {tuple(compact.shape)}, "
                                     f"expected {want} for its kept heads")
             tensors[key] = torch.zeros(shape, dtype=compact.dtype).index_copy_(dim, idx, compact)
-        update.delta, update.head_weights = tensors, weights
+        update.delta = tensors
+        update.weights = self.slice_weights(alpha, update.num_examples)
         return update
 
-    def block_weights(self, updates: list[ClientUpdate]) -> torch.Tensor:
-        """[n_clients, n_blocks]: each unit's weight = max of the head weights of the query
-        heads it serves (a KV unit under GQA: its group's max, DESIGN 'Head map')."""
-        return torch.tensor([[float(u.head_weights[unit.path][list(unit.query_heads)].max())
-                              for unit in self.units] for u in updates], dtype=torch.float64)
-
-    def aggregate(self, state: State, updates: list[ClientUpdate], server_lr: float) -> State:
+    def unit_weight(self, alpha: float, num_examples: int) -> float:
+        """Aggregation weight of a kept unit's slices from its head weight (> 0); a pruned
+        unit (weight 0) always weighs 0."""
         raise NotImplementedError
 
-
-class RandomHeads(HeadPruning):
-    """B2: FedAvg + random head pruning (a random mask per client and round at sparsity s;
-    a masked data-size mean over the clients that kept each head)."""
-
-    name = "random_heads"
-
-    def scores(self, start: State, indices: np.ndarray, seed: int) -> dict[str, torch.Tensor]:
-        gen = torch.Generator().manual_seed(seed)
-        return {p: torch.rand(n, generator=gen) + 1e-6 for p, n in self.n_heads.items()}
-
-    def aggregate(self, state: State, updates: list[ClientUpdate], server_lr: float) -> State:
-        kept = (self.block_weights(updates) > 0).double()
-        sizes = torch.tensor([[u.num_examples] for u in updates], dtype=torch.float64)
-        return blockwise_mean(state, updates, server_lr, self.blocks, kept * sizes, eps=0.0)
-
-
-class AoH(HeadPruning):
-    """AoH: head importance (Eq. 6) on the client's data, Eq. 7 pruning, Eq. 8 aggregation."""
-
-    name = "aoh"
-
-    def scores(self, state: State, indices: np.ndarray, seed: int) -> dict[str, torch.Tensor]:
-        fed, n = self.fed, self.cfg.method.importance_samples
-        load_state(fed.params, state)
-        if n and n < len(indices):
-            rng = np.random.default_rng(seed)
-            indices = np.sort(rng.choice(indices, size=n, replace=False))
-        rows = [fed.train_rows[i] for i in indices]
-        order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))
-        bs = self.cfg.federation.eval_batch_size
-        batches = (fed.collate([rows[i] for i in order[s:s + bs]])
-                   for s in range(0, len(order), bs))
-        return head_importance(fed.model, self.structure, batches,
-                               special_ids=fed.special_ids, exclude_key_ids=fed.exclude_key_ids)
+    def slice_weights(self, alpha: dict[str, torch.Tensor], num_examples: int
+                      ) -> dict[str, Weight]:
+        """Per head-mapped tensor, a float64 weight vector along its head dim (shape [out, 1]
+        for rows, [1, in] for columns): each unit's weight on its slices. A unit's head weight
+        is the max over the query heads it serves (a KV unit under GQA: its group's max,
+        DESIGN "Head map")."""
+        shapes = self.fed.initial
+        out: dict[str, Weight] = {}
+        for unit in self.units:
+            a = float(alpha[unit.path][list(unit.query_heads)].max())
+            w = self.unit_weight(a, num_examples) if a > 0 else 0.0
+            for s in unit.slices:
+                if s.key not in out:
+                    shape = [1] * shapes[s.key].dim()
+                    shape[s.dim] = shapes[s.key].shape[s.dim]
+                    out[s.key] = torch.zeros(shape, dtype=torch.float64)
+                out[s.key].narrow(s.dim, s.start, s.stop - s.start).fill_(w)
+        return out
 
     def aggregate(self, state: State, updates: list[ClientUpdate], server_lr: float) -> State:
-        return blockwise_mean(state, updates, server_lr, self.blocks,
-                              self.block_weights(updates), eps=self.cfg.method.eps)
+        return owned_mean(state, updates, server_lr, eps={k: self.eps for k in self.key_dim})
+
+    eps = 0.0  # of the head-mapped tensors' denominators (Eq. 8's epsilon for AoH)

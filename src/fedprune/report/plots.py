@@ -22,7 +22,8 @@ def plot_metric(records: list[dict[str, Any]], path: Path, metric: str = "accura
         ax_m.axhline(target, color="grey", linestyle="--", linewidth=1, label=f"target {target}")
         ax_m.legend(loc="lower right")
     ax_m.set(xlabel="round", ylabel=f"validation {metric}", title=title or metric)
-    ax_l.plot([r["round"] for r in records], [r["train_loss"] for r in records],
+    trained = [r for r in records if r["train_loss"] is not None]
+    ax_l.plot([r["round"] for r in trained], [r["train_loss"] for r in trained],
               label="train (selected clients)")
     ax_l.plot([r["round"] for r in evaluated], [r["eval_loss"] for r in evaluated],
               label="validation (global model)")

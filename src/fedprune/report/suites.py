@@ -103,7 +103,8 @@ def ablation_report(suite_dir: Path, variants) -> Path:
 def sparsity_report(suite_dir: Path, variants) -> Path:
     rows = _rows(suite_dir, variants)
     for r in rows:
-        r["mode"], r["sparsity"] = r["cfg"]["method"]["mode"], r["cfg"]["method"]["sparsity"]
+        options = r["cfg"]["method"]["aoh"]
+        r["mode"], r["sparsity"] = options["mode"], options["sparsity"]
     fig, axes = plt.subplots(1, 3, figsize=(13, 4))
     for mode in ("adapter", "structural"):
         sel = [r for r in rows if r["mode"] == mode]

@@ -10,9 +10,22 @@ from typing import Any
 from fedprune.report.metrics import read_metrics
 
 
-def rounds_to_target(records: list[dict[str, Any]], metric: str, target: float) -> int | None:
-    """First round whose metric reaches ``target`` (None if never)."""
-    return next((r["round"] for r in records if (r.get(metric) or -1) >= target), None)
+def rounds_to_target(records: list[dict[str, Any]], metric: str, target: float,
+                     higher_is_better: bool = True) -> int | None:
+    """First round whose metric reaches ``target``: at least it when higher is better (e.g.
+    accuracy), at most it when lower is (perplexity). None if never."""
+    def reached(value: float | None) -> bool:
+        return value is not None and (value >= target if higher_is_better else value <= target)
+
+    return next((r["round"] for r in records if reached(r.get(metric))), None)
+
+
+def method_metric(name: str) -> tuple[str, bool]:
+    """(target metric, higher is better) of the method ``name``."""
+    from fedprune.methods import METHODS
+
+    kind = METHODS[name]
+    return kind.target, kind.metrics[kind.target]
 
 
 def summarize(run_dir: Path) -> dict[str, Any]:
@@ -24,17 +37,20 @@ def summarize(run_dir: Path) -> dict[str, Any]:
                                 f"directory?")
     config = json.loads((run_dir / "config.json").read_text())
     target = config["run"]["target_metric"]
-    evaluated = [r for r in records if r.get("accuracy") is not None]
+    metric, higher = method_metric(config["method"]["name"])
+    evaluated = [r for r in records if r.get(metric) is not None]
     last = evaluated[-1] if evaluated else {}
+    best = max if higher else min
     env_path = run_dir / "environment.json"
     env = json.loads(env_path.read_text()) if env_path.is_file() else {}
     return {
         "compute_dtype": env.get("compute_dtype"), "threads": env.get("threads"),
         "run": run_dir.name, "method": config["method"]["name"],
-        "rounds": records[-1]["round"], "final_accuracy": last.get("accuracy"),
-        "best_accuracy": max((r["accuracy"] for r in evaluated), default=None),
+        "rounds": records[-1]["round"], "metric": metric,
+        f"final_{metric}": last.get(metric),
+        f"best_{metric}": best((r[metric] for r in evaluated), default=None),
         "final_eval_loss": last.get("eval_loss"), "target": target,
-        "round_at_target": rounds_to_target(records, "accuracy", target),
+        "round_at_target": rounds_to_target(records, metric, target, higher),
         "bytes_up_per_client": mean(b for r in records for b in r["bytes_up"]),
         "bytes_down_per_client": mean(b for r in records for b in r["bytes_down"]),
         "seconds_per_round": mean(r["wall_s"] for r in records),
@@ -54,16 +70,17 @@ def _client_mean(records: list[dict[str, Any]], key: str) -> float | None:
     return mean(values) if values else None
 
 
-def markdown_table(records: list[dict[str, Any]]) -> str:
+def markdown_table(records: list[dict[str, Any]], metric: str | None = None) -> str:
     """One row per round: the per-round view written to report.md."""
-    head = "| round | selected | train loss | eval loss | accuracy | KiB up/client | s |"
+    metric = metric or "accuracy"
+    head = f"| round | selected | train loss | eval loss | {metric} | KiB up/client | s |"
     lines = [head, "|" + "---|" * 7]
     for r in records:
-        acc = "" if r.get("accuracy") is None else f"{r['accuracy']:.4f}"
-        ev = "" if r.get("eval_loss") is None else f"{r['eval_loss']:.4f}"
+        cells = ["" if r.get(k) is None else f"{r[k]:.4f}"
+                 for k in ("train_loss", "eval_loss", metric)]
         up = mean(r["bytes_up"]) / 1024 if r["bytes_up"] else 0
         lines.append(f"| {r['round']} | {' '.join(map(str, r['selected']))} | "
-                     f"{r['train_loss']:.4f} | {ev} | {acc} | {up:.1f} | {r['wall_s']:.1f} |")
+                     f"{' | '.join(cells)} | {up:.1f} | {r['wall_s']:.1f} |")
     return "\n".join(lines)
 
 
@@ -82,20 +99,23 @@ def write_report(run_dir: Path) -> Path:
     """report.md: summary, plot and per-round table."""
     run_dir = Path(run_dir)
     s = summarize(run_dir)
+    metric = s["metric"]
     reached = (f"round {s['round_at_target']}" if s["round_at_target"] is not None
                else "not reached")
+    final, best = s[f"final_{metric}"], s[f"best_{metric}"]
     text = "\n".join([
         f"# Run `{s['run']}`", "",
         f"- method: **{s['method']}**, rounds: {s['rounds']}",
-        (f"- final validation accuracy: **{s['final_accuracy']:.4f}** "
-         f"(best {s['best_accuracy']:.4f}), final validation loss {s['final_eval_loss']:.4f}"),
-        f"- accuracy target {s['target']}: {reached}",
+        (f"- final validation {metric}: **{final:.4f}** (best {best:.4f}), final validation "
+         f"loss {s['final_eval_loss']:.4f}" if final is not None
+         else f"- no evaluation of {metric} yet"),
+        f"- {metric} target {s['target']}: {reached}",
         (f"- bytes per selected client and round: up {s['bytes_up_per_client']:,.0f}, "
          f"down {s['bytes_down_per_client']:,.0f}"),
         f"- seconds per round: {s['seconds_per_round']:.1f} ({_phases(s)})",
         f"- compute: {s['compute_dtype'] or '?'} on {s['threads'] or '?'} threads", "",
-        "![accuracy and loss](accuracy.png)", "",
-        markdown_table(read_metrics(run_dir)), "",
+        f"![{metric} and loss]({metric}.png)", "",
+        markdown_table(read_metrics(run_dir), metric), "",
     ])
     path = run_dir / "report.md"
     path.write_text(text)

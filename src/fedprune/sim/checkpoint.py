@@ -30,11 +30,21 @@ def save_checkpoint(run_dir: Path, state: State, server: dict[str, Any]) -> Path
     return path
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read back; the message names the file."""
+
+
 def load_checkpoint(run_dir: Path) -> tuple[State, dict[str, Any]] | None:
+    """The last checkpoint's (global state, server state JSON); None when there is none."""
     path = Path(run_dir) / CHECKPOINT
     if not path.is_file():
         return None
-    with safe_open(str(path), "pt") as f:
-        state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is no dict)
-        server = json.loads(f.metadata()["server"])
+    try:
+        with safe_open(str(path), "pt") as f:
+            state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (no dict)
+            server = json.loads(f.metadata()["server"])
+    except Exception as e:  # noqa: BLE001 - whatever safetensors or json raise
+        raise CheckpointError(f"--resume: checkpoint {path} is corrupt or not a fedprune "
+                              f"checkpoint ({type(e).__name__}: {e}); start a new run or "
+                              f"restore the file") from None
     return state, server

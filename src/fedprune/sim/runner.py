@@ -1,4 +1,11 @@
-"""The in-process federation: one seeded round loop over one shared backbone."""
+"""The one seeded round loop, in process or over Flower.
+
+`run` is the whole federation, top to bottom: selection, per-client downlinks, local work
+through a *transport*, decode + validate + aggregate in client-id order, evaluation, the
+metrics record and the checkpoint. The transport is the only thing that differs between
+runtimes: `InProcess` calls the method on the one shared backbone here; the Flower
+strategy (fedprune.flower.strategy) passes one that sends messages to SuperNodes.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +13,9 @@ import json
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 import tomli_w
@@ -15,24 +24,95 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from fedprune.client.payload import decode, encode
-from fedprune.client.train import evaluate, load_state
+from fedprune.client.world import Federation, build
 from fedprune.config import ConfigError, ExperimentConfig
 from fedprune.core.selection import SELECTORS, History
 from fedprune.core.update import ClientUpdate, InvalidUpdate, State, validate_update
 from fedprune.data import partition_summary
-from fedprune.methods import Method, build_method
+from fedprune.environment import environment
+from fedprune.methods import METHODS, Method
 from fedprune.report.metrics import append_metrics, read_metrics, truncate_metrics, write_csv
 from fedprune.report.plots import plot_metric
 from fedprune.report.summary import write_report
 from fedprune.sim.checkpoint import load_checkpoint, save_checkpoint
-from fedprune.sim.setup import Federation, build
 
 log = logging.getLogger("fedprune")
+
+
+# --- server state and transports --------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ServerState:
+    """What the server carries from round to round (checkpointed with the global state):
+    the last finished round, each client's L_c at its last aggregated participation and the
+    global validation loss L_g after the last evaluation (Eq. 9's inputs)."""
+
+    round: int = 0
+    client_loss: dict[int, float] = field(default_factory=dict)
+    global_loss: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"round": self.round, "global_loss": self.global_loss,
+                "client_loss": {str(c): v for c, v in sorted(self.client_loss.items())}}
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> ServerState:
+        return cls(int(raw["round"]), {int(c): float(v) for c, v in raw["client_loss"].items()},
+                   raw["global_loss"])
+
+
+@dataclass
+class Exchange:
+    """One round's traffic with the selected clients: encoded updates by client id, why the
+    others failed, which clients received their downlink, and transport-specific record
+    fields (Flower: dropped clients, wire bytes)."""
+
+    replies: dict[int, bytes] = field(default_factory=dict)
+    failed: dict[int, str] = field(default_factory=dict)
+    sent: set[int] = field(default_factory=set)
+    record: dict[str, Any] = field(default_factory=dict)
+
+
+class Transport(Protocol):
+    def connect(self, num_clients: int) -> None:
+        """Reach every client before round 1 (Flower: learn which SuperNode is which)."""
+
+    def train(self, rnd: int, downlinks: dict[int, bytes]) -> Exchange:
+        """Deliver each selected client its downlink; collect their encoded updates."""
+
+    def report(self, record: dict[str, Any]) -> None:
+        """Show a finished round (a log line, a progress bar)."""
 
 
 def client_seed(seed: int, rnd: int, client_id: int) -> int:
     """Seed of one client's local work in one round: independent of every other client."""
     return int(np.random.SeedSequence([seed, rnd, client_id]).generate_state(1)[0])
+
+
+class InProcess:
+    """Every client on this process's one backbone, in client-id order."""
+
+    def __init__(self, method: Method, seed: int, bar: tqdm | None = None) -> None:
+        self.method, self.seed, self.bar = method, seed, bar
+
+    def connect(self, num_clients: int) -> None:
+        pass
+
+    def train(self, rnd: int, downlinks: dict[int, bytes]) -> Exchange:
+        replies = {cid: self.method.encode(self.method.local(
+            decode(blob), cid, client_seed(self.seed, rnd, cid)))
+            for cid, blob in sorted(downlinks.items())}
+        return Exchange(replies, sent=set(downlinks))
+
+    def report(self, record: dict[str, Any]) -> None:
+        target = self.method.target
+        if self.bar is not None and record.get(target) is not None:
+            self.bar.set_postfix({target: f"{record[target]:.3f}",
+                                  "loss": f"{record['eval_loss']:.3f}"})
+
+
+# --- run directory ----------------------------------------------------------------------
 
 
 def default_run_dir(cfg: ExperimentConfig) -> Path:
@@ -62,11 +142,12 @@ def prepare_run_dir(cfg: ExperimentConfig, run_dir: Path, resume: bool) -> None:
 
 
 def write_environment(fed: Federation, run_dir: Path) -> None:
-    """environment.json: what 'auto' settings resolved to on this machine."""
-    env = {"torch": torch.__version__, "threads": torch.get_num_threads(),
+    """environment.json: versions, the CPU and what 'auto' settings resolved to here."""
+    env = {**environment(), "threads": torch.get_num_threads(),
            "compute_dtype": str(fed.compute_dtype).removeprefix("torch.")}
-    (run_dir / "environment.json").write_text(json.dumps(env))
-    log.info("compute: %s, %d threads", env["compute_dtype"], env["threads"])
+    (run_dir / "environment.json").write_text(json.dumps(env, indent=1))
+    log.info("compute: %s, %d threads on %s", env["compute_dtype"], env["threads"],
+             env["cpu"]["model"])
 
 
 def write_partition(fed: Federation, run_dir: Path) -> None:
@@ -79,19 +160,17 @@ def write_partition(fed: Federation, run_dir: Path) -> None:
              len(sizes), min(sizes), sum(sizes) / len(sizes), max(sizes), len(fed.val_rows))
 
 
-Observer = Callable[[int, State, Method], dict]
-ServerState = dict  # {"round": int, "client_loss": {str(cid): L_c}, "global_loss": L_g | None}
-
-
-def initial_server_state(fed: Federation, run_dir: Path, resume: bool
-                         ) -> tuple[State, ServerState]:
-    """Round-0 global state and server state, or the last checkpoint's when resuming; metrics
-    of rounds after the checkpoint are dropped (they are redone)."""
-    state, server = fed.initial, {"round": 0, "client_loss": {}, "global_loss": None}
+def initial_state(method: Method, run_dir: Path, resume: bool) -> tuple[State, ServerState]:
+    """Round-0 global and server state, or the last checkpoint's when resuming; metrics of
+    rounds after the checkpoint are dropped (they are redone)."""
+    state, server = method.initial_state(), ServerState()
     if resume and (ckpt := load_checkpoint(run_dir)) is not None:
-        state, server = ckpt
-    truncate_metrics(run_dir, server["round"])
+        state, server = ckpt[0], ServerState.from_json(ckpt[1])
+    truncate_metrics(run_dir, server.round)
     return state, server
+
+
+# --- the steps of a round ---------------------------------------------------------------
 
 
 def select_clients(cfg: ExperimentConfig, sizes: np.ndarray, server: ServerState,
@@ -99,126 +178,140 @@ def select_clients(cfg: ExperimentConfig, sizes: np.ndarray, server: ServerState
     """This round's client ids by the configured policy (``SELECTORS``) over the history the
     server holds: |D_c|, each client's last L_c, the last global loss L_g (Eq. 9)."""
     fc = cfg.federation
-    history = History(sizes, {int(c): v for c, v in server["client_loss"].items()},
-                      server["global_loss"])
+    history = History(sizes, dict(server.client_loss), server.global_loss)
     options = {"d": fc.pow_d} if fc.selection == "pow-d" else {}
     return SELECTORS[fc.selection](rnd, history, fc.clients_per_round, cfg.run.seed, **options)
 
 
-def aggregate_payloads(method: Method, state: State, blobs: dict[int, bytes],
-                       server: ServerState, cfg: ExperimentConfig, rnd: int
-                       ) -> tuple[State, list[ClientUpdate], list[int]]:
-    """Decode and validate every payload, in client-id order so the result does not depend on
-    arrival order; reject a bad one alone (logged); aggregate the valid ones with the method's
-    rule unless fewer than ``federation.min_valid_updates``. Each valid client's L_c goes into
-    ``server["client_loss"]``. Returns (new state, valid updates, rejected client ids)."""
-    fc = cfg.federation
-    valid, rejected = [], []
-    for cid, blob in sorted(blobs.items()):
+def decode_updates(method: Method, state: State, replies: dict[int, bytes],
+                   sizes: np.ndarray, rnd: int) -> tuple[list[ClientUpdate], dict[int, str]]:
+    """Decode and validate every reply in client-id order (so nothing depends on arrival
+    order); a bad one is rejected alone, with its reason. |D_c| must be what the server
+    knows of the client's partition. Returns (valid updates, client id -> reason)."""
+    valid, rejected = [], {}
+    for cid, blob in sorted(replies.items()):
         try:
             update = method.decode(blob, cid)
-            validate_update(update, state)
+            validate_update(update, state, num_examples=int(sizes[cid]))
             valid.append(update)
-            server["client_loss"][str(cid)] = update.loss
         except InvalidUpdate as e:
             log.warning("round %d: rejected update: %s", rnd, e)
-            rejected.append(cid)
-    if len(valid) >= fc.min_valid_updates:
-        state = method.aggregate(state, valid, fc.server_lr)
-    else:
-        log.warning("round %d: %d valid updates < federation.min_valid_updates=%d; global "
-                    "model unchanged", rnd, len(valid), fc.min_valid_updates)
-    return state, valid, rejected
+            rejected[cid] = str(e)
+    return valid, rejected
 
 
-def evaluate_global(cfg: ExperimentConfig, fed: Federation, state: State, rnd: int,
-                    server: ServerState) -> dict:
-    """Validation loss and accuracy of the global model on evaluation rounds (every
-    ``run.eval_every`` and the last); L_g is kept for the next round's selection."""
-    scores = {"eval_loss": None, "accuracy": None, "eval_s": 0.0}
+def after_training(server: ServerState, valid: list[ClientUpdate]) -> ServerState:
+    """Each aggregated client's L_c becomes its last loss (Eq. 9)."""
+    return replace(server, client_loss={**server.client_loss, **{
+        u.client_id: u.loss for u in valid if u.loss is not None}})
+
+
+def evaluate_global(method: Method, cfg: ExperimentConfig, state: State, rnd: int
+                    ) -> dict[str, float | None]:
+    """The method's validation metrics on evaluation rounds (every ``run.eval_every`` and
+    the last), with their seconds; None on the others."""
+    scores: dict[str, float | None] = dict.fromkeys(method.metrics)
+    scores["eval_s"] = 0.0
     if rnd % cfg.run.eval_every == 0 or rnd == cfg.federation.rounds:
         t0 = time.perf_counter()
-        load_state(fed.params, state)
-        scores = evaluate(fed.model, fed.val_rows, fed.collate, cfg.federation.eval_batch_size)
+        scores.update(method.evaluate(state))
         scores["eval_s"] = time.perf_counter() - t0
-        server["global_loss"] = scores["eval_loss"]
     return scores
 
 
 def round_record(rnd: int, selected: list[int], rejected: list[int],
-                 valid: list[ClientUpdate], scores: dict, bytes_up: list[int],
-                 bytes_down: list[int]) -> dict:
+                 valid: list[ClientUpdate], scores: dict, exchange: Exchange,
+                 downlinks: dict[int, bytes]) -> dict:
     """One metrics.jsonl line (without wall time): train loss is the |D_c|-weighted mean L_c
-    over the valid updates; bytes are per selected client, measured on the payloads."""
-    n = sum(u.num_examples for u in valid) or 1
+    over the valid updates that trained (None when there are none); bytes are per selected
+    client, measured on the payloads (0 for what was not sent or did not come back)."""
+    trained = [u for u in valid if u.loss is not None]
+    n = sum(u.num_examples for u in trained)
     return {
         "round": rnd, "selected": selected, "rejected": rejected,
-        "train_loss": sum(u.loss * u.num_examples for u in valid) / n, **scores,
-        "bytes_up": bytes_up, "bytes_down": bytes_down,
+        "train_loss": sum(u.loss * u.num_examples for u in trained) / n if n else None,
+        **scores,
+        "bytes_up": [len(exchange.replies.get(c, b"")) for c in selected],
+        "bytes_down": [len(downlinks[c]) if c in exchange.sent else 0 for c in selected],
         "client_metrics": {str(u.client_id): u.metrics for u in valid},
     }
 
 
-def finish_run(cfg: ExperimentConfig, run_dir: Path, state: State) -> Path:
-    """Final artifacts: global.safetensors, metrics.csv, the accuracy plot, report.md."""
+def finish_run(method: Method, cfg: ExperimentConfig, run_dir: Path, state: State) -> Path:
+    """Final artifacts: global.safetensors, metrics.csv, the metric plot, report.md."""
     save_file({k: v.contiguous() for k, v in state.items()}, run_dir / "global.safetensors")
     records = read_metrics(run_dir)
     write_csv(run_dir, records)
-    plot_metric(records, run_dir / "accuracy.png", title=run_dir.name,
-                target=cfg.run.target_metric)
+    plot_metric(records, run_dir / f"{method.target}.png", metric=method.target,
+                title=run_dir.name, target=cfg.run.target_metric)
     write_report(run_dir)
     return run_dir
 
 
+Observer = Callable[[int, State, Method], dict]
+
+
+# --- the loop ---------------------------------------------------------------------------
+
+
 def run(cfg: ExperimentConfig, run_dir: Path | None = None, *, resume: bool = False,
-        progress: bool = True, observe: Observer | None = None,
-        fed: Federation | None = None) -> Path:
+        progress: bool = True, observe: Observer | None = None, fed: Federation | None = None,
+        transport: Callable[[Method], Transport] | None = None) -> Path:
     """Run (or resume) a federated experiment; returns the run directory.
 
-    ``observe(round, global state, method)``, if given, is called after each round's
-    aggregation; what it returns is logged under "observed" (e.g. two clients' importance).
-    ``fed``: an already built federation for ``cfg`` (the benchmark reshapes clients' data).
-    The Flower strategy (fedprune.flower.strategy) runs the same steps over the network.
+    ``transport(method)`` makes the transport (default: `InProcess`). ``observe(round,
+    global state, method)``, if given, is called after each round's aggregation; what it
+    returns is logged under "observed" (e.g. two clients' importance). ``fed``: an already
+    built federation for ``cfg`` (the benchmark reshapes clients' data).
     """
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg)
     prepare_run_dir(cfg, run_dir, resume)
-    fed = build(cfg) if fed is None else fed
+    kind = METHODS[cfg.method.name]
+    fed = build(cfg, task=kind.task, adapter=kind.adapter) if fed is None else fed
     write_environment(fed, run_dir)
     write_partition(fed, run_dir)
     fc = cfg.federation
-    method = build_method(cfg, fed)
-    state, server = initial_server_state(fed, run_dir, resume)
+    method = kind(cfg, fed)
+    state, server = initial_state(method, run_dir, resume)
     sizes = np.array([len(ix) for ix in fed.client_indices])
+    bar = tqdm(range(server.round + 1, fc.rounds + 1), total=fc.rounds, initial=server.round,
+               desc="rounds", disable=not progress)
+    link = transport(method) if transport is not None else InProcess(method, cfg.run.seed, bar)
+    link.connect(fc.num_clients)
 
-    bar = tqdm(range(server["round"] + 1, fc.rounds + 1), total=fc.rounds,
-               initial=server["round"], desc="rounds", disable=not progress)
     for rnd in bar:
         t0 = time.perf_counter()
         # --- SELECTION ---
         selected = select_clients(cfg, sizes, server, rnd)
 
-        # --- LOCAL TRAINING: each client receives the serialized global state ---
-        down = encode(state)
-        blobs = {}
-        for cid in selected:
-            result = method.local(decode(down), fed.client_indices[cid],
-                                  client_seed(cfg.run.seed, rnd, cid))
-            blobs[cid] = method.encode(result)
+        # --- LOCAL WORK: each selected client gets its downlink, returns an update ---
+        downlinks = {cid: encode(method.downlink(state, cid)) for cid in selected}
+        exchange = link.train(rnd, downlinks)
 
         # --- AGGREGATION of the valid updates, in client-id order ---
-        state, valid, rejected = aggregate_payloads(method, state, blobs, server, cfg, rnd)
+        valid, rejected = decode_updates(method, state, exchange.replies, sizes, rnd)
+        if len(valid) >= fc.min_valid_updates:
+            state = method.aggregate(state, valid, fc.server_lr)
+            server = after_training(server, valid)
+        else:
+            log.warning("round %d: %d valid updates < federation.min_valid_updates=%d; global "
+                        "model unchanged", rnd, len(valid), fc.min_valid_updates)
 
         # --- EVALUATION of the global model ---
-        scores = evaluate_global(cfg, fed, state, rnd, server)
-        record = round_record(rnd, selected, rejected, valid, scores,
-                              [len(blobs[c]) for c in selected], [len(down)] * len(selected))
+        scores = evaluate_global(method, cfg, state, rnd)
+        if scores.get("eval_loss") is not None:
+            server = replace(server, global_loss=scores["eval_loss"])
+
+        # --- RECORD and CHECKPOINT ---
+        record = round_record(rnd, selected, sorted(rejected), valid, scores, exchange,
+                              downlinks)
+        record.update(exchange.record)
         record["wall_s"] = time.perf_counter() - t0
         if observe is not None:
             record["observed"] = observe(rnd, state, method)
         append_metrics(run_dir, record)
-        server["round"] = rnd
-        save_checkpoint(run_dir, state, server)
-        if scores["accuracy"] is not None:
-            bar.set_postfix(acc=f"{scores['accuracy']:.3f}", loss=f"{scores['eval_loss']:.3f}")
+        server = replace(server, round=rnd)
+        save_checkpoint(run_dir, state, server.to_json())
+        link.report(record)
 
-    return finish_run(cfg, run_dir, state)
+    return finish_run(method, cfg, run_dir, state)

@@ -15,7 +15,7 @@ from fedprune.config import ExperimentConfig, load_config
 from fedprune.sim.runner import Observer, run
 
 SMOKE = ("data.max_samples=96", "data.max_length=32", "federation.num_clients=4",
-         "federation.rounds=2", "method.importance_samples=8", "federation.eval_batch_size=32")
+         "federation.rounds=2", "method.aoh.importance_samples=8", "federation.eval_batch_size=32")
 
 AOH = ("method.name='aoh'", "federation.selection='loss'")
 
@@ -30,21 +30,22 @@ class Variant:
 def ablation() -> list[Variant]:
     """Paper Table 1: B1, B2, AoH x random / loss selection at 90 % sparsity, plus AoH with
     structural pruning (measured compute)."""
-    s = ("method.sparsity=0.9",)
+    s = ("method.aoh.sparsity=0.9",)
     return [
         Variant("B1-fedavg", ("method.name='fedavg'", "federation.selection='random'")),
         Variant("B2-random-heads", ("method.name='random_heads'",
-                                    "federation.selection='random'", *s)),
+                                    "federation.selection='random'",
+                                    "method.random_heads.sparsity=0.9")),
         Variant("AoH-random-sel", ("method.name='aoh'", "federation.selection='random'", *s)),
         Variant("AoH-loss-sel", (*AOH, *s)),
-        Variant("AoH-loss-sel-structural", (*AOH, *s, "method.mode='structural'")),
+        Variant("AoH-loss-sel-structural", (*AOH, *s, "method.aoh.mode='structural'")),
     ]
 
 
 def sparsity() -> list[Variant]:
     """Paper Fig. 4: AoH (loss selection) at s = 0, 50, 70, 90, 95 %, both pruning modes."""
     return [Variant(f"AoH-{mode}-s{round(100 * s):02d}",
-                    (*AOH, f"method.sparsity={s}", f"method.mode='{mode}'"))
+                    (*AOH, f"method.aoh.sparsity={s}", f"method.aoh.mode='{mode}'"))
             for mode in ("adapter", "structural") for s in (0.0, 0.5, 0.7, 0.9, 0.95)]
 
 
@@ -58,7 +59,7 @@ def noniid() -> list[Variant]:
     return [Variant(f"{method}-{part}", (*extra, *p), observe=method == "AoH")
             for part, p in PARTITIONS.items()
             for method, extra in (("FedAvg", ("method.name='fedavg'",)),
-                                  ("AoH", (*AOH, "method.sparsity=0.9")))]
+                                  ("AoH", (*AOH, "method.aoh.sparsity=0.9")))]
 
 
 SUITES: dict[str, Callable[[], list[Variant]]] = {

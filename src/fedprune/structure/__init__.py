@@ -11,7 +11,7 @@ from fedprune.structure.attention import (
     features,
     projection_names,
 )
-from fedprune.structure.importance import ImportanceAccumulator, head_importance, kv_importance
+from fedprune.structure.importance import ImportanceAccumulator, head_importance
 
 __all__ = [
     "SUPPORTED_FAMILIES",
@@ -24,6 +24,5 @@ __all__ = [
     "describe",
     "features",
     "head_importance",
-    "kv_importance",
     "projection_names",
 ]

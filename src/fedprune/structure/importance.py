@@ -30,7 +30,7 @@ from transformers import PreTrainedModel
 
 from fedprune.structure.attention import AttentionModule, ModelStructure, StructureError
 
-__all__ = ["ImportanceAccumulator", "head_importance", "kv_importance"]
+__all__ = ["ImportanceAccumulator", "head_importance"]
 
 # family -> index of the (B, H, Tq, Tk) probabilities in its attention module's output tuple
 _PROBS_INDEX: dict[str, int] = {
@@ -103,7 +103,7 @@ def head_importance(
 
     Runs under no_grad in eval mode with eager attention, and restores the attention
     implementation, each module's train/eval mode and the hooks afterwards, also on errors.
-    Returns attention path -> α (n_heads,) float32 on the CPU (query heads; see `kv_importance`).
+    Returns attention path -> α (n_heads,) float32 on the CPU (query heads; a KV unit under GQA weighs its group's max: methods/heads.py).
     """
     accumulators = {a.path: ImportanceAccumulator(a.n_heads) for a in structure.attention}
     current: dict[str, _Masks] = {}  # stack -> masks of the batch being run
@@ -115,18 +115,6 @@ def head_importance(
             current.update(_stream_masks(inputs, structure, special_ids, exclude_key_ids))
             model(**inputs, output_attentions=False, use_cache=False)
     return {path: acc.finalize() for path, acc in accumulators.items()}
-
-
-def kv_importance(alpha: torch.Tensor, group_size: int) -> torch.Tensor:
-    """GQA: a KV head's importance is the max of α over its query heads.
-
-    alpha (n_heads,) -> (n_heads // group_size,); query head h uses KV head h // group_size.
-    """
-    if group_size < 1 or alpha.dim() != 1 or alpha.numel() % group_size:
-        raise ValueError(
-            f"alpha of shape {tuple(alpha.shape)} cannot be split into groups of {group_size}"
-        )
-    return alpha.view(-1, group_size).amax(-1)  # (n_kv_heads,)
 
 
 # --- masks ----------------------------------------------------------------------------------

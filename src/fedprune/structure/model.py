@@ -73,6 +73,11 @@ def resolve(name: str, cache_dir: Path) -> str:
     return name
 
 
+def load_tokenizer(path: str):
+    """The tokenizer of a resolved model path (see `resolve`)."""
+    return AutoTokenizer.from_pretrained(path)
+
+
 def load_backbone(name: str, *, task: str, num_labels: int, attn_implementation: str,
                   seed: int, cache_dir: Path) -> torch.nn.Module:
     """A pretrained model with a freshly (seeded) initialised task head."""

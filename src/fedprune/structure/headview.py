@@ -1,18 +1,9 @@
-"""Attention heads of the trainable parameters (head map) and structural head pruning.
+"""Structural head pruning: a temporary view of the one backbone without the pruned heads.
 
-AoH (Venkatesha, Kundu, Panda: *Assortment of Attention Heads*) prunes attention heads per
-client (Eq. 7) and aggregates head slices with importance weights (Eq. 8). Both need to know
-which coordinates of the trainable tensors Φ belong to which head:
-
-* `head_units` maps every head of every attention module to its slices of the LoRA tensors:
-  rows `offset + h*d : offset + (h+1)*d` of LoRA **B** of q/k/v (B is [out, r]) and columns
-  `h*d : (h+1)*d` of LoRA **A** of o (A is [r, in]). LoRA A of q/k/v and LoRA B of o are shared
-  by all heads and not head-mapped. Under GQA a query unit holds q rows + o columns of query
-  head h and a KV unit holds k and v rows of KV head g.
-* `unit_mask` turns per-client kept query heads into boolean masks over those tensors.
-* `structural_view` (pruning mode `structural`) slices the pruned heads out of the model for
-  the duration of a `with` block, so the local forward and backward really compute less, and
-  restores the shared backbone exactly afterwards.
+`structural_view` (AoH pruning mode `structural`, DESIGN "Pruning (Eq. 7)") slices the pruned
+heads out of the model for the duration of a `with` block, so the local forward and backward
+really compute less, and restores the shared backbone exactly afterwards (through patch.py).
+Which heads are kept comes from headmap.py (`structural_keep`).
 
 Everything is derived from `ModelStructure` (module paths + fused offsets, asserted by
 `attention.describe`); the only per-family knowledge here is `_VIEW_FAMILIES`: which head-count
@@ -22,7 +13,6 @@ attributes each family's attention module keeps, and T5's shared relative positi
 from __future__ import annotations
 
 import inspect
-import re
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -30,194 +20,14 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from transformers.cache_utils import Cache
 from transformers.pytorch_utils import Conv1D
 
 from fedprune.structure.attention import AttentionModule, ModelStructure
+from fedprune.structure.headmap import structural_keep
+from fedprune.structure.patch import Patcher, base_layer, bias_only, patched
 
-__all__ = [
-    "HeadSlice",
-    "HeadUnit",
-    "StructuralView",
-    "head_units",
-    "structural_keep",
-    "structural_view",
-    "unit_mask",
-]
-
-
-# --- head map -------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class HeadSlice:
-    """Coordinates `start:stop` along `dim` of trainable tensor `key` (a parameter path).
-
-    dim 0: rows (LoRA B of q/k/v, [out, r]); dim 1: columns (LoRA A of o, [r, in]).
-    """
-
-    key: str
-    dim: int
-    start: int
-    stop: int
-
-
-@dataclass(frozen=True)
-class HeadUnit:
-    """The trainable coordinates owned by one head of one attention module.
-
-    kind "query": rows of q's LoRA B and columns of o's LoRA A of query head `index`.
-    kind "kv": rows of k's and v's LoRA B of KV head `index` (MHA: one per query head; GQA:
-    one per group). `query_heads` are the query heads the unit serves: `(index,)` for a query
-    unit, the group `g*G .. (g+1)*G - 1` for a KV unit (G = group size); a KV unit is kept
-    when any of them is kept, and its importance is their max (DESIGN "Head map").
-    """
-
-    path: str
-    index: int
-    kind: str
-    slices: tuple[HeadSlice, ...]
-    query_heads: tuple[int, ...]
-
-
-# parameter path -> (module path, "lora_A" | "lora_B", adapter name, "weight" | "bias")
-_LORA_KEY = re.compile(
-    r"(?P<module>.+)\.(?P<part>lora_[AB])\.(?P<adapter>[^.]+)\.(?P<leaf>weight|bias)"
-)
-
-
-def head_units(params: Mapping[str, Tensor], structure: ModelStructure) -> list[HeadUnit]:
-    """Every head's slices of the LoRA tensors in `params` (keys as `trainable_parameters`).
-
-    Only tensors present in `params` are mapped (LoRA on q and v only -> units hold only
-    those). Order: attention modules as in `structure`, then query units 0..H-1, then KV units
-    0..KV-1; units with no slice are left out. Asserts that every slice is in bounds, that no
-    two units overlap, and that the units tile the mapped dimension of every tensor exactly
-    (each LoRA B row of q/k/v and each LoRA A column of o belongs to exactly one head).
-    """
-    lora = _lora_index(params)
-    units: list[HeadUnit] = []
-    for attn in structure.attention:
-        units += _units_of(attn, lora)
-    _check_units(units, params)
-    return units
-
-
-def unit_mask(
-    units: list[HeadUnit], keep_query: Mapping[str, Tensor], params: Mapping[str, Tensor]
-) -> dict[str, Tensor]:
-    """Boolean masks, one per head-mapped tensor, True where a kept unit owns the coordinate.
-
-    `keep_query[path]` is a bool [n_heads] of kept query heads per attention module. A KV unit
-    is kept when any query head of its group is kept (GQA). Coordinates of shared,
-    non-head-mapped tensors (LoRA A of q/k/v, LoRA B of o, task head) are not in the result;
-    callers handle them.
-    """
-    n_heads = _heads_per_path(units)
-    masks = {s.key: torch.zeros(params[s.key].shape, dtype=torch.bool,
-                                device=params[s.key].device)
-             for u in units for s in u.slices}
-    for path, n in n_heads.items():
-        _check_keep_vector(path, keep_query.get(path), n)
-    for unit in units:
-        if bool(keep_query[unit.path][list(unit.query_heads)].any()):
-            for s in unit.slices:
-                masks[s.key].narrow(s.dim, s.start, s.stop - s.start).fill_(True)
-    return masks
-
-
-def _lora_index(params: Mapping[str, Tensor]) -> dict[tuple[str, str], list[str]]:
-    """(module path, "lora_A" | "lora_B") -> LoRA parameter paths in `params`, in order."""
-    index: dict[tuple[str, str], list[str]] = {}
-    for key in params:
-        match = _LORA_KEY.fullmatch(key)
-        if match is not None:
-            index.setdefault((match["module"], match["part"]), []).append(key)
-    return index
-
-
-def _units_of(attn: AttentionModule, lora: dict[tuple[str, str], list[str]]) -> list[HeadUnit]:
-    """Query units then KV units of one attention module."""
-    d = attn.head_dim
-
-    def rows(name: str, head: int) -> list[HeadSlice]:  # LoRA B (and its bias) of q/k/v
-        proj = getattr(attn, name)
-        start = proj.offset + head * d
-        keys = lora.get((proj.module, "lora_B"), [])
-        return [HeadSlice(key, 0, start, start + d) for key in keys]
-
-    def cols(head: int) -> list[HeadSlice]:  # LoRA A of o: [r, in], in = H*d
-        keys = [k for k in lora.get((attn.o.module, "lora_A"), []) if k.endswith(".weight")]
-        return [HeadSlice(key, 1, head * d, (head + 1) * d) for key in keys]
-
-    units = [
-        HeadUnit(attn.path, h, "query", tuple(rows("q", h) + cols(h)), (h,))
-        for h in range(attn.n_heads)
-    ]
-    g_size = attn.group_size
-    units += [
-        HeadUnit(attn.path, g, "kv", tuple(rows("k", g) + rows("v", g)),
-                 tuple(range(g * g_size, (g + 1) * g_size)))
-        for g in range(attn.n_kv_heads)
-    ]
-    return [u for u in units if u.slices]
-
-
-def _check_units(units: list[HeadUnit], params: Mapping[str, Tensor]) -> None:
-    """Assert bounds, one dim per tensor, no overlap, and exact tiling of the mapped dim."""
-    spans: dict[str, list[tuple[int, int, int]]] = {}  # key -> [(start, stop, dim)]
-    for unit in units:
-        for s in unit.slices:
-            size = params[s.key].shape[s.dim]
-            assert 0 <= s.start < s.stop <= size, f"{s} out of bounds (size {size})"
-            spans.setdefault(s.key, []).append((s.start, s.stop, s.dim))
-    for key, parts in spans.items():
-        parts.sort()
-        dims = {dim for _, _, dim in parts}
-        assert len(dims) == 1, f"{key}: head-mapped along several dims {sorted(dims)}"
-        covered = 0
-        for start, stop, _ in parts:
-            assert start == covered, f"{key}: head slices overlap or leave a gap at {covered}"
-            covered = stop
-        size = params[key].shape[parts[0][2]]
-        assert covered == size, f"{key}: head slices cover {covered} of {size}"
-
-
-def _heads_per_path(units: list[HeadUnit]) -> dict[str, int]:
-    """Number of query heads per attention path, from the units (they cover every head)."""
-    n: dict[str, int] = {}
-    for unit in units:
-        n[unit.path] = max(n.get(unit.path, 0), max(unit.query_heads) + 1)
-    return n
-
-
-def _check_keep_vector(path: str, keep: Tensor | None, n_heads: int) -> None:
-    if keep is None:
-        raise KeyError(f"keep_query has no entry for attention module {path!r}")
-    if keep.dtype != torch.bool or keep.shape != (n_heads,):
-        raise ValueError(f"keep_query[{path!r}] must be a bool tensor of shape ({n_heads},); "
-                         f"got {keep.dtype} {tuple(keep.shape)}")
-
-
-# --- kept heads under GQA -------------------------------------------------------------------
-
-
-def structural_keep(
-    structure: ModelStructure, keep_query: Mapping[str, Tensor]
-) -> dict[str, Tensor]:
-    """The query heads `structural_view` actually keeps: bool [n_heads] per attention module.
-
-    Under GQA the structural granularity is the KV group: a group is kept when any of its query
-    heads is kept, and then all its query heads are kept (the family forwards pair query head
-    h with KV head h // G by a uniform `repeat_kv`, so a kept group cannot drop some of its
-    query heads without a custom attention kernel). Without GQA this is `keep_query` itself.
-    """
-    out = {}
-    for attn in structure.attention:
-        keep = keep_query.get(attn.path)
-        _check_keep_vector(attn.path, keep, attn.n_heads)
-        groups = keep.reshape(attn.n_kv_heads, attn.group_size).any(dim=1)  # (KV,)
-        out[attn.path] = groups.repeat_interleave(attn.group_size)
-    return out
+__all__ = ["StructuralView", "structural_view"]
 
 
 # --- structural view: family table ----------------------------------------------------------
@@ -285,7 +95,8 @@ def _t5_full_bias(core: nn.Module, n_heads: int, arguments: dict[str, Any]) -> T
     """What `T5Attention.forward` computes for position_bias=None, for all `n_heads` heads."""
     hidden = arguments["hidden_states"]
     source = arguments["key_value_states"]
-    cache = arguments["past_key_values"]
+    # the KV cache by type, not by keyword: transformers renamed it (past_key_values -> cache)
+    cache = next((v for v in arguments.values() if isinstance(v, Cache)), None)
     past = cache.get_seq_length(core.layer_idx) if cache is not None else 0
     q_len = hidden.shape[1]
     k_len = source.shape[1] if source is not None else past + q_len
@@ -328,39 +139,7 @@ _VIEW_FAMILIES: dict[str, _ViewFamily] = {
 }
 
 
-# --- structural view: patching and slicing --------------------------------------------------
-
-
-_ABSENT = object()
-
-
-class _Patcher:
-    """Sets attributes (parameters, plain attributes, instance `forward`s) and undoes every
-    change in reverse order, restoring the very objects that were there before."""
-
-    def __init__(self) -> None:
-        self._undo: list[tuple[Any, str, Any]] = []
-
-    def set(self, obj: Any, name: str, value: Any) -> None:
-        if name == "forward":  # an instance attribute shadowing the class method
-            self._undo.append((obj, name, obj.__dict__.get(name, _ABSENT)))
-            obj.__dict__[name] = value
-        else:
-            self._undo.append((obj, name, getattr(obj, name, _ABSENT)))
-            setattr(obj, name, value)
-
-    def restore(self) -> None:
-        while self._undo:
-            obj, name, old = self._undo.pop()
-            if name == "forward":
-                if old is _ABSENT:
-                    del obj.__dict__[name]
-                else:
-                    obj.__dict__[name] = old
-            elif old is _ABSENT:
-                delattr(obj, name)
-            else:
-                setattr(obj, name, old)
+# --- structural view: slicing --------------------------------------------------------------
 
 
 @dataclass
@@ -405,10 +184,10 @@ def _sliced(param: Tensor, dim: int, index: Tensor) -> nn.Parameter:
 
 
 class _Slicer:
-    """Replaces parameters by sliced copies through a `_Patcher`, remembering for each one
+    """Replaces parameters by sliced copies through a `Patcher`, remembering for each one
     its path and the (dim, index) it keeps, so trained values can be scattered back."""
 
-    def __init__(self, patcher: _Patcher, names: dict[int, str]) -> None:
+    def __init__(self, patcher: Patcher, names: dict[int, str]) -> None:
         self.patcher = patcher
         self.names = names  # id(original parameter) -> parameter path
         self.kept: dict[str, tuple[int, Tensor]] = {}  # path -> (dim, kept index)
@@ -428,7 +207,7 @@ class _Slicer:
         projection: rows = output features, cols = input features."""
         rows, cols = cut.row_index(), cut.cols
         assert rows is None or cols is None, "a module is q/k/v (rows) or o (cols), not both"
-        base = _base_layer(module)
+        base = base_layer(module)
         conv = isinstance(base, Conv1D)  # weight [in, out] instead of Linear's [out, in]
         self.cut(base, "weight", 1 if conv else 0, rows)
         self.cut(base, "weight", 0 if conv else 1, cols)
@@ -439,7 +218,7 @@ class _Slicer:
         for attr, value in features.items():
             self.patcher.set(base, attr, int(value))
         if conv and n_in == 0:  # Conv1D's x.view(-1, 0) fails on an empty input
-            self.patcher.set(base, "forward", _bias_only(base))
+            self.patcher.set(base, "forward", bias_only(base))
         if base is not module:
             self._lora(module, rows, cols, int(n_in), int(n_out))
 
@@ -460,24 +239,6 @@ class _Slicer:
             self.patcher.set(lora_a, "in_features", n_in)
         self.patcher.set(layer, "in_features", n_in)
         self.patcher.set(layer, "out_features", n_out)
-
-
-def _bias_only(base: Conv1D) -> Callable[[Tensor], Tensor]:
-    """Conv1D with zero input features: its output is its bias, (*, nf)."""
-
-    def forward(x: Tensor) -> Tensor:
-        return base.bias.expand(*x.shape[:-1], base.nf).contiguous()
-
-    return forward
-
-
-def _base_layer(module: nn.Module) -> nn.Module:
-    """The Linear / Conv1D under a peft wrapper (the module itself when not wrapped)."""
-    base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
-    if not isinstance(base, nn.Linear | Conv1D):
-        raise NotImplementedError(f"structural_view slices Linear or Conv1D projections; "
-                                  f"found {type(base).__name__}")
-    return base
 
 
 # --- structural view: public API ------------------------------------------------------------
@@ -558,8 +319,7 @@ def structural_view(
     kept = structural_keep(structure, keep_query)
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     names = {id(p): n for n, p in model.named_parameters()}
-    patcher = _Patcher()
-    try:
+    with patched() as patcher:
         patcher.set(model, "_fedprune_structural_view", True)
         slicer = _Slicer(patcher, names)
         for module, cut in _cuts(structure, kept).items():
@@ -569,11 +329,9 @@ def structural_view(
         params = {n: slicer.new.get(n, p) for n, p in trainable.items()}
         kept_trainable = {n: slicer.kept[n] for n in params if n in slicer.kept}
         yield StructuralView(params, kept, kept_trainable)
-    finally:
-        patcher.restore()
 
 
-def _adapt_core(patcher: _Patcher, model: nn.Module, family: _ViewFamily,
+def _adapt_core(patcher: Patcher, model: nn.Module, family: _ViewFamily,
                 attn: AttentionModule, heads: Tensor) -> None:
     """Set the attention module's head-count attributes (and forward adapter) for its kept
     heads. The attention module is the parent of the q projection (BERT: `attention.self`)."""
@@ -583,7 +341,7 @@ def _adapt_core(patcher: _Patcher, model: nn.Module, family: _ViewFamily,
     for attr, value in family.attrs.items():
         if not hasattr(core, attr):
             raise AttributeError(f"{attn.path}: {type(core).__name__} has no attribute {attr!r} "
-                                 f"(heads.py _VIEW_FAMILIES is out of date for this version)")
+                                 f"(headview.py _VIEW_FAMILIES is out of date for this version)")
         patcher.set(core, attr, value(geometry))
     if family.forward is not None:
         forward = family.forward(core, core.forward, attn, heads.nonzero().flatten())

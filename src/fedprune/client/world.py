@@ -1,4 +1,5 @@
-"""Everything a run needs before its first round: data, partitions, the one backbone."""
+"""The world every client of a run computes in, built once per process: tokenized data,
+partitions and the one shared backbone (DESIGN.md "Performance rules")."""
 
 from __future__ import annotations
 
@@ -9,13 +10,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import AutoTokenizer
 
-from fedprune.compute import attn_implementation, prepare_compute, resolve_dtype
 from fedprune.config import ExperimentConfig
 from fedprune.core.update import State
 from fedprune.data import load_source, pad_batch, partition, tokenize_cached, train_val_split
-from fedprune.structure.model import apply_lora, load_backbone, resolve, trainable_parameters
+from fedprune.structure.compute import attn_implementation, prepare_compute, resolve_dtype
+from fedprune.structure.model import (
+    apply_lora,
+    load_backbone,
+    load_tokenizer,
+    resolve,
+    trainable_parameters,
+)
 
 
 @dataclass
@@ -55,11 +61,19 @@ def load_data(cfg: ExperimentConfig, tokenizer) -> tuple[list[dict], list[dict],
     return rows[0], rows[1], names
 
 
-def build(cfg: ExperimentConfig) -> Federation:
+WORLDS = {("classification", "lora")}  # (task, adapter) pairs `build` makes so far
+
+
+def build(cfg: ExperimentConfig, task: str = "classification", adapter: str | None = "lora"
+          ) -> Federation:
+    """The world of a method that does ``task`` and trains ``adapter`` (its class says)."""
+    if (task, adapter) not in WORLDS:
+        raise NotImplementedError(f"`method.name` = {cfg.method.name!r} needs task {task!r} "
+                                  f"with adapter {adapter!r}, which fedprune cannot build yet")
     torch.set_num_threads(cfg.run.num_threads or os.cpu_count() or 1)
     cache = cache_dir(cfg)
     path = resolve(cfg.model.name, cache)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = load_tokenizer(path)
     train_rows, val_rows, names = load_data(cfg, tokenizer)
     labels = np.array([r["label"] for r in train_rows])
     p = cfg.partition

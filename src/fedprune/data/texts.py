@@ -1,0 +1,126 @@
+"""Plain prose for perplexity and pruning calibration: the bundled books and local text files.
+
+The books are four public-domain novels by Jane Austen (from Debian's r-cran-janeaustenr),
+shipped gzip-compressed inside this package so that users need nothing outside it.
+
+Deterministic split (`PARTS`): a book is cut into paragraphs (runs of non-blank lines
+separated by blank lines; the hard-wrapped lines of a paragraph are joined with one space).
+With n paragraphs, paragraphs [0, floor(0.8 n)) are "calibration", [floor(0.8 n),
+floor(0.9 n)) "validation" and [floor(0.9 n), n) "test": contiguous, in reading order,
+never overlapping, identical on every machine and run. FedSpaLLM clients draw calibration
+blocks from the first part; perplexity is reported on the last.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.resources
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedprune.data.sources import DataError
+
+BOOKS_PACKAGE = "fedprune.data"
+BOOKS_FOLDER = "books"
+BOOK_SUFFIX = ".txt.gz"
+# part -> [start, end) as fractions of the book's paragraphs (see the module docstring)
+PARTS: dict[str, tuple[float, float]] = {
+    "calibration": (0.0, 0.8),
+    "validation": (0.8, 0.9),
+    "test": (0.9, 1.0),
+}
+
+
+def book_names() -> list[str]:
+    """Sorted names of the bundled books, e.g. "austen_emma" (the file name without .txt.gz)."""
+    folder = importlib.resources.files(BOOKS_PACKAGE) / BOOKS_FOLDER
+    return sorted(
+        f.name.removesuffix(BOOK_SUFFIX) for f in folder.iterdir() if f.name.endswith(BOOK_SUFFIX)
+    )
+
+
+def read_book(name: str) -> str:
+    """The full text of the bundled book `name` (one of `book_names()`), lines as shipped."""
+    names = book_names()
+    if name not in names:
+        raise DataError(f"unknown book {name!r}; bundled books: {names}")
+    resource = importlib.resources.files(BOOKS_PACKAGE) / BOOKS_FOLDER / f"{name}{BOOK_SUFFIX}"
+    return gzip.decompress(resource.read_bytes()).decode("utf-8")
+
+
+def paragraphs(text: str) -> list[str]:
+    """Paragraphs of `text`: blank-line separated, inner line breaks and runs of spaces
+    collapsed to one space, empty ones dropped."""
+    blocks = text.replace("\r\n", "\n").split("\n\n")
+    return [p for p in (" ".join(b.split()) for b in blocks) if p]
+
+
+def split_paragraphs(paras: list[str], part: str) -> list[str]:
+    """The paragraphs of `part` ("calibration" | "validation" | "test"), as in `PARTS`."""
+    if part not in PARTS:
+        raise DataError(f"unknown text part {part!r}; allowed: {list(PARTS)}")
+    lo, hi = PARTS[part]
+    n = len(paras)
+    return paras[int(lo * n):int(hi * n)]  # floor: consecutive parts share their boundary
+
+
+def book_part(name: str, part: str) -> str:
+    """The text of one part of a bundled book: its paragraphs joined by blank lines."""
+    return "\n\n".join(split_paragraphs(paragraphs(read_book(name)), part))
+
+
+def read_text_file(path: str | Path) -> str:
+    """A local UTF-8 text file (``.gz`` decompressed), for users' own calibration or test text.
+
+    Read whole rather than through ``datasets.load_dataset("text")``, which would only split
+    it into lines that we would join again.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"text file {str(path)!r} does not exist")
+    data = path.read_bytes()
+    if path.suffix.lower() == ".gz":
+        data = gzip.decompress(data)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"text file {str(path)!r} is not UTF-8 text: {exc}") from None
+
+
+def token_blocks(
+    tokenizer: Any, text: str, seq_len: int, n: int | None = None, *, where: str = "text"
+) -> torch.Tensor:
+    """Consecutive, non-overlapping blocks of `seq_len` tokens of `text`: long [blocks, seq_len].
+
+    The whole text is tokenized once without special tokens (no BOS per block, as in the
+    usual WikiText/C4 perplexity protocol) and cut from its start; the tail shorter than
+    `seq_len` is dropped. `n` = None keeps every full block, otherwise the first `n`; asking
+    for more blocks than the text holds is an error (`where` names the text in it).
+    """
+    if not isinstance(seq_len, int) or seq_len < 1:
+        raise DataError(f"`seq_len` must be an integer >= 1, got {seq_len!r}")
+    if n is not None and (not isinstance(n, int) or n < 1):
+        raise DataError(f"`n` (number of blocks) must be None or an integer >= 1, got {n!r}")
+    # verbose=False: a book is longer than model_max_length on purpose; no warning for that
+    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+    available = len(ids) // seq_len
+    if available == 0:
+        raise DataError(
+            f"{where} has {len(ids)} tokens, shorter than one sequence of seq_len={seq_len}"
+        )
+    if n is not None and n > available:
+        raise DataError(
+            f"{where} has {len(ids)} tokens = {available} blocks of seq_len={seq_len}; "
+            f"{n} were asked for"
+        )
+    count = available if n is None else n
+    return torch.tensor(ids[:count * seq_len], dtype=torch.long).view(count, seq_len)
+
+
+def text_file_blocks(
+    tokenizer: Any, path: str | Path, seq_len: int, n: int | None = None
+) -> torch.Tensor:
+    """`token_blocks` of a local text file; the errors name the file."""
+    return token_blocks(tokenizer, read_text_file(path), seq_len, n, where=f"text file {str(path)!r}")

@@ -1,0 +1,67 @@
+"""AoH (Venkatesha, Kundu, Panda: *Assortment of Attention Heads*): head importance (Eq. 6)
+on the client's data, Eq. 7 pruning, importance-weighted aggregation per head (Eq. 8)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from fedprune.client.train import load_state
+from fedprune.config import ConfigError, opt
+from fedprune.core.update import State
+from fedprune.methods.heads import HeadPruning, HeadPruningConfig
+from fedprune.structure.importance import head_importance
+
+
+@dataclass
+class AoHConfig(HeadPruningConfig):
+    _name = "method.aoh"
+    importance: str = opt("before", "Compute head scores on the received global model before "
+                          "local training (pruning can cut training compute) or after it.",
+                          ("before", "after"))
+    importance_samples: int = opt(64, "Client examples used for the importance pass (a seeded "
+                                  "subsample); 0 = all.")
+    eps: float = opt(1e-8, "epsilon of Eq. 8's denominator.")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.importance_samples < 0:
+            raise ConfigError(f"`method.aoh.importance_samples`: must be >= 0, got "
+                              f"{self.importance_samples}")
+        if self.eps < 0:
+            raise ConfigError(f"`method.aoh.eps`: must be >= 0, got {self.eps}")
+        if self.mode == "structural" and self.importance == "after":
+            raise ConfigError("`method.aoh.importance`: 'after' needs method.aoh.mode="
+                              "'adapter': structural pruning must know the kept heads before "
+                              "training")
+
+
+class AoH(HeadPruning):
+    """Scores = Eq. 6 importance alpha; a kept head's slices weigh its alpha (Eq. 8)."""
+
+    name = "aoh"
+    Config = AoHConfig
+
+    def __init__(self, cfg, fed) -> None:
+        super().__init__(cfg, fed)
+        self.importance = self.options.importance
+        self.eps = self.options.eps
+
+    def scores(self, state: State, indices: np.ndarray, seed: int) -> dict[str, torch.Tensor]:
+        fed, n = self.fed, self.options.importance_samples
+        load_state(fed.params, state)
+        if n and n < len(indices):
+            rng = np.random.default_rng(seed)
+            indices = np.sort(rng.choice(indices, size=n, replace=False))
+        rows = [fed.train_rows[i] for i in indices]
+        order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))
+        bs = self.cfg.federation.eval_batch_size
+        batches = (fed.collate([rows[i] for i in order[s:s + bs]])
+                   for s in range(0, len(order), bs))
+        return head_importance(fed.model, self.structure, batches,
+                               special_ids=fed.special_ids, exclude_key_ids=fed.exclude_key_ids)
+
+    def unit_weight(self, alpha: float, num_examples: int) -> float:
+        return alpha

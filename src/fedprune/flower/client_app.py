@@ -34,12 +34,11 @@ def federation(experiment: str) -> tuple[ExperimentConfig, Federation, Method]:
     torch / transformers are imported here, not at module level: under subprocess isolation
     every message is a fresh ClientApp process, and the query before round 1 needs none of
     them (it saves seconds per SuperNode)."""
-    from fedprune.client.world import build
     from fedprune.methods import METHODS
 
     cfg = from_dict(tomllib.loads(experiment), source="experiment sent by the ServerApp")
     kind = METHODS[cfg.method.name]
-    fed = build(cfg, task=kind.task, adapter=kind.adapter)
+    fed = kind.world(cfg)
     return cfg, fed, kind(cfg, fed)
 
 

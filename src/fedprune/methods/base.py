@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, ClassVar
 from safetensors.torch import load, save
 
 from fedprune.client.train import LocalTrainSpec, TrainStats, evaluate, load_state
-from fedprune.client.world import Federation
+from fedprune.client.world import Federation, build
 from fedprune.config import MethodOptions
 from fedprune.core.accounting import train_ops
 from fedprune.core.update import ClientUpdate, InvalidUpdate, State
@@ -63,6 +63,12 @@ class Method:
         if "name" in cls.__dict__:  # concrete methods only, not shared bases
             METHODS[cls.name] = cls
 
+    @classmethod
+    def world(cls, cfg: ExperimentConfig) -> Federation:
+        """The data and the one backbone this method's clients compute on, built once per
+        process (here: the task and adapter the class declares)."""
+        return build(cfg, task=cls.task, adapter=cls.adapter)
+
     def __init__(self, cfg: ExperimentConfig, fed: Federation) -> None:
         self.cfg = cfg
         self.options = cfg.method.own
@@ -89,8 +95,9 @@ class Method:
         """The round-0 global state (here: the trainable tensors' initial values)."""
         return self.fed.initial
 
-    def downlink(self, state: State, client_id: int) -> State:
-        """What ``client_id`` receives of the global state (here: all of it)."""
+    def downlink(self, state: State, client_id: int, rnd: int) -> State:
+        """What ``client_id`` receives of the global state in round ``rnd`` (here: all of
+        it)."""
         return state
 
     # --- client side ---

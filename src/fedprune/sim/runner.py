@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from fedprune.client.payload import decode, encode
-from fedprune.client.world import Federation, build
+from fedprune.client.world import Federation
 from fedprune.config import ConfigError, ExperimentConfig
 from fedprune.core.selection import SELECTORS, History
 from fedprune.core.update import ClientUpdate, InvalidUpdate, State, validate_update
@@ -267,7 +267,7 @@ def run(cfg: ExperimentConfig, run_dir: Path | None = None, *, resume: bool = Fa
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg)
     prepare_run_dir(cfg, run_dir, resume)
     kind = METHODS[cfg.method.name]
-    fed = build(cfg, task=kind.task, adapter=kind.adapter) if fed is None else fed
+    fed = kind.world(cfg) if fed is None else fed
     write_environment(fed, run_dir)
     write_partition(fed, run_dir)
     fc = cfg.federation
@@ -285,7 +285,7 @@ def run(cfg: ExperimentConfig, run_dir: Path | None = None, *, resume: bool = Fa
         selected = select_clients(cfg, sizes, server, rnd)
 
         # --- LOCAL WORK: each selected client gets its downlink, returns an update ---
-        downlinks = {cid: encode(method.downlink(state, cid)) for cid in selected}
+        downlinks = {cid: encode(method.downlink(state, cid, rnd)) for cid in selected}
         exchange = link.train(rnd, downlinks)
 
         # --- AGGREGATION of the valid updates, in client-id order ---

@@ -61,6 +61,11 @@ def load_data(cfg: ExperimentConfig, tokenizer) -> tuple[list[dict], list[dict],
     return rows[0], rows[1], names
 
 
+def set_threads(cfg: ExperimentConfig) -> None:
+    """torch threads: `run.num_threads`, or every core."""
+    torch.set_num_threads(cfg.run.num_threads or os.cpu_count() or 1)
+
+
 WORLDS = {("classification", "lora")}  # (task, adapter) pairs `build` makes so far
 
 
@@ -70,7 +75,7 @@ def build(cfg: ExperimentConfig, task: str = "classification", adapter: str | No
     if (task, adapter) not in WORLDS:
         raise NotImplementedError(f"`method.name` = {cfg.method.name!r} needs task {task!r} "
                                   f"with adapter {adapter!r}, which fedprune cannot build yet")
-    torch.set_num_threads(cfg.run.num_threads or os.cpu_count() or 1)
+    set_threads(cfg)
     cache = cache_dir(cfg)
     path = resolve(cfg.model.name, cache)
     tokenizer = load_tokenizer(path)

@@ -124,3 +124,71 @@ def text_file_blocks(
 ) -> torch.Tensor:
     """`token_blocks` of a local text file; the errors name the file."""
     return token_blocks(tokenizer, read_text_file(path), seq_len, n, where=f"text file {str(path)!r}")
+
+
+# --- per-client calibration text (FedSpaLLM) -------------------------------------------------
+
+CALIBRATION_SOURCES = ("books", "book", "bbc")  # or the path of a local text file
+
+
+def _deal(blocks: torch.Tensor, num_clients: int, samples: int, seed: int, where: str
+          ) -> list[torch.Tensor]:
+    """``samples`` blocks for each client, disjoint, from a seeded permutation of ``blocks``."""
+    need = num_clients * samples
+    if need > len(blocks):
+        raise DataError(f"{where} holds {len(blocks)} calibration blocks; {num_clients} "
+                        f"clients x {samples} samples need {need}")
+    order = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(seed))
+    return [blocks[order[c * samples:(c + 1) * samples]] for c in range(num_clients)]
+
+
+def calibration_blocks(tokenizer: Any, source: str, num_clients: int, samples: int,
+                       seq_len: int, seed: int) -> list[torch.Tensor]:
+    """Each client's private calibration text as long [samples, seq_len] token blocks.
+
+    ``source``: "books" — blocks of the calibration parts of all bundled books, dealt IID;
+    "book" — client c draws from book c mod 4 only (non-IID; clients sharing a book get
+    disjoint blocks); "bbc" — client c draws from BBC News articles of category c mod 5
+    (non-IID, another domain); else the path of a local text file, dealt IID. Never the
+    books' "test" part (held out for perplexity, `test_blocks`).
+    """
+    if source == "books":
+        text = "\n\n".join(book_part(b, "calibration") for b in book_names())
+        return _deal(token_blocks(tokenizer, text, seq_len, where="the books' calibration "
+                                  "parts"), num_clients, samples, seed, "the bundled books")
+    if source in ("book", "bbc"):
+        groups = (_bbc_by_category() if source == "bbc"
+                  else {b: book_part(b, "calibration") for b in book_names()})
+        names = sorted(groups)
+        per_group = [sum(1 for c in range(num_clients) if c % len(names) == g)
+                     for g in range(len(names))]
+        dealt = [_deal(token_blocks(tokenizer, groups[n], seq_len, where=f"{source} {n!r}"),
+                       k, samples, seed, f"{source} {n!r}") if k else []
+                 for n, k in zip(names, per_group, strict=True)]
+        return [dealt[c % len(names)][c // len(names)] for c in range(num_clients)]
+    if not Path(source).is_file():
+        raise DataError(f"calibration source {source!r} is none of {CALIBRATION_SOURCES} "
+                        f"and no such text file exists")
+    text = read_text_file(source)
+    return _deal(token_blocks(tokenizer, text, seq_len, where=f"text file {source!r}"),
+                 num_clients, samples, seed, f"text file {source!r}")
+
+
+def test_blocks(tokenizer: Any, n: int, seq_len: int) -> torch.Tensor:
+    """Held-out text for perplexity: long [n, seq_len], the first ceil(n / 4) blocks of each
+    bundled book's "test" part (never used for calibration), in book order."""
+    per_book = -(-n // len(book_names()))
+    parts = [token_blocks(tokenizer, book_part(b, "test"), seq_len, per_book,
+                          where=f"the test part of {b}") for b in book_names()]
+    return torch.cat(parts)[:n]
+
+
+def _bbc_by_category() -> dict[str, str]:
+    from fedprune.data.sources import load_source
+
+    ds = load_source("bbc_news")
+    names = ds.features["label"].names
+    texts: dict[str, list[str]] = {n: [] for n in names}
+    for row in ds:
+        texts[names[row["label"]]].append(row["text"])
+    return {n: "\n\n".join(t) for n, t in texts.items()}

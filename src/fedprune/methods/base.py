@@ -91,6 +91,11 @@ class Method:
         return out
 
     # --- server -> client ---
+    def plan(self, rnd: int, selected: list[int]) -> None:
+        """Server-side choices of a round, made once before any downlink (FedSpaLLM: each
+        selected client's layers). Must depend only on (config, round, selected): a resumed
+        run plans the same."""
+
     def initial_state(self) -> State:
         """The round-0 global state (here: the trainable tensors' initial values)."""
         return self.fed.initial

@@ -151,9 +151,13 @@ def write_environment(fed: Federation, run_dir: Path) -> None:
 
 
 def write_partition(fed: Federation, run_dir: Path) -> None:
-    labels = np.array([r["label"] for r in fed.train_rows])
-    summary = partition_summary(fed.client_indices, labels, len(fed.label_names))
-    summary["label_names"] = fed.label_names
+    """partition.json: per-client sizes (and label histograms when the rows have labels)."""
+    if fed.label_names:
+        labels = np.array([r["label"] for r in fed.train_rows])
+        summary = partition_summary(fed.client_indices, labels, len(fed.label_names))
+        summary["label_names"] = fed.label_names
+    else:
+        summary = {"sizes": [len(ix) for ix in fed.client_indices]}
     (run_dir / "partition.json").write_text(json.dumps(summary))
     sizes = summary["sizes"]
     log.info("partition: %d clients, sizes min %d / mean %.1f / max %d; validation %d examples",
@@ -285,6 +289,7 @@ def run(cfg: ExperimentConfig, run_dir: Path | None = None, *, resume: bool = Fa
         selected = select_clients(cfg, sizes, server, rnd)
 
         # --- LOCAL WORK: each selected client gets its downlink, returns an update ---
+        method.plan(rnd, selected)
         downlinks = {cid: encode(method.downlink(state, cid, rnd)) for cid in selected}
         exchange = link.train(rnd, downlinks)
 

@@ -267,3 +267,13 @@ def layer_io(model: nn.Module, batches: Iterable[Mapping[str, Tensor]],
     if not states[0]:
         raise ValueError("layer_io: `batches` is empty")
     return [torch.cat(h)[:max_tokens] for h in states]
+
+
+def layer_linears(model: nn.Module) -> dict[str, tuple[int, nn.Linear]]:
+    """Every `nn.Linear` inside a decoder layer (Llama: q, k, v, o, gate, up, down), keyed by
+    its weight's parameter path, with its layer index — what FedSpaLLM prunes. Norms,
+    biases, embeddings and the (tied) LM head are not in it."""
+    path, layers = decoder_layers(model)
+    return {f"{path}.{i}.{name}.weight": (i, module)
+            for i, layer in enumerate(layers)
+            for name, module in layer.named_modules() if isinstance(module, nn.Linear)}

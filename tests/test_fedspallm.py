@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from fedprune.config import ConfigError, load_config
 from fedprune.core.sparsity import is_nm_sparse, layer_budget
@@ -18,24 +17,11 @@ from fedprune.core.update import ClientUpdate, InvalidUpdate
 from fedprune.data.sources import DataError
 from fedprune.methods.fedspallm import FedSpaLLM, pack, unpack
 from fedprune.sim import runner
-from fedprune.structure.model import smollm2_path
-
-CACHE = Path.home() / ".cache" / "fedprune"
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    """A 4-layer random Llama (hidden 64, GQA 4/2 heads) with SmolLM2's tokenizer."""
-    out = tmp_path_factory.mktemp("tiny-llama")
-    tok = AutoTokenizer.from_pretrained(smollm2_path(CACHE))
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tok),
-                         tie_word_embeddings=True, pad_token_id=tok.pad_token_id,
-                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    LlamaForCausalLM(config).save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
+@pytest.fixture
+def tiny(tiny_llama) -> Path:
+    return tiny_llama
 
 
 def cfg_of(tiny, *extra):
@@ -201,3 +187,20 @@ def test_non_iid_calibration_sources(tiny):
         held_out = {tuple(r["input_ids"].tolist()) for r in fed.val_rows}
         assert not held_out & set(rows)
     assert books.train_rows[0]["input_ids"].tolist() != bbc.train_rows[0]["input_ids"].tolist()
+
+
+def test_suite_report_on_a_tiny_model(tiny, tmp_path):
+    from fedprune.sim.suites import run_suite
+
+    out = tmp_path / "suite"
+    for only in ("dense", "C4-s50-*"):
+        report = run_suite("fedspallm", None, [f"model.name='{tiny}'"], out, smoke=True,
+                           progress=False, only=only)
+    text = report.read_text()
+    for label in ("dense", "C4-s50-l0", "C4-s50-fedavg", "C4-s50-fedavg_reprune",
+                  "C4-s50-centralized", "C4-s50-alone"):
+        assert f"| {label} |" in text, label
+    alone = json.loads((out / "C4-s50-alone" / "reference.json").read_text())
+    assert len(alone["perplexities"]) == 4 and alone["worst_perplexity"] == max(
+        alone["perplexities"])
+    assert (out / "perplexity_sparsity.png").stat().st_size > 10_000

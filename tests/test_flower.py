@@ -334,6 +334,31 @@ def test_flower_run_equals_the_in_process_run(flower_run, reference):
     assert_same_run(reference, flower_run.run_dir)
 
 
+# --- FedSpaLLM on real SuperLink / SuperNodes (tiny Llama, 2 clients) ------------------------
+
+def test_fedspallm_on_supernodes_equals_the_in_process_run(tiny_llama, tmp_path):
+    """The FedSpaLLM strategy is the same loop: sampled layers go down with the model's
+    changed matrices, sparse pruned layers come up, the server's l0 mean + expansion gives the
+    in-process result."""
+    overrides = [f'model.name="{tiny_llama}"', "method.name=fedspallm",
+                 "federation.num_clients=2", "federation.clients_per_round=2",
+                 "federation.rounds=2", "method.fedspallm.samples=4",
+                 "method.fedspallm.seq_len=32", "method.fedspallm.eval_samples=4",
+                 "run.num_threads=1"]
+    cfg = load_config(None, overrides)
+    reference = SimpleNamespace(cfg=cfg, run_dir=runner.run(cfg, tmp_path / "in-process",
+                                                            progress=False))
+    run_dir = tmp_path / "flower-run"
+    with federation(tmp_path, 2, tls=False) as fed:
+        log = flwr_run(fed, [(f"overrides='{'; '.join(overrides)}' run-dir='{run_dir}' "
+                             "reply-timeout=240.0 connect-timeout=120.0")])
+    assert (run_dir / "global.safetensors").is_file(), log[-4000:]
+    assert_same_run(reference, run_dir)
+    recs = records(run_dir)
+    assert recs[0]["bytes_down"][0] < 200 < recs[1]["bytes_down"][0]  # round 2 sends changes
+    assert all(r["train_loss"] is None and r["perplexity"] > 1 for r in recs)
+
+
 # --- Flower's simulation engine (Ray): the same apps, 2 virtual SuperNodes --------------------
 
 def test_flwr_run_on_the_simulation_engine_equals_the_in_process_run(reference, tmp_path):

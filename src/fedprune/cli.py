@@ -79,16 +79,19 @@ def run(
 
 @app.command()
 def suite(
-    name: Annotated[str, typer.Argument(help="ablation | sparsity | noniid")],
+    name: Annotated[str, typer.Argument(help="ablation | sparsity | noniid | fedspallm")],
     overrides: Annotated[list[str] | None, typer.Argument(
         help="section.key=value overrides applied to every variant.")] = None,
-    config: Annotated[Path, typer.Option(
-        "--config", help="Base experiment TOML shared by the variants.")] = Path(
-        "configs/suite.toml"),
+    config: Annotated[Path | None, typer.Option(
+        "--config", help="Base experiment TOML shared by the variants (default: "
+        "configs/suite.toml; configs/fedspallm.toml for fedspallm).")] = None,
     out: Annotated[Path | None, typer.Option(
         "--out", help="Suite directory (default: runs/suite-<name>).")] = None,
     smoke: Annotated[bool, typer.Option(
         "--smoke", help="Tiny sizes (seconds per run) to check the pipeline.")] = False,
+    only: Annotated[str, typer.Option(
+        "--only", help="Run only the variants whose label matches this glob, e.g. 'C4-*'.")
+    ] = "*",
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
 ) -> None:
     """Run an experiment suite of the AoH paper and write its report.md and PNG figures.
@@ -98,6 +101,9 @@ def suite(
               (+ AoH structural): Table 1 and Fig. 3.
     sparsity: AoH at 0, 50, 70, 90, 95 % sparsity, adapter and structural modes: Fig. 4.
     noniid:   FedAvg and AoH on IID and Dirichlet 2.0 / 0.5 / 0.1: Table 5 and Fig. 5.
+    fedspallm: FedSpaLLM (l0 mean + mask expansion) against naive FedAvg, FedAvg +
+              re-pruning, centralized and each-client-alone pruning of SmolLM2, 4 and 8
+              clients, 50 % and 2:4, a 30 / 50 / 70 % sweep, and the dense model.
     A finished variant is reused and an interrupted one resumed when the suite is re-run.
     """
     from fedprune.data import DataError
@@ -110,7 +116,7 @@ def suite(
     quiet_libraries()
     try:
         path = run_suite(name, config, overrides or [], out or Path(f"runs/suite-{name}"),
-                         smoke=smoke, progress=not quiet)
+                         smoke=smoke, progress=not quiet, only=only)
     except (ConfigError, DataError, ModelLoadError) as e:
         _fail(str(e))
     console.print(f"report: {path}")

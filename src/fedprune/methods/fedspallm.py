@@ -70,6 +70,10 @@ class FedSpaLLMConfig(MethodOptions):
                            "client), 'bbc' (BBC News, one category per client), or a text "
                            "file path (IID).")
     samples: int = opt(16, "Calibration sequences per client.")
+    pool_clients: int = opt(0, "0: every client calibrates on its own text. N > 0: the "
+                            "centralized reference of an N-client federation — its one "
+                            "client (federation.num_clients = 1) holds all N clients' "
+                            "calibration sequences.")
     seq_len: int = opt(128, "Tokens per calibration and evaluation sequence.")
     eval_samples: int = opt(16, "Held-out sequences for perplexity (the books' test parts, "
                             "never used for calibration).")
@@ -92,6 +96,7 @@ class FedSpaLLMConfig(MethodOptions):
                   f"resource score of client {i} must be > 0 and finite, got {r}")
         check(0 <= self.resource_spread < 1, "resource_spread",
               f"must be in [0, 1), got {self.resource_spread}")
+        check(self.pool_clients >= 0, "pool_clients", f"must be >= 0, got {self.pool_clients}")
         for key in ("samples", "seq_len", "eval_samples", "batch_size"):
             check(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
 
@@ -168,10 +173,16 @@ class FedSpaLLM(Method):
                               f"layers of a decoder-only model; this model has "
                               f"{sorted(describe(model).layers)} layers")
         model.eval().requires_grad_(False)
-        clients = calibration_blocks(tokenizer, o.calibration, cfg.federation.num_clients,
-                                     o.samples, o.seq_len, cfg.run.seed)
+        n = o.pool_clients or cfg.federation.num_clients
+        if o.pool_clients and cfg.federation.num_clients != 1:
+            raise ConfigError(f"`method.fedspallm.pool_clients` = {o.pool_clients} pools "
+                              f"every client's text into one: federation.num_clients must be "
+                              f"1, got {cfg.federation.num_clients}")
+        clients = calibration_blocks(tokenizer, o.calibration, n, o.samples, o.seq_len,
+                                     cfg.run.seed)
         rows = [{"input_ids": b} for blocks in clients for b in blocks]
-        indices = [np.arange(c * o.samples, (c + 1) * o.samples) for c in range(len(clients))]
+        per = len(rows) // cfg.federation.num_clients
+        indices = [np.arange(c * per, (c + 1) * per) for c in range(cfg.federation.num_clients)]
         val = [{"input_ids": b} for b in test_blocks(tokenizer, o.eval_samples, o.seq_len)]
         weights = {k: m.weight for k, (_, m) in layer_linears(model).items()}
         initial = {k: w.detach().clone() for k, w in weights.items()}

@@ -184,4 +184,81 @@ def _write(suite_dir: Path, lines: list[str]) -> Path:
     return path
 
 
-REPORTS = {"ablation": ablation_report, "sparsity": sparsity_report, "noniid": noniid_report}
+def _fedspallm_row(suite_dir: Path, v) -> dict[str, Any] | None:
+    """One variant's figures, from its run (metrics) or its reference.json; None if absent."""
+    run_dir = suite_dir / v.label
+    if not (run_dir / "config.json").is_file():
+        return None
+    cfg = json.loads((run_dir / "config.json").read_text())
+    o = cfg["method"].get("fedspallm", {})
+    row = {"label": v.label, "clients": o.get("pool_clients") or cfg["federation"]["num_clients"]}
+    if v.kind != "dense":
+        row.update(target_sparsity=o.get("sparsity"), pattern=o.get("pattern"))
+    if v.kind != "run":
+        if not (run_dir / "reference.json").is_file():
+            return None
+        ref = json.loads((run_dir / "reference.json").read_text())
+        return {**row, "perplexity": ref["perplexity"], "worst": ref.get("worst_perplexity"),
+                "sparsity": ref["sparsity"], "prune_s": ref.get("prune_s")}
+    if not (run_dir / "global.safetensors").is_file():
+        return None
+    recs = read_metrics(run_dir)
+    last = next(r for r in reversed(recs) if r.get("perplexity") is not None)
+    clients = [m for r in recs for m in r["client_metrics"].values()]
+    ups = [b for r in recs for b in r["bytes_up"]]
+    downs = [b for r in recs for b in r["bytes_down"]]
+    return {**row, "perplexity": last["perplexity"], "sparsity": last["sparsity"],
+            "kib_up": np.mean(ups) / 1024, "kib_down": np.mean(downs) / 1024,
+            "prune_s": np.mean([m["prune_s"] for m in clients]) if clients else None,
+            "seconds": np.mean([r["wall_s"] for r in recs])}
+
+
+FEDSPALLM_COLUMNS = [("variant", "label", ""), ("clients", "clients", ""),
+                     ("pattern", "pattern", ""), ("target s", "target_sparsity", ".2f"),
+                     ("achieved s (all Linears)", "sparsity", ".4f"),
+                     ("perplexity", "perplexity", ",.2f"), ("worst client", "worst", ",.2f"),
+                     ("KiB up / client", "kib_up", ",.0f"), ("KiB down / client", "kib_down",
+                                                             ",.0f"),
+                     ("prune s / client", "prune_s", ".1f"), ("s / round", "seconds", ".1f")]
+
+
+def fedspallm_report(suite_dir: Path, variants) -> Path:
+    rows = [r for v in variants if (r := _fedspallm_row(suite_dir, v)) is not None]
+    by = {r["label"]: r for r in rows}
+    lines = ["# FedSpaLLM against its baselines", "",
+             ("Perplexity of the global (or reference) model on the held-out test parts of the "
+             "bundled books; sparsity over every decoder Linear weight (the matrices no client "
+             "sampled stay dense, so 'achieved s' can be below the target); bytes measured on "
+             "the payloads. `dense`: no pruning; `l0`: FedSpaLLM (l0 mean + mask expansion); "
+             "`fedavg`: plain mean of the pruned weights; `fedavg_reprune`: that mean, then "
+             "magnitude re-pruning; `centralized`: one client with every client's calibration "
+             "text; `alone`: each client prunes every layer on its own text (mean and worst "
+             "over the clients' models)."), "", _table(rows, FEDSPALLM_COLUMNS), ""]
+    for tag in sorted({r["label"].rsplit("-", 1)[0] for r in rows if "-" in r["label"]}):
+        get = {agg: by.get(f"{tag}-{agg}") for agg in ("l0", "fedavg_reprune", "centralized")}
+        if all(get.values()):
+            lines.append(f"- {tag}: l0 {get['l0']['perplexity']:.2f} vs FedAvg + re-prune "
+                         f"{get['fedavg_reprune']['perplexity']:.2f} at equal sparsity; "
+                         f"centralized {get['centralized']['perplexity']:.2f}")
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for agg, marker in (("l0", "o"), ("fedavg_reprune", "s"), ("centralized", "^"),
+                        ("fedavg", "x")):
+        pts = sorted((r["sparsity"], r["perplexity"]) for r in rows
+                     if r["label"].endswith(f"-{agg}") and r["label"].startswith("C4-s"))
+        if pts:
+            ax.plot(*zip(*pts, strict=True), marker=marker, label=agg)
+    if "dense" in by:
+        ax.axhline(by["dense"]["perplexity"], color="grey", linestyle="--", label="dense")
+    ax.set(xlabel="achieved sparsity (all decoder Linears)", ylabel="perplexity (held out)",
+           yscale="log", title="FedSpaLLM, 4 clients, SparseGPT, unstructured")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(suite_dir / "perplexity_sparsity.png", dpi=110)
+    plt.close(fig)
+    lines += ["", "![perplexity against sparsity](perplexity_sparsity.png)", ""]
+    return _write(suite_dir, lines)
+
+
+REPORTS = {"ablation": ablation_report, "sparsity": sparsity_report, "noniid": noniid_report,
+           "fedspallm": fedspallm_report}

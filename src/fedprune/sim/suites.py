@@ -7,8 +7,10 @@ interrupted one resumed, so re-running a suite only does the missing work.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from fnmatch import fnmatch
 from pathlib import Path
 
 from fedprune.config import ExperimentConfig, load_config
@@ -25,6 +27,7 @@ class Variant:
     label: str
     overrides: tuple[str, ...]
     observe: bool = False  # log two clients' head importance every round (noniid)
+    kind: str = "run"      # "run": a federated run; "alone" / "dense": see run_reference
 
 
 def ablation() -> list[Variant]:
@@ -62,8 +65,41 @@ def noniid() -> list[Variant]:
                                   ("AoH", (*AOH, "method.aoh.sparsity=0.9")))]
 
 
+FEDSPALLM_SMOKE = ("method.fedspallm.pruner='magnitude'", "method.fedspallm.samples=2",
+                   "method.fedspallm.seq_len=32", "method.fedspallm.eval_samples=2")
+
+
+def fedspallm() -> list[Variant]:
+    """FedSpaLLM against its baselines (issue 12, FedPrLLM's comparison): for 4 and 8
+    clients at 50 % unstructured and 2:4, the l0 mean with mask expansion, naive FedAvg of
+    the pruned weights, FedAvg + magnitude re-pruning, centralized pruning on the pooled
+    calibration data (one client holding all of it) and each client alone; a sparsity sweep
+    (30 / 50 / 70 %) at 4 clients; the dense model."""
+    out = [Variant("dense", (), kind="dense")]
+    settings = [(c, s, p) for c in (4, 8) for s, p in ((0.5, "unstructured"), (0.5, "2:4"))]
+    settings += [(4, s, "unstructured") for s in (0.3, 0.7)]
+    for clients, sparsity, pattern in settings:
+        tag = f"C{clients}-" + ("2of4" if pattern == "2:4" else f"s{round(100 * sparsity)}")
+        base = (f"federation.num_clients={clients}", f"federation.clients_per_round={clients}",
+                "federation.rounds=1", "method.name='fedspallm'",
+                f"method.fedspallm.sparsity={sparsity}", f"method.fedspallm.pattern='{pattern}'")
+        for agg in ("l0", "fedavg", "fedavg_reprune"):
+            out.append(Variant(f"{tag}-{agg}", (*base, f"method.fedspallm.aggregation='{agg}'")))
+        pooled = ("federation.num_clients=1", "federation.clients_per_round=1",
+                  f"method.fedspallm.pool_clients={clients}")
+        out.append(Variant(f"{tag}-centralized", (*base, *pooled)))
+        if sparsity == 0.5:
+            out.append(Variant(f"{tag}-alone", base, kind="alone"))
+    return out
+
+
 SUITES: dict[str, Callable[[], list[Variant]]] = {
-    "ablation": ablation, "sparsity": sparsity, "noniid": noniid}
+    "ablation": ablation, "sparsity": sparsity, "noniid": noniid, "fedspallm": fedspallm}
+BASES = {"ablation": Path("configs/suite.toml"), "sparsity": Path("configs/suite.toml"),
+         "noniid": Path("configs/suite.toml"), "fedspallm": Path("configs/fedspallm.toml")}
+SMOKES = {"fedspallm": FEDSPALLM_SMOKE}
+
+
 OBSERVED_CLIENTS = (0, 1)
 
 
@@ -79,26 +115,64 @@ def observe_importance(rnd: int, state, method) -> dict:
 
 
 def variant_config(base: Path | None, overrides: list[str], variant: Variant,
-                   smoke: bool) -> ExperimentConfig:
+                   smoke: tuple[str, ...] = ()) -> ExperimentConfig:
     """Base file, then the smoke sizes, then the user's overrides, then the variant's own
     options (they define the experiment, so nothing overrides them)."""
-    return load_config(base, [*(SMOKE if smoke else ()), *overrides, *variant.overrides,
+    return load_config(base, [*smoke, *overrides, *variant.overrides,
                               f"run.name='{variant.label}'"])
 
 
+def run_reference(cfg: ExperimentConfig, run_dir: Path, kind: str) -> None:
+    """FedSpaLLM's non-federated references, written to ``run_dir/reference.json``:
+    "dense" — the unpruned model's perplexity; "alone" — every client prunes all layers on
+    its own calibration text, and each client's model is evaluated (mean and worst)."""
+    from fedprune.methods import METHODS
+
+    kind_cls = METHODS[cfg.method.name]
+    fed = kind_cls.world(cfg)
+    method = kind_cls(cfg, fed)
+    initial = method.initial_state()
+    if kind == "dense":
+        result = method.evaluate(initial)
+    else:
+        ppl, spars, prune_s = [], [], []
+        all_layers = list(range(method.num_layers))
+        for cid in range(cfg.federation.num_clients):
+            method.sampled = {cid: all_layers}
+            local = method.local(method.downlink(initial, cid, 1), cid, seed=cid)
+            scores = method.evaluate({**initial, **local.delta})
+            ppl.append(scores["perplexity"])
+            spars.append(scores["sparsity"])
+            prune_s.append(local.metrics["prune_s"])
+        result = {"perplexities": ppl, "perplexity": sum(ppl) / len(ppl),
+                  "worst_perplexity": max(ppl), "sparsity": sum(spars) / len(spars),
+                  "prune_s": sum(prune_s) / len(prune_s)}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    (run_dir / "reference.json").write_text(json.dumps({"kind": kind, **result}, indent=1))
+
+
 def run_suite(name: str, base: Path | None, overrides: list[str], out: Path, *,
-              smoke: bool = False, progress: bool = True) -> Path:
-    """Run every variant of suite ``name`` into ``out``/<variant> and write the report."""
+              smoke: bool = False, progress: bool = True, only: str = "*") -> Path:
+    """Run every variant of suite ``name`` (labels matching ``only``) into ``out``/<variant>
+    and write the report."""
     from fedprune.report.suites import REPORTS
 
-    variants = SUITES[name]()
+    base = BASES[name] if base is None else base
+    variants = [v for v in SUITES[name]() if fnmatch(v.label, only)]
     for i, v in enumerate(variants, 1):
         run_dir = out / v.label
-        if (run_dir / "global.safetensors").is_file():
+        done = run_dir / ("global.safetensors" if v.kind == "run" else "reference.json")
+        if done.is_file():
             continue  # finished earlier
         if progress:
             print(f"[{name} {i}/{len(variants)}] {v.label}", flush=True)
+        cfg = variant_config(base, overrides, v, SMOKES.get(name, SMOKE) if smoke else ())
+        if v.kind != "run":
+            run_reference(cfg, run_dir, v.kind)
+            continue
         observer: Observer | None = observe_importance if v.observe else None
-        run(variant_config(base, overrides, v, smoke), run_dir,
-            resume=(run_dir / "metrics.jsonl").is_file(), progress=progress, observe=observer)
-    return REPORTS[name](out, variants)
+        run(cfg, run_dir, resume=(run_dir / "metrics.jsonl").is_file(), progress=progress,
+            observe=observer)
+    done = [v for v in SUITES[name]() if (out / v.label / "config.json").is_file()]
+    return REPORTS[name](out, done)  # every variant run so far, also by earlier calls

@@ -35,12 +35,11 @@ def quiet_libraries() -> None:
     """Keep the console for fedprune's own progress: no load reports or library bars."""
     import warnings
 
-    import datasets
-    import transformers
+    from fedprune.data import quiet_datasets
+    from fedprune.structure.model import quiet_transformers
 
-    datasets.disable_progress_bars()
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
+    quiet_datasets()
+    quiet_transformers()
     warnings.filterwarnings("ignore", category=FutureWarning)
 
 

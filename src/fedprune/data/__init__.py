@@ -11,6 +11,14 @@ from fedprune.data.sources import (
 )
 from fedprune.data.tokenize import cache_key, length_grouped_order, pad_batch, tokenize_cached
 
+
+def quiet_datasets() -> None:
+    """No progress bars from datasets (the CLI shows its own)."""
+    import datasets
+
+    datasets.disable_progress_bars()
+
+
 __all__ = [
     "BUNDLED",
     "HUB_LOADERS",
@@ -23,6 +31,7 @@ __all__ = [
     "pad_batch",
     "partition",
     "partition_summary",
+    "quiet_datasets",
     "tokenize_cached",
     "train_val_split",
 ]

@@ -13,6 +13,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.ticker import MaxNLocator
+from safetensors.torch import load_file
 
 from fedprune.report.metrics import read_metrics
 from fedprune.report.summary import summarize
@@ -207,7 +208,11 @@ def _fedspallm_row(suite_dir: Path, v) -> dict[str, Any] | None:
     clients = [m for r in recs for m in r["client_metrics"].values()]
     ups = [b for r in recs for b in r["bytes_up"]]
     downs = [b for r in recs for b in r["bytes_down"]]
+    final = load_file(run_dir / "global.safetensors")
+    pruned = [float((w == 0).float().mean()) for w in final.values() if (w == 0).any()]
     return {**row, "perplexity": last["perplexity"], "sparsity": last["sparsity"],
+            "matrix_s": f"{min(pruned):.4f}–{max(pruned):.4f} ({len(pruned)})" if pruned
+            else "–",
             "kib_up": np.mean(ups) / 1024, "kib_down": np.mean(downs) / 1024,
             "prune_s": np.mean([m["prune_s"] for m in clients]) if clients else None,
             "seconds": np.mean([r["wall_s"] for r in recs])}
@@ -216,6 +221,7 @@ def _fedspallm_row(suite_dir: Path, v) -> dict[str, Any] | None:
 FEDSPALLM_COLUMNS = [("variant", "label", ""), ("clients", "clients", ""),
                      ("pattern", "pattern", ""), ("target s", "target_sparsity", ".2f"),
                      ("achieved s (all Linears)", "sparsity", ".4f"),
+                     ("s per pruned matrix (n)", "matrix_s", ""),
                      ("perplexity", "perplexity", ",.2f"), ("worst client", "worst", ",.2f"),
                      ("KiB up / client", "kib_up", ",.0f"), ("KiB down / client", "kib_down",
                                                              ",.0f"),

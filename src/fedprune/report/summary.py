@@ -41,10 +41,12 @@ def summarize(run_dir: Path) -> dict[str, Any]:
     evaluated = [r for r in records if r.get(metric) is not None]
     last = evaluated[-1] if evaluated else {}
     best = max if higher else min
-    env_path = run_dir / "environment.json"
+    env_path, res_path = run_dir / "environment.json", run_dir / "resources.json"
     env = json.loads(env_path.read_text()) if env_path.is_file() else {}
+    res = json.loads(res_path.read_text()) if res_path.is_file() else {}
     return {
         "compute_dtype": env.get("compute_dtype"), "threads": env.get("threads"),
+        "cpu": env.get("cpu", {}).get("model"), "peak_rss_mb": res.get("peak_rss_mb"),
         "run": run_dir.name, "method": config["method"]["name"],
         "rounds": records[-1]["round"], "metric": metric,
         f"final_{metric}": last.get(metric),
@@ -113,7 +115,9 @@ def write_report(run_dir: Path) -> Path:
         (f"- bytes per selected client and round: up {s['bytes_up_per_client']:,.0f}, "
          f"down {s['bytes_down_per_client']:,.0f}"),
         f"- seconds per round: {s['seconds_per_round']:.1f} ({_phases(s)})",
-        f"- compute: {s['compute_dtype'] or '?'} on {s['threads'] or '?'} threads", "",
+        (f"- compute: {s['compute_dtype'] or '?'} on {s['threads'] or '?'} threads of "
+         f"{s['cpu'] or '?'}; peak RSS " + (f"{s['peak_rss_mb']:,.0f} MB" if s["peak_rss_mb"]
+                                            else "?")), "",
         f"![{metric} and loss]({metric}.png)", "",
         markdown_table(read_metrics(run_dir), metric), "",
     ])

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import resource
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -242,8 +243,11 @@ def round_record(rnd: int, selected: list[int], rejected: list[int],
 
 
 def finish_run(method: Method, cfg: ExperimentConfig, run_dir: Path, state: State) -> Path:
-    """Final artifacts: global.safetensors, metrics.csv, the metric plot, report.md."""
+    """Final artifacts: global.safetensors, metrics.csv, the metric plot, resources.json
+    (peak RSS of this process), report.md."""
     save_file({k: v.contiguous() for k, v in state.items()}, run_dir / "global.safetensors")
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # Linux: KiB
+    (run_dir / "resources.json").write_text(json.dumps({"peak_rss_mb": peak_kib / 1024}))
     records = read_metrics(run_dir)
     write_csv(run_dir, records)
     plot_metric(records, run_dir / f"{method.target}.png", metric=method.target,

@@ -74,14 +74,15 @@ def fedspallm() -> list[Variant]:
     clients at 50 % unstructured and 2:4, the l0 mean with mask expansion, naive FedAvg of
     the pruned weights, FedAvg + magnitude re-pruning, centralized pruning on the pooled
     calibration data (one client holding all of it) and each client alone; a sparsity sweep
-    (30 / 50 / 70 %) at 4 clients; the dense model."""
+    (30 / 50 / 70 %) at 4 clients; the dense model. The federated runs deal the layers so
+    that every layer is pruned (``cover``): all variants end at the same sparsity."""
     out = [Variant("dense", (), kind="dense")]
     settings = [(c, s, p) for c in (4, 8) for s, p in ((0.5, "unstructured"), (0.5, "2:4"))]
     settings += [(4, s, "unstructured") for s in (0.3, 0.7)]
     for clients, sparsity, pattern in settings:
         tag = f"C{clients}-" + ("2of4" if pattern == "2:4" else f"s{round(100 * sparsity)}")
         base = (f"federation.num_clients={clients}", f"federation.clients_per_round={clients}",
-                "federation.rounds=1", "method.name='fedspallm'",
+                "federation.rounds=1", "method.name='fedspallm'", "method.fedspallm.cover=true",
                 f"method.fedspallm.sparsity={sparsity}", f"method.fedspallm.pattern='{pattern}'")
         for agg in ("l0", "fedavg", "fedavg_reprune"):
             out.append(Variant(f"{tag}-{agg}", (*base, f"method.fedspallm.aggregation='{agg}'")))

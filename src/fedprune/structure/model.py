@@ -73,6 +73,14 @@ def resolve(name: str, cache_dir: Path) -> str:
     return name
 
 
+def quiet_transformers() -> None:
+    """No load reports or progress bars from transformers (the CLI shows its own)."""
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
 def load_tokenizer(path: str):
     """The tokenizer of a resolved model path (see `resolve`)."""
     return AutoTokenizer.from_pretrained(path)

@@ -20,9 +20,12 @@ pip install --no-deps -r requirements/assets.txt
 echo "newest versions:"
 "$VENV/bin/python" -m pip list --format=freeze | grep -iE \
   '^(torch|transformers|peft|datasets|flwr|flwr-datasets|ray|accelerate|gguf|safetensors|numpy)=='
-"$VENV/bin/python" -m pip list --format=freeze | sort > "$VENV/versions.txt"
-diff <(grep -E '^[a-z0-9]' requirements/lock.txt | sed 's/ .*//' | sort) "$VENV/versions.txt" \
-  | grep -E '^[<>]' > "$VENV/differences.txt" || true
+# package names normalized (PEP 503: lower case, - for _ and .) so only versions differ
+norm() { sed 's/ .*//' | awk -F'==' '{n=tolower($1); gsub(/[_.]/, "-", n); print n "==" $2}' \
+  | sort; }
+"$VENV/bin/python" -m pip list --format=freeze | grep -v '^fedprune=' | norm > "$VENV/versions.txt"
+grep -E '^[a-zA-Z0-9]' requirements/lock.txt | norm \
+  | diff - "$VENV/versions.txt" | grep -E '^[<>]' > "$VENV/differences.txt" || true
 echo "differences from requirements/lock.txt (< locked, > newest): $VENV/differences.txt"
 cat "$VENV/differences.txt"
 "$VENV/bin/python" -m pytest -q "$@"

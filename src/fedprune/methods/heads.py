@@ -64,6 +64,7 @@ class HeadPruning(Method):
     weight of a head's slices)."""
 
     importance = "before"  # when scores are computed; AoH makes it an option
+    eps = 0.0  # of the head-mapped tensors' denominators (Eq. 8's epsilon for AoH)
 
     def __init__(self, cfg, fed) -> None:
         super().__init__(cfg, fed)
@@ -181,5 +182,3 @@ class HeadPruning(Method):
 
     def aggregate(self, state: State, updates: list[ClientUpdate], server_lr: float) -> State:
         return owned_mean(state, updates, server_lr, eps={k: self.eps for k in self.key_dim})
-
-    eps = 0.0  # of the head-mapped tensors' denominators (Eq. 8's epsilon for AoH)

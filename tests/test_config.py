@@ -52,7 +52,7 @@ def test_overrides_typed():
     ("partition.scheme=zipf", "`partition.scheme`.*'iid', 'dirichlet', 'shards'"),
     ("partition.alpha=0", "`partition.alpha`"),
     ("method.name=fedprox", ("`method.name` = 'fedprox' is not allowed; choose one of 'aoh', "
-                            "'fedavg', 'random_heads'")),
+                            "'fedavg', 'fedspallm', 'prufed', 'random_heads'")),
     ("model.attn_implementation=flash", "`model.attn_implementation`"),
     ("run.seed=x", "`run.seed`.*integer"),
     ("federation.roundz=3", "unknown option `federation.roundz`.*rounds"),
@@ -105,7 +105,7 @@ def test_method_sections():
 @pytest.mark.parametrize("override,pattern", [
     ("method.sparsity=0.5",
      (r"`method.sparsity` is an option of a method's own section now: `method.aoh.sparsity` "
-     r"or `method.random_heads.sparsity`")),
+     r"or `method.fedspallm.sparsity` or `method.random_heads.sparsity`")),
     ("method.importance=after", r"`method.aoh.importance`$"),
     ("method.color=3", r"unknown option `method.color`.*\[method.aoh\]"),
     ("method.aoh.sparsity=1.0", r"`method.aoh.sparsity`: must be in \[0, 1\)"),

@@ -6,7 +6,7 @@ encoded and decoded, how the server aggregates and how the global state is evalu
 Flower. Importing this package registers every method.
 """
 
-from fedprune.methods import aoh, fedavg, fedspallm, random_heads  # noqa: F401 - registers them
+from fedprune.methods import aoh, fedavg, fedspallm, prufed, random_heads  # noqa: F401 - registers
 from fedprune.methods.base import METHODS, LocalResult, Method, build_method
 
 __all__ = ["METHODS", "LocalResult", "Method", "build_method"]

@@ -1,0 +1,244 @@
+"""PruFed end to end on a tiny random Llama (4 layers, the real SmolLM2 tokenizer, BBC
+headlines): tier plans and assignment, HeteAgg hand-computed through `owned_mean` with renamed
+layers, per-tier payloads and metrics, layers nobody holds, the exclusive and private-top
+variants, the restored backbone, resume, and bad input."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fedprune.client.train import load_state
+from fedprune.config import ConfigError, load_config
+from fedprune.core.layerdrop import angular_distance_block, block_influence_drop
+from fedprune.core.update import ClientUpdate, InvalidUpdate
+from fedprune.methods.prufed import PruFed, assign_tiers
+from fedprune.sim import runner
+
+SMALL = ["method.name=prufed", "method.prufed.samples=2", "method.prufed.max_length=48",
+         "method.prufed.eval_samples=2", "method.prufed.generate_samples=1",
+         "method.prufed.max_new_tokens=2", "federation.batch_size=2", "federation.lr=0.01"]
+# four tiers, one client each: full depth, bottom [2, 3], top-alternate [0, 2], explicit [1, 3]
+FOUR = ["method.prufed.tier_keep=[1.0, 0.5, 0.5, 0.5]",
+        "method.prufed.tier_strategy=['top', 'bottom', 'top-alternate', 'explicit']",
+        "method.prufed.tier_layers=[[], [], [], [1, 3]]",
+        "method.prufed.tier_share=[0.25, 0.25, 0.25, 0.25]"]
+# two tiers, one client each: layers [0, 1, 2] and [0]; layer 3 is held by nobody
+TWO = ["method.prufed.tier_keep=[0.75, 0.25]",
+       "method.prufed.tier_strategy=['top', 'top-alternate']"]
+
+
+def cfg_of(tiny, clients, *extra):
+    return load_config(None, [f"model.name='{tiny}'", f"federation.num_clients={clients}",
+                              f"federation.clients_per_round={clients}", *SMALL, *extra])
+
+
+@pytest.fixture(scope="module")
+def fed4(tiny_llama):
+    return PruFed.world(cfg_of(tiny_llama, 4))
+
+
+@pytest.fixture(scope="module")
+def fed2(tiny_llama):
+    return PruFed.world(cfg_of(tiny_llama, 2))
+
+
+def key(layer, rest="self_attn.q_proj.lora_B.default.weight"):
+    return f"base_model.model.model.layers.{layer}.{rest}"
+
+
+def records(run_dir):
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_tier_assignment_by_cumulative_shares():
+    assert assign_tiers([0.3, 0.7], 10) == [0, 0, 0] + [1] * 7
+    assert assign_tiers([0.5, 0.5], 2) == [0, 1]
+    assert assign_tiers([1 / 3, 1 / 3, 1 / 3], 6) == [0, 0, 1, 1, 2, 2]
+    assert assign_tiers([0.5, 0.0, 0.5], 4) == [0, 0, 2, 2]
+
+
+def test_heteagg_hand_computed_with_renamed_layers(tiny_llama, fed4):
+    method = PruFed(cfg_of(tiny_llama, 4, *FOUR), fed4)
+    assert method.kept == [(0, 1, 2, 3), (2, 3), (0, 2), (1, 3)]
+    assert method.tier_of == [0, 1, 2, 3]
+    # the client keeping global layers [1, 3] sends local layers 0 / 1 -> global 1 / 3
+    keymap = _update(method, 3, 4).keymap
+    assert keymap[key(0)] == key(1) and keymap[key(1)] == key(3)
+    state = method.initial_state()
+    assert set(state) == set(fed4.initial)  # heteagg: one shared tensor per adapter
+
+    # client c sends delta = (c + 1) + 10 * local layer index on every tensor; |D_c| = c + 1
+    updates = [_update(method, c, c + 1) for c in range(4)]
+    new = method.aggregate(state, updates, 1.0)
+    # holders (value, weight) per global layer, by hand:
+    want = {0: (1 * 1 + 3 * 3) / (1 + 3),                  # c0 local 0, c2 local 0
+            1: (11 * 1 + 4 * 4) / (1 + 4),                 # c0 local 1, c3 local 0
+            2: (21 * 1 + 2 * 2 + 13 * 3) / (1 + 2 + 3),    # c0, c1 local 0, c2 local 1
+            3: (31 * 1 + 12 * 2 + 14 * 4) / (1 + 2 + 4)}   # c0, c1 local 1, c3 local 1
+    for layer, mean in want.items():
+        for rest in ("self_attn.q_proj.lora_B.default.weight",
+                     "self_attn.o_proj.lora_A.default.weight"):
+            k = key(layer, rest)
+            torch.testing.assert_close(new[k], state[k] + mean, rtol=1e-6, atol=1e-6)
+
+    # only the bottom and top-alternate clients: layer 1 is held by neither, keeps its value
+    new = method.aggregate(state, updates[1:3], 1.0)
+    assert all(torch.equal(new[k], state[k]) for k in state if ".layers.1." in k)
+    torch.testing.assert_close(new[key(0)], state[key(0)] + 3.0)                  # c2 alone
+    torch.testing.assert_close(new[key(2)], state[key(2)] + (2 * 2 + 13 * 3) / 5)
+    torch.testing.assert_close(new[key(3)], state[key(3)] + 12.0)                 # c1 alone
+
+
+def _update(method, cid, n):
+    tier = method.tier_of[cid]
+    delta = {local: torch.full_like(method.fed.initial[g], (cid + 1) + 10 * int(
+        local.split(".layers.")[1].split(".")[0])) for local, g in method.local_keys[tier].items()}
+    return method.from_wire(ClientUpdate(cid, delta, n, 0.5))
+
+
+def test_two_tiers_end_to_end_bytes_metrics_unheld_layer_and_resume(tiny_llama, fed2, tmp_path):
+    cfg = cfg_of(tiny_llama, 2, *TWO, "federation.rounds=2")
+    straight = runner.run(cfg, tmp_path / "s", progress=False, fed=fed2)
+    recs = records(straight)
+    method = PruFed(cfg, fed2)
+    assert method.kept == [(0, 1, 2), (0,)] and method.tier_of == [0, 1]
+    for rec in recs:
+        assert rec["selected"] == [0, 1]
+        # the weaker tier holds a third of the adapters: smaller payloads both ways
+        up, down = rec["bytes_up"], rec["bytes_down"]
+        assert up[1] < 0.4 * up[0] and down[1] < 0.4 * down[0]
+        for name in ("perplexity", "perplexity_tier0", "perplexity_tier1", "rougeL",
+                     "rougeL_tier0", "rougeL_tier1"):
+            assert rec[name] is not None and math.isfinite(rec[name]), name
+        assert rec["eval_loss"] == pytest.approx(math.log(rec["perplexity"]))
+        assert rec["client_metrics"]["1"]["tier"] == 1.0
+        assert rec["client_metrics"]["1"]["layers"] == 1.0
+    final = load_file(straight / "global.safetensors")
+    assert set(final) == set(fed2.initial)
+    for k, v in final.items():
+        if ".layers.3." in k:  # no client holds layer 3
+            assert torch.equal(v, fed2.initial[k]), k
+    moved = [k for k in final if "lora_B" in k and not torch.equal(final[k], fed2.initial[k])]
+    assert {int(k.split(".layers.")[1].split(".")[0]) for k in moved} == {0, 1, 2}
+
+    runner.run(cfg_of(tiny_llama, 2, *TWO, "federation.rounds=1"), tmp_path / "r",
+               progress=False, fed=fed2)
+    resumed = runner.run(cfg, tmp_path / "r", resume=True, progress=False, fed=fed2)
+    again = load_file(resumed / "global.safetensors")
+    assert all(torch.equal(final[k], again[k]) for k in final)
+    assert records(resumed)[1]["perplexity_tier1"] == recs[1]["perplexity_tier1"]
+
+
+def test_layer_view_and_training_leave_the_backbone_as_it_was(tiny_llama, fed2):
+    method = PruFed(cfg_of(tiny_llama, 2, *TWO), fed2)
+    state = method.initial_state()
+    gen = torch.Generator().manual_seed(0)
+    state = {k: v + 0.01 * torch.randn(v.shape, generator=gen) for k, v in state.items()}
+    model = fed2.model
+    load_state(fed2.params, method.full_values(state))
+    batch = method.val_batches[0]
+    layers, n_layers = model.base_model.model.model.layers, model.config.num_hidden_layers
+    with torch.no_grad():
+        before = model(**batch).logits
+    result = method.local(method.downlink(state, 1, 1), 1, seed=3)
+    assert result.loss is not None and set(result.delta) == {
+        k for k in fed2.initial if ".layers.0." in k}  # the tier-1 client's one layer
+    method.evaluate(state)
+    with torch.no_grad():
+        after = model(**batch).logits
+    assert torch.equal(before, after)
+    assert model.base_model.model.model.layers is layers
+    assert model.config.num_hidden_layers == n_layers == 4
+    assert not model.training
+
+
+def test_exclusive_and_private_top_layer(tiny_llama, fed4):
+    tiers = ["method.prufed.tier_keep=[1.0, 0.5]", "method.prufed.tier_strategy=['top', 'top']"]
+    ex = PruFed(cfg_of(tiny_llama, 4, *tiers, "method.prufed.aggregation='exclusive'"), fed4)
+    state = ex.initial_state()
+    assert all(k.startswith(("tier0::", "tier1::")) for k in state)
+    assert sum(k.startswith("tier1::") for k in state) == len(fed4.initial) // 2
+    up = _update(ex, 2, 3)  # a tier-1 client moves only tier 1's copies
+    new = ex.aggregate(state, [up], 1.0)
+    changed = {k for k in state if not torch.equal(new[k], state[k])}
+    assert changed == {f"tier1::{g}" for g in ex.local_keys[1].values()}
+    scores = ex.evaluate(new)
+    assert scores["perplexity"] == scores["perplexity_tier0"]  # full depth = the full tier
+    assert scores["perplexity_tier1"] != scores["perplexity"]
+
+    top = PruFed(cfg_of(tiny_llama, 4, *tiers, "method.prufed.share_top=false"), fed4)
+    state = top.initial_state()
+    private = {k for k in state if "::" in k}
+    assert private == {f"tier1::{k}" for k in fed4.initial if ".layers.1." in k}
+    assert set(top.downlink(state, 2, 1)) == set(top.local_keys[1])
+    new = top.aggregate(state, [_update(top, 0, 1), _update(top, 2, 1)], 1.0)
+    # shared layer 1: client 0 alone (its local 1 -> 11); tier 1's private copy: client 2 (13)
+    torch.testing.assert_close(new[key(1)], state[key(1)] + 11.0)
+    torch.testing.assert_close(new[f"tier1::{key(1)}"], state[f"tier1::{key(1)}"] + 13.0)
+    torch.testing.assert_close(new[key(0)], state[key(0)] + (1.0 + 3.0) / 2)  # shared layer 0
+
+
+def test_data_driven_plans(tiny_llama, fed4):
+    cfg = cfg_of(tiny_llama, 4, "method.prufed.tier_keep=[0.75, 0.5]",
+                 "method.prufed.tier_strategy=['angular', 'block_influence']",
+                 "method.prufed.calibration_samples=2",
+                 f"method.prufed.calibration='{Path(__file__).parent / 'data' / 'emma_excerpt.txt'}'")
+    method = PruFed(cfg, fed4)
+    assert method.kept[0] == tuple(angular_distance_block(
+        method.similarity(True).angular_distance, 0.75))
+    assert method.kept[1] == tuple(block_influence_drop(method.similarity(False).block_influence,
+                                                        0.5))
+    assert [len(k) for k in method.kept] == [3, 2]
+    assert method.similarity(True).tokens == 2 and method.similarity(False).tokens == 2 * 48
+
+
+def test_malformed_update_rejected(tiny_llama, fed4):
+    method = PruFed(cfg_of(tiny_llama, 4, *FOUR), fed4)
+    full = {k: torch.zeros_like(v) for k, v in fed4.initial.items()}
+    with pytest.raises(InvalidUpdate, match=r"client 1: sent .* tier 1 holds the .* \[2, 3\]"):
+        method.from_wire(ClientUpdate(1, full, 2, 0.1))
+
+
+@pytest.mark.parametrize("override,pattern", [
+    ("method.prufed.tier_keep=[1.5, 0.5]",
+     r"`method.prufed.tier_keep`: keep ratio of tier 0 must be in \(0, 1\]"),
+    ("method.prufed.tier_keep=[1.0, 0.0]", r"`method.prufed.tier_keep`: keep ratio of tier 1"),
+    ("method.prufed.tier_share=[0.5, 0.4]", r"`method.prufed.tier_share`: shares must sum to 1"),
+    ("method.prufed.tier_strategy=['top', 'middle']",
+     r"`method.prufed.tier_strategy`: tier 1: unknown strategy 'middle'"),
+    ("method.prufed.tier_share=[1.0]", r"`method.prufed.tier_share`: has 1 entries"),
+    ("method.prufed.tier_layers=[[], [0, 1]]",
+     r"`method.prufed.tier_layers`: tier 1 uses 'top-alternate', not 'explicit'"),
+])
+def test_bad_options_name_the_option(tiny_llama, override, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        cfg_of(tiny_llama, 2, override)
+
+
+def test_bad_explicit_lists_and_shares(tiny_llama, fed4):
+    explicit = "method.prufed.tier_strategy=['top', 'explicit']"
+    with pytest.raises(ConfigError, match=r"`method.prufed.tier_layers`: tier 1: duplicate"):
+        cfg_of(tiny_llama, 4, explicit, "method.prufed.tier_layers=[[], [1, 1]]")
+    with pytest.raises(ConfigError, match=r"`method.prufed.tier_layers`: tier 1 is 'explicit'"):
+        cfg_of(tiny_llama, 4, explicit)
+    cfg = cfg_of(tiny_llama, 4, explicit, "method.prufed.tier_layers=[[], [0, 7]]")
+    with pytest.raises(ConfigError, match=r"`method.prufed.tier_layers`: tier 1: explicit kept "
+                                          r"layer 7 is not an int in \[0, 4\)"):
+        PruFed(cfg, fed4)
+    cfg = cfg_of(tiny_llama, 4, explicit, "method.prufed.tier_layers=[[], [0, 2, 3]]")
+    with pytest.raises(ConfigError, match=r"`method.prufed.tier_keep`: tier 1 keeps 3 of 4 "
+                                          r"layers explicitly.* 0.75"):
+        PruFed(cfg, fed4)
+    with pytest.raises(ConfigError, match=r"`method.prufed.tier_share`: tier 1 gets none"):
+        PruFed(cfg_of(tiny_llama, 4, "method.prufed.tier_share=[0.9, 0.1]"), fed4)
+    with pytest.raises(ConfigError, match=r"`method.prufed.samples`: 4 clients x 1000"):
+        PruFed.world(cfg_of(tiny_llama, 4, "method.prufed.samples=1000"))
+
+
+def test_example_config_loads(tiny_llama):
+    cfg = load_config(Path(__file__).parents[1] / "configs" / "prufed.toml")
+    assert cfg.method.name == "prufed" and cfg.method.own.tier_keep == [1.0, 0.5]

@@ -3,9 +3,10 @@
 One run measures, each in its own process (so that peak RSS is its own):
 
 - ceilings: a 2048^3 matmul in float32 and bfloat16 (GFLOP/s); floor: the GEMMs of one
-  16 x 128 MiniLM training step timed alone in bf16 (the least a step can take); step: that
-  whole training step (forward, backward, AdamW) as fedprune runs it and with the plain
-  loop's settings (float32, transformers' SDPA and dropout): min / median ms and MFU;
+  16 x 128 MiniLM training step timed alone in the dtype ``model.compute_dtype=auto`` resolves
+  to (the least a step can take); step: that whole training step (forward, backward, AdamW)
+  as fedprune runs it and with the plain loop's settings (float32, transformers' SDPA and
+  dropout): min / median ms and MFU;
 - grid: the default job (MiniLM + BBC News, FedAvg, seeded random selection, evaluation every
   round) at C/K = 10/2, 100/10, 1000/20: the plain loop (transformers' SDPA attention and
   dropout, float32, a bare round loop with no serialization, validation, checkpoints or logs)
@@ -19,7 +20,43 @@ One run measures, each in its own process (so that peak RSS is its own):
 - structural: one local epoch of AoH with 50 % and 90 % of MiniLM's heads removed
   (mode 'structural') against all heads: measured speedup and analytic FLOP reduction.
 
-    python bench/bench.py                 # everything; writes bench/results/bench.json
+Every figure names the machine it was measured on: the results file holds
+``fedprune.environment.environment()`` (versions, CPU model, SIMD features, threads, the auto
+compute dtype) as ``environment`` and, per part, as ``measured_on[part]`` with the date, the
+part's wall time and sizes; the first printed line says the same. Results of different CPU
+kinds never overwrite each other: they go to ``bench/results/bench-<CPU model>-<best SIMD>.json``
+(e.g. ``bench-amd-epyc-avx2.json``); ``bench/results/bench.json`` holds the README's figures,
+measured on the 2-core AMX CPU before files named their CPU.
+
+What the machine lacks is skipped, with the reason under ``skipped`` (and in the part): a bf16
+GEMM without AVX512-BF16 or AMX is emulated (~100x slower than float32), so there the bf16
+ceiling is not measured and the floor is timed in float32 (what ``auto`` resolves to); MFU is
+always taken against the ceiling of the dtype a figure was computed in.
+
+Sizes fit the machine (``--sizes`` overrides): "full" where bf16 runs natively (the sizes of
+the README's figures), "lean" where everything runs in float32. Expected minutes per part:
+
+    part        full: 2-core AMX CPU              lean: 2-core AVX2 AMD EPYC
+    ceilings    0.2  float32 + bf16               0.1  float32 only
+    floor       0.2  bf16, 5 trials x 5 reps      0.3  float32, 3 trials x 3 reps
+    step        0.8  20 timed steps per mode      1.5  10 timed steps per mode
+    grid        5.5  3 rounds (2-3 timed)         9.0  2 rounds (round 2 timed)
+    smollm2     2.5  2 clients x 16 examples      2.5  2 clients x 4 examples (1 step each)
+    sweep       1.8  16 ex./client, 5 rounds      2.5  4 ex./client, 4 rounds (2-3 timed)
+    structural  0.8  2 timed epochs after one     1.8  1 timed epoch after a 16-example
+                     warm-up epoch                     warm-up pass
+    total       ~12 (measured: README)            ~18 (<= 20)
+
+The "full" column is the README's ~12-minute run split by its recorded figures; the "lean"
+column is extrapolated (FLOPs at the efficiencies seen) from parts timed on the AMD EPYC while
+it was shared with other jobs, which swung its speed up to 7x (float32 ceiling 59-75 GFLOP/s,
+a plain float32 step 3.4-8 s, a 4-example local epoch 1-7 s): ``measured_on[part].wall_s`` of
+a run on a quiet machine is the figure to trust. In both, the one evaluation pass's FLOPs
+are counted once per mode (they depend on the model and validation rows, not on C or K) and
+the sweep's untimed last-round evaluation uses 64 validation rows.
+
+    python bench/bench.py                 # everything; writes bench/results/bench-<CPU>.json
+    python bench/bench.py --only ceilings floor step
     python bench/bench.py --only grid --grid 10:2 --rounds 2
 """
 
@@ -27,11 +64,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import resource
 import subprocess
 import sys
 import tempfile
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +79,53 @@ import torch
 RESULTS = Path(__file__).parent / "results"
 PLAIN = ["model.compute_dtype=float32", "model.attn_implementation=sdpa"]
 PARTS = ("ceilings", "floor", "step", "grid", "smollm2", "sweep", "structural")
+# Sizes per machine class (see the module docstring): "full" where bf16 runs natively (the
+# sizes of the README's AMX figures), "lean" where everything runs in float32 (AVX2 only).
+SIZES = {
+    "full": {"floor": {"reps": 5, "trials": 5}, "step": {"steps": 20}, "grid": {"rounds": 3},
+             "smollm2": {"clients": 2, "examples": 16}, "sweep": {"per_client": 16, "rounds": 5},
+             "structural": {"reps": 2, "warm": 0}},
+    "lean": {"floor": {"reps": 3, "trials": 3}, "step": {"steps": 10}, "grid": {"rounds": 2},
+             "smollm2": {"clients": 2, "examples": 4}, "sweep": {"per_client": 4, "rounds": 4},
+             "structural": {"reps": 1, "warm": 16}},
+}
+# expected minutes per part with the default sizes: "full" on the 2-core AMX CPU of the README
+# figures, "lean" on the 2-core AVX2 AMD EPYC (see the module docstring for their basis)
+MINUTES = {
+    "full": {"ceilings": 0.2, "floor": 0.2, "step": 0.8, "grid": 5.5, "smollm2": 2.5,
+             "sweep": 1.8, "structural": 0.8},
+    "lean": {"ceilings": 0.1, "floor": 0.3, "step": 1.5, "grid": 9.0, "smollm2": 2.5,
+             "sweep": 2.5, "structural": 1.8},
+}
+
+
+def machine_tag(env: dict) -> str:
+    """'AMD EPYC' + AVX2 -> 'amd-epyc-avx2'; 'Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz'
+    with AMX -> 'intel-xeon-platinum-8481c-amx': the CPU kind a results file belongs to."""
+    cpu = env["cpu"]
+    name = re.sub(r"\((r|tm)\)|\bcpu\b|@.*$", " ", cpu["model"].lower())
+    slug = re.sub(r"[^a-z0-9]+", "-", name).strip("-") or cpu["machine"]
+    best = next((f for f in ("amx", "avx512_bf16", "avx512", "avx2") if cpu.get(f)),
+                cpu["capability"].lower())
+    return f"{slug}-{re.sub(r'[^a-z0-9]+', '', best)}"
+
+
+def bf16_missing(env: dict) -> str | None:
+    """Why bf16 GEMMs cannot be timed here (torch emulates them, ~100x slower than float32,
+    without AVX512-BF16 or AMX), or None where they run natively."""
+    cpu = env["cpu"]
+    if cpu["avx512_bf16"] or cpu["amx"]:
+        return None
+    return f"bf16 GEMMs need AVX512-BF16 or AMX; this CPU ({cpu['model']}) has neither"
+
+
+def describe(env: dict) -> str:
+    cpu, v = env["cpu"], env["versions"]
+    simd = ", ".join(f"{f} {'yes' if cpu[f] else 'no'}"
+                     for f in ("avx2", "avx512", "avx512_bf16", "amx"))
+    return (f"{cpu['model']} ({cpu['machine']}, capability {cpu['capability']}; {simd}), "
+            f"{env['threads']} threads, auto compute dtype {env['auto_compute_dtype']}; "
+            + ", ".join(f"{k} {v[k]}" for k in v))
 
 
 def peak_rss_mb() -> float:
@@ -56,18 +142,22 @@ def ceiling(dtype: torch.dtype, n: int = 2048, reps: int = 10) -> float:
     return 2 * n ** 3 * reps / (time.perf_counter() - t0) / 1e9
 
 
-def child_ceilings() -> dict:
-    return {"threads": torch.get_num_threads(), "float32_gflops": ceiling(torch.float32),
-            "bfloat16_gflops": ceiling(torch.bfloat16)}
+def child_ceilings(*dtypes: str) -> dict:
+    """Matmul ceilings (GFLOP/s) of the named dtypes (float32, bfloat16)."""
+    out: dict = {"threads": torch.get_num_threads()}
+    for name in dtypes:
+        out[f"{name}_gflops"] = ceiling(getattr(torch, name))
+    return out
 
 
-def child_floor(batch: int = 16, seq: int = 128, reps: int = 5, trials: int = 5) -> dict:
-    """The GEMMs of one MiniLM + LoRA training step timed alone in bf16: per layer the q/k/v/o
-    and FFN projections and the two attention products, forward and input-gradient backward
-    (the frozen weights need no weight gradient): a lower bound on a step's time. Min and
-    median over trials that each allocate their operands afresh."""
+def child_floor(dtype: str = "bfloat16", batch: int = 16, seq: int = 128, reps: int = 5,
+                trials: int = 5) -> dict:
+    """The GEMMs of one MiniLM + LoRA training step timed alone in ``dtype``: per layer the
+    q/k/v/o and FFN projections and the two attention products, forward and input-gradient
+    backward (the frozen weights need no weight gradient): a lower bound on a step's time.
+    Min and median over trials that each allocate their operands afresh."""
     t, h, f, heads, d, layers = batch * seq, 384, 1536, 12, 32, 6
-    bf = torch.bfloat16
+    bf = getattr(torch, dtype)
 
     def trial() -> float:
         x, w, up, down, hid = (torch.randn(*s, dtype=bf) for s in
@@ -97,8 +187,9 @@ def child_floor(batch: int = 16, seq: int = 128, reps: int = 5, trials: int = 5)
 
     steps = sorted(trial() for _ in range(trials))
     flops = layers * (2 * t * (4 * h * h + 2 * h * f) * 2 + 3 * 2 * 2 * batch * heads * seq * seq * d)
-    return {"step_ms_min": 1e3 * steps[0], "step_ms_median": 1e3 * steps[len(steps) // 2],
-            "gflop": flops / 1e9, "gflops_best": flops / steps[0] / 1e9}
+    return {"dtype": dtype, "step_ms_min": 1e3 * steps[0],
+            "step_ms_median": 1e3 * steps[len(steps) // 2], "gflop": flops / 1e9,
+            "gflops_best": flops / steps[0] / 1e9}
 
 
 def child_step(mode: str, steps: int = 20) -> dict:
@@ -143,17 +234,19 @@ def job(c: int, k: int, rounds: int, *extra: str):
                               f"federation.rounds={rounds}", "run.seed=0", *extra])
 
 
-def eval_flops(fed, cfg) -> float:
+def count_eval_flops(fed, cfg) -> int:
     """FLOPs of one evaluation pass over the validation rows (counted, not timed)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from fedprune.client.train import evaluate
     with FlopCounterMode(display=False) as counter:
         evaluate(fed.model, fed.val_rows, fed.collate, cfg.federation.eval_batch_size)
-    return float(counter.get_total_flops())
+    return int(counter.get_total_flops())
 
 
-def child_fedprune(c: int, k: int, rounds: int) -> dict:
+def child_fedprune(c: int, k: int, rounds: int, eval_flops: int = 0) -> dict:
+    """``eval_flops``: the FLOPs of one evaluation pass if already counted (they depend on the
+    model and the validation rows only, not on C or K), else 0 to count them here."""
     from fedprune.client.world import build
     from fedprune.report.metrics import read_metrics
     from fedprune.sim.runner import run
@@ -166,17 +259,19 @@ def child_fedprune(c: int, k: int, rounds: int) -> dict:
     clients = [m for r in steady for m in r["client_metrics"].values()]
     train_s = sum(m["train_s"] for m in clients)
     eval_s = sum(r["eval_s"] for r in steady)
+    eval_flops = eval_flops or count_eval_flops(fed, cfg)
     return {"sec_per_round": [r["wall_s"] for r in records],
             "accuracy": records[-1]["accuracy"],
             "train_s_per_round": train_s / len(steady), "eval_s_per_round": eval_s / len(steady),
             "train_gflops": sum(m["train_ops"] for m in clients) / train_s / 1e9,
-            "eval_gflops": eval_flops(fed, cfg) * len(steady) / eval_s / 1e9,
+            "eval_gflops": eval_flops * len(steady) / eval_s / 1e9, "eval_flops": eval_flops,
             "compute_dtype": str(fed.compute_dtype).removeprefix("torch."),
             "bytes_up_per_client": records[-1]["bytes_up"][0]}
 
 
-def child_plain(c: int, k: int, rounds: int) -> dict:
-    """The same federated job as a bare loop over a plain float32 transformers + peft model."""
+def child_plain(c: int, k: int, rounds: int, eval_flops: int = 0) -> dict:
+    """The same federated job as a bare loop over a plain float32 transformers + peft model
+    (``eval_flops`` as in `child_fedprune`)."""
     from fedprune.client.train import evaluate
     from fedprune.client.world import build
     from fedprune.core.accounting import train_ops
@@ -228,12 +323,13 @@ def child_plain(c: int, k: int, rounds: int) -> dict:
         eval_s.append(time.perf_counter() - t_eval)
         ops.append(train_ops(arch, heads, shapes))
     steady = slice(1, None) if rounds > 1 else slice(None)
+    eval_flops = eval_flops or count_eval_flops(fed, cfg)
     return {"sec_per_round": times, "accuracy": acc,
             "train_s_per_round": float(np.mean(train_s[steady])),
             "eval_s_per_round": float(np.mean(eval_s[steady])),
             "train_gflops": sum(ops[steady]) / sum(train_s[steady]) / 1e9,
-            "eval_gflops": eval_flops(fed, cfg) * len(eval_s[steady]) / sum(eval_s[steady]) / 1e9,
-            "compute_dtype": "float32"}
+            "eval_gflops": eval_flops * len(eval_s[steady]) / sum(eval_s[steady]) / 1e9,
+            "eval_flops": eval_flops, "compute_dtype": "float32"}
 
 
 # --- SmolLM2: one LoRA instruction-tuning round -------------------------------------------
@@ -299,6 +395,7 @@ def child_smollm2(mode: str, clients: int = 2, examples: int = 16, batch: int = 
 # --- sweep over C ---------------------------------------------------------------------------
 
 def child_sweep(c: int, k: int = 10, per_client: int = 16, rounds: int = 5) -> dict:
+    """Rounds 2 .. R-1 timed; round R evaluates (on 64 validation rows: it is not timed)."""
     from fedprune.client.world import build
     from fedprune.report.metrics import read_metrics
     from fedprune.sim.runner import run
@@ -309,6 +406,7 @@ def child_sweep(c: int, k: int = 10, per_client: int = 16, rounds: int = 5) -> d
     rng = np.random.default_rng(0)
     n = len(fed.train_rows)
     fed.client_indices = [np.sort(rng.choice(n, per_client, replace=False)) for _ in range(c)]
+    fed.val_rows = fed.val_rows[:64]
     with tempfile.TemporaryDirectory() as tmp:
         records = read_metrics(run(cfg, Path(tmp) / "run", progress=False, fed=fed))
     timed = [r["wall_s"] for r in records[1:-1]]  # not the warm-up nor the evaluated round
@@ -317,7 +415,9 @@ def child_sweep(c: int, k: int = 10, per_client: int = 16, rounds: int = 5) -> d
 
 # --- structural head pruning ------------------------------------------------------------------
 
-def child_structural(reps: int = 2) -> dict:
+def child_structural(reps: int = 2, warm: int = 0) -> dict:
+    """Per sparsity: a warm-up pass (the whole epoch, or its first ``warm`` examples), then
+    ``reps`` timed epochs (the fastest counts)."""
     from fedprune.client.train import load_state, local_train
     from fedprune.client.world import build
     from fedprune.core.accounting import train_ops
@@ -338,10 +438,11 @@ def child_structural(reps: int = 2) -> dict:
     for sparsity in (0.0, 0.5, 0.9):
         keep = structural_keep(method.structure, eq7_keep(scores, sparsity, "layer"))
         times = []
-        for rep in range(reps + 1):  # the first epoch warms up
+        for rep in range(reps + 1):  # the first pass warms up
             load_state(fed.params, fed.initial)
             with structural_view(fed.model, method.structure, keep) as view:
-                stats = local_train(fed.model, view.params, fed.train_rows, idx, fed.collate,
+                stats = local_train(fed.model, view.params, fed.train_rows,
+                                    idx[:warm] if rep == 0 and warm else idx, fed.collate,
                                     method.spec, seed=rep)
             times.append(stats.seconds)
         heads = [int(keep[a.path].sum()) for a in method.structure.attention]
@@ -365,12 +466,20 @@ CHILDREN = {
 }
 
 
-def spawn(name: str, *args) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--child", name, *map(str, args)],
+def spawn(name: str, *args, **kwargs) -> dict:
+    argv = [*map(str, args), *(f"{k}={v}" for k, v in kwargs.items())]
+    out = subprocess.run([sys.executable, __file__, "--child", name, *argv],
                          check=False, capture_output=True, text=True)
     if out.returncode:
         raise SystemExit(f"bench child {name} {args} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def child_arg(text: str) -> int | str:
+    try:
+        return int(text)
+    except ValueError:
+        return text
 
 
 def main() -> None:
@@ -380,50 +489,121 @@ def main() -> None:
                     help="parts to run (default: all)")
     ap.add_argument("--grid", nargs="+", default=["10:2", "100:10", "1000:20"],
                     help="C:K pairs of the grid (total clients : clients per round)")
-    ap.add_argument("--rounds", type=int, default=3, help="rounds per grid measurement")
+    ap.add_argument("--sizes", choices=tuple(SIZES),
+                    help="'full' (default where bf16 runs natively) or 'lean' (elsewhere)")
+    ap.add_argument("--rounds", type=int, help="rounds per grid measurement (default: sizes')")
     ap.add_argument("--sweep", nargs="+", type=int, default=[10, 100, 1000, 10000],
                     help="values of C for the sweep at K = 10")
-    ap.add_argument("--out", type=Path, default=RESULTS / "bench.json", help="results file")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="results file (default: bench/results/bench-<CPU kind>.json)")
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         name, *rest = args.child
-        result = CHILDREN[name](*[x if name in ("smollm2", "step") else int(x) for x in rest])
+        kwargs = dict(x.split("=", 1) for x in rest if "=" in x)
+        result = CHILDREN[name](*[child_arg(x) for x in rest if "=" not in x],
+                                **{k: child_arg(v) for k, v in kwargs.items()})
         result["peak_rss_mb"] = peak_rss_mb()
         print(json.dumps(result))
         return
 
-    results = json.loads(args.out.read_text()) if args.out.is_file() else {}
-    results["torch"] = torch.__version__
-    if "ceilings" in args.only:
-        results["ceilings"] = spawn("ceilings")
-        print("ceilings (GFLOP/s):", results["ceilings"], flush=True)
-    if "floor" in args.only:
-        results["floor"] = spawn("floor")
-        print("GEMM floor of a 16 x 128 MiniLM step (bf16):", results["floor"], flush=True)
-    ceil = results.get("ceilings", {})
-    peak = {"float32": ceil.get("float32_gflops"), "bfloat16": ceil.get("bfloat16_gflops")}
+    from fedprune.environment import environment
 
-    def mfu(res: dict, key: str) -> float | None:
-        top = peak.get(res["compute_dtype"])
+    env = environment()
+    out = args.out or RESULTS / f"bench-{machine_tag(env)}.json"
+    no_bf16 = bf16_missing(env)
+    profile = args.sizes or ("lean" if no_bf16 else "full")
+    size = {part: dict(v) for part, v in SIZES[profile].items()}
+    if args.rounds:
+        size["grid"]["rounds"] = args.rounds
+    where = "the 2-core AVX2 AMD EPYC" if profile == "lean" else "the 2-core AMX CPU"
+    print(f"bench on {describe(env)}", flush=True)
+    print(f"sizes '{profile}', parts {' '.join(args.only)}: about "
+          f"{sum(MINUTES[profile][p] for p in args.only):.1f} min with the default sizes on "
+          f"{where}; results -> {out}", flush=True)
+    results = json.loads(out.read_text()) if out.is_file() else {}
+    theirs = results.get("environment")
+    if results and (theirs is None or machine_tag(theirs) != machine_tag(env)):
+        cpu = theirs["cpu"]["model"] if theirs else "a CPU it does not name"
+        raise SystemExit(f"{out} holds results measured on {cpu}, not on this "
+                         f"{env['cpu']['model']} ({machine_tag(env)}): pass another --out")
+    results["environment"] = env  # of the latest run; measured_on names each part's
+    measured_on, skipped = results.setdefault("measured_on", {}), results.setdefault("skipped", {})
+    started = time.perf_counter()
+
+    def save(part: str, t0: float) -> None:
+        wall = time.perf_counter() - t0
+        date = datetime.now(UTC).isoformat(timespec="seconds")
+        extra = {"grid": {"points": args.grid}, "sweep": {"clients": args.sweep}}.get(part, {})
+        measured_on[part] = {**env, "date": date, "wall_s": wall, "sizes_profile": profile,
+                             "sizes": {**size.get(part, {}), **extra}}
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=2))
+        print(f"  [{part}: {wall / 60:.1f} min, {(time.perf_counter() - started) / 60:.1f} min "
+              "so far]", flush=True)
+
+    def skip(key: str, reason: str | None) -> None:
+        if reason:
+            skipped[key] = reason
+            print(f"skipped {key}: {reason}", flush=True)
+        else:
+            skipped.pop(key, None)
+
+    def peak(dtype: str) -> float | None:
+        return results.get("ceilings", {}).get(f"{dtype}_gflops")
+
+    def mfu(res: dict, key: str, dtype: str | None = None) -> float | None:
+        top = peak(dtype or res["compute_dtype"])  # the ceiling of the dtype actually used
         return res[key] / top if top else None
 
+    if "ceilings" in args.only:
+        t0 = time.perf_counter()
+        res = spawn("ceilings", "float32", *([] if no_bf16 else ["bfloat16"]))
+        if no_bf16:
+            res["skipped"] = {"bfloat16": no_bf16}
+        skip("ceilings.bfloat16", no_bf16)
+        results["ceilings"] = res
+        print(f"ceilings (GFLOP/s, 2048^3 matmul, {res['threads']} threads): "
+              + ", ".join(f"{d} {res[f'{d}_gflops']:.0f}" for d in ("float32", "bfloat16")
+                          if f"{d}_gflops" in res), flush=True)
+        save("ceilings", t0)
+    if "floor" in args.only:
+        t0 = time.perf_counter()
+        dtype = env["auto_compute_dtype"]  # bfloat16 where it runs natively, else float32
+        res = spawn("floor", dtype, **size["floor"])
+        if no_bf16:
+            res["skipped"] = {"bfloat16": no_bf16}
+        skip("floor.bfloat16", no_bf16)
+        res["mfu_best"] = mfu(res, "gflops_best", dtype)
+        results["floor"] = res
+        share = (f", {100 * res['mfu_best']:.0f} % of the {dtype} ceiling"
+                 if res["mfu_best"] is not None else "")
+        print(f"GEMM floor of a 16 x 128 MiniLM step ({dtype}): {res['step_ms_min']:.0f} ms min, "
+              f"{res['step_ms_median']:.0f} ms median, {res['gflop']:.1f} GFLOP, "
+              f"{res['gflops_best']:.0f} GFLOP/s{share}", flush=True)
+        save("floor", t0)
     if "step" in args.only:
-        results["step"] = {mode: spawn("step", mode) for mode in ("plain", "fedprune")}
+        t0 = time.perf_counter()
+        results["step"] = {mode: spawn("step", mode, **size["step"])
+                           for mode in ("plain", "fedprune")}
         for mode, r in results["step"].items():
             r["gflops"] = r["gflop"] / r["step_ms_median"] * 1e3
             r["mfu"] = mfu(r, "gflops")
-            share = f", MFU {100 * r['mfu']:.1f} % (median)" if r["mfu"] is not None else ""
+            share = (f", MFU {100 * r['mfu']:.1f} % of the {r['compute_dtype']} ceiling (median)"
+                     if r["mfu"] is not None else "")
             print(f"training step ({mode}, {r['compute_dtype']}): {r['step_ms_min']:.0f} ms min, "
                   f"{r['step_ms_median']:.0f} ms median, {r['gflop']:.1f} GFLOP{share}",
                   flush=True)
+        save("step", t0)
     if "grid" in args.only:
-        rows = []
+        t0 = time.perf_counter()
+        rows, counted = [], {}  # one evaluation pass's FLOPs per mode, counted once
         for item in args.grid:
             c, k = map(int, item.split(":"))
             row = {"clients": c, "per_round": k}
             for mode in ("plain", "fedprune"):
-                res = spawn(mode, c, k, args.rounds)
+                res = spawn(mode, c, k, size["grid"]["rounds"], counted.get(mode, 0))
+                counted[mode] = res["eval_flops"]
                 steady = res["sec_per_round"][1:] or res["sec_per_round"]
                 res["sec_per_round_steady"] = sum(steady) / len(steady)
                 res["train_mfu"], res["eval_mfu"] = mfu(res, "train_gflops"), mfu(res, "eval_gflops")
@@ -439,16 +619,21 @@ def main() -> None:
                   f"{f['peak_rss_mb']:.0f} / {p['peak_rss_mb']:.0f} MB  acc "
                   f"{f['accuracy']:.3f} / {p['accuracy']:.3f}", flush=True)
         results["grid"] = rows
+        save("grid", t0)
     if "smollm2" in args.only:
-        res = {mode: spawn("smollm2", mode) for mode in ("plain", "fedprune")}
+        t0 = time.perf_counter()
+        res = {mode: spawn("smollm2", mode, **size["smollm2"]) for mode in ("plain", "fedprune")}
         for r in res.values():
             r["train_mfu"] = mfu(r, "train_gflops")
         res["speedup"] = res["plain"]["round_s"] / res["fedprune"]["round_s"]
         results["smollm2"] = res
         print(f"SmolLM2 round: plain {res['plain']['round_s']:.1f} s, fedprune "
-              f"{res['fedprune']['round_s']:.1f} s ({res['speedup']:.2f}x)", flush=True)
+              f"{res['fedprune']['round_s']:.1f} s ({res['fedprune']['compute_dtype']}, "
+              f"{res['speedup']:.2f}x)", flush=True)
+        save("smollm2", t0)
     if "sweep" in args.only:
-        sweep = [{"clients": c, **spawn("sweep", c)} for c in args.sweep]
+        t0 = time.perf_counter()
+        sweep = [{"clients": c, **spawn("sweep", c, **size["sweep"])} for c in args.sweep]
         base = sweep[0]
         for row in sweep:
             row["time_vs_first"] = row["mean_sec_per_round"] / base["mean_sec_per_round"]
@@ -457,15 +642,18 @@ def main() -> None:
                   f"({row['time_vs_first']:.2f}x), peak RSS {row['peak_rss_mb']:.0f} MB "
                   f"({row['rss_vs_first']:.2f}x)", flush=True)
         results["sweep"] = sweep
+        save("sweep", t0)
     if "structural" in args.only:
-        results["structural"] = spawn("structural")
+        t0 = time.perf_counter()
+        results["structural"] = spawn("structural", **size["structural"])
         for s in ("0.5", "0.9"):
             r = results["structural"][s]
             print(f"structural {s}: epoch {r['epoch_s']:.2f} s, speedup {r['speedup']:.2f}x "
                   f"vs analytic {r['analytic_speedup']:.2f}x (ratio {r['ratio_to_analytic']:.2f}, "
                   f"{100 * r['share_of_analytic_gain']:.0f} % of the gain)", flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2))
+        save("structural", t0)
+    print(f"done in {(time.perf_counter() - started) / 60:.1f} min on {env['cpu']['model']} "
+          f"({machine_tag(env)}): {out}", flush=True)
 
 
 if __name__ == "__main__":

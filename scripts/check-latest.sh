@@ -23,7 +23,9 @@ echo "newest versions:"
 # package names normalized (PEP 503: lower case, - for _ and .) so only versions differ
 norm() { sed 's/ .*//' | awk -F'==' '{n=tolower($1); gsub(/[_.]/, "-", n); print n "==" $2}' \
   | sort; }
-"$VENV/bin/python" -m pip list --format=freeze | grep -v '^fedprune=' | norm > "$VENV/versions.txt"
+assets=$(grep -oE '^[a-z0-9-]+' requirements/assets.txt | paste -sd'|')
+"$VENV/bin/python" -m pip list --format=freeze | grep -vE "^(fedprune|$assets)=" | norm \
+  > "$VENV/versions.txt"
 grep -E '^[a-zA-Z0-9]' requirements/lock.txt | norm \
   | diff - "$VENV/versions.txt" | grep -E '^[<>]' > "$VENV/differences.txt" || true
 echo "differences from requirements/lock.txt (< locked, > newest): $VENV/differences.txt"

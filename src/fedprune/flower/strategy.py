@@ -148,8 +148,7 @@ class FlowerTransport:
                   "wire_bytes_up": [wire_size(result.replies[c].content)
                                     if c in result.replies else 0 for c in selected],
                   "wire_bytes_down": [result.sent_bytes.get(c, 0) for c in selected]}
-        return runner.Exchange(replies, {c: result.failed.get(c, "no update") for c in dropped},
-                               set(result.sent_bytes), record)
+        return runner.Exchange(replies, set(result.sent_bytes), record)
 
     def report(self, record: dict[str, Any]) -> None:
         log.info("round %d: %s", record["round"], json.dumps({k: record.get(k) for k in (

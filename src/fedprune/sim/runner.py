@@ -65,12 +65,11 @@ class ServerState:
 
 @dataclass
 class Exchange:
-    """One round's traffic with the selected clients: encoded updates by client id, why the
-    others failed, which clients received their downlink, and transport-specific record
-    fields (Flower: dropped clients, wire bytes)."""
+    """One round's traffic with the selected clients: encoded updates by client id, which
+    clients received their downlink, and transport-specific record fields (Flower: dropped
+    clients with their reasons logged, wire bytes)."""
 
     replies: dict[int, bytes] = field(default_factory=dict)
-    failed: dict[int, str] = field(default_factory=dict)
     sent: set[int] = field(default_factory=set)
     record: dict[str, Any] = field(default_factory=dict)
 

@@ -192,7 +192,8 @@ def _fedspallm_row(suite_dir: Path, v) -> dict[str, Any] | None:
         return None
     cfg = json.loads((run_dir / "config.json").read_text())
     o = cfg["method"].get("fedspallm", {})
-    row = {"label": v.label, "clients": o.get("pool_clients") or cfg["federation"]["num_clients"]}
+    row = {"label": v.label, "clients": o.get("pool_clients") or cfg["federation"]["num_clients"],
+           "pruner": o.get("pruner")}
     if v.kind != "dense":
         row.update(target_sparsity=o.get("sparsity"), pattern=o.get("pattern"))
     if v.kind != "run":
@@ -256,7 +257,8 @@ def fedspallm_report(suite_dir: Path, variants) -> Path:
     if "dense" in by:
         ax.axhline(by["dense"]["perplexity"], color="grey", linestyle="--", label="dense")
     ax.set(xlabel="achieved sparsity (all decoder Linears)", ylabel="perplexity (held out)",
-           yscale="log", title="FedSpaLLM, 4 clients, SparseGPT, unstructured")
+           yscale="log",
+           title=f"FedSpaLLM, 4 clients, {rows[-1]['pruner'] if rows else '?'}, unstructured")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

@@ -196,6 +196,10 @@ class MethodOptions(_Section):
     """Base of a method's own config section ``[method.<name>]``: each method file defines
     one (a dataclass with `opt` fields) and names it as its ``Method.Config``."""
 
+    def require(self, cond: bool, key: str, msg: str) -> None:
+        """ConfigError naming the option ``method.<name>.<key>`` unless ``cond``."""
+        _check(cond, f"{self._name}.{key}", msg)
+
 
 @dataclass
 class MethodConfig:

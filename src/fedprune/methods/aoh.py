@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from fedprune.client.train import load_state
-from fedprune.config import ConfigError, opt
+from fedprune.config import opt
 from fedprune.core.update import State
 from fedprune.methods.heads import HeadPruning, HeadPruningConfig
 from fedprune.structure.importance import head_importance
@@ -27,15 +27,12 @@ class AoHConfig(HeadPruningConfig):
 
     def validate(self) -> None:
         super().validate()
-        if self.importance_samples < 0:
-            raise ConfigError(f"`method.aoh.importance_samples`: must be >= 0, got "
-                              f"{self.importance_samples}")
-        if self.eps < 0:
-            raise ConfigError(f"`method.aoh.eps`: must be >= 0, got {self.eps}")
-        if self.mode == "structural" and self.importance == "after":
-            raise ConfigError("`method.aoh.importance`: 'after' needs method.aoh.mode="
-                              "'adapter': structural pruning must know the kept heads before "
-                              "training")
+        self.require(self.importance_samples >= 0, "importance_samples",
+                     f"must be >= 0, got {self.importance_samples}")
+        self.require(self.eps >= 0, "eps", f"must be >= 0, got {self.eps}")
+        self.require(not (self.mode == "structural" and self.importance == "after"),
+                     "importance", "'after' needs method.aoh.mode='adapter': structural "
+                     "pruning must know the kept heads before training")
 
 
 class AoH(HeadPruning):

@@ -80,10 +80,7 @@ class FedSpaLLMConfig(MethodOptions):
     batch_size: int = opt(8, "Sequences per forward pass (pruning and evaluation).")
 
     def validate(self) -> None:
-        def check(cond: bool, key: str, msg: str) -> None:
-            if not cond:
-                raise ConfigError(f"`method.fedspallm.{key}`: {msg}")
-
+        check = self.require
         check(0 < self.sparsity < 1, "sparsity", f"must be in (0, 1), got {self.sparsity}")
         n, m = self.nm
         if m:

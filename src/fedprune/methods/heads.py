@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from fedprune.client.train import load_state, local_train, snapshot
-from fedprune.config import ConfigError, MethodOptions, opt
+from fedprune.config import MethodOptions, opt
 from fedprune.core.aggregate import owned_mean
 from fedprune.core.update import ClientUpdate, InvalidUpdate, State, Weight
 from fedprune.methods.base import LocalResult, Method
@@ -38,9 +38,8 @@ class HeadPruningConfig(MethodOptions):
                     ("adapter", "structural"))
 
     def validate(self) -> None:
-        if not 0 <= self.sparsity < 1:
-            raise ConfigError(f"`{self._name}.sparsity`: must be in [0, 1), got "
-                              f"{self.sparsity}")
+        self.require(0 <= self.sparsity < 1, "sparsity",
+                     f"must be in [0, 1), got {self.sparsity}")
 
 
 def eq7_keep(scores: dict[str, torch.Tensor], sparsity: float, scope: str

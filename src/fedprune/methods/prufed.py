@@ -135,10 +135,7 @@ class PruFedConfig(MethodOptions):
     calibration_samples: int = opt(8, "Calibration blocks of max_length tokens.")
 
     def validate(self) -> None:
-        def check(cond: bool, key: str, msg: str) -> None:
-            if not cond:
-                raise ConfigError(f"`method.prufed.{key}`: {msg}")
-
+        check = self.require
         n = len(self.tier_keep)
         check(n >= 1, "tier_keep", "needs at least one tier")
         for key in ("tier_strategy", "tier_share"):

@@ -4,8 +4,9 @@ An experiment is a TOML file whose tables mirror the dataclasses below (``[model
 ``[peft]``, ``[data]``, ``[partition]``, ``[federation]``, ``[method]``, ``[run]``), plus
 ``section.key=value`` overrides from the command line. ``[method]`` names the method; each
 method's own options live in its section ``[method.<name>]``, a dataclass defined in the
-method's file (`fedprune.methods`), so adding a method edits nothing here. Every field carries its help text in
-``metadata["help"]``; the CLI lists them, so the docs cannot drift from the code.
+method's file (`fedprune.methods`), so adding a method edits nothing here. Every field
+carries its help text in ``metadata["help"]``; the CLI lists them, so the docs cannot drift
+from the code.
 Validation errors name the option (``federation.clients_per_round``) and the allowed values.
 """
 

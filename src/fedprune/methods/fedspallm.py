@@ -217,10 +217,14 @@ class FedSpaLLM(Method):
         """The client's layers to prune and every matrix that differs from the pretrained
         model it holds, sparse-encoded (round 1 of a one-shot run: nothing but the layers)."""
         out = {LAYERS: torch.tensor(self.sampled[client_id], dtype=torch.int64)}
-        for key, value in state.items():
-            if not torch.equal(value, self.fed.initial[key]):
-                out.update({key + s: t for s, t in pack(value, value != 0).items()})
+        for key, value in self.changed(state).items():
+            out.update({key + s: t for s, t in pack(value, value != 0).items()})
         return out
+
+    def changed(self, state: State) -> State:
+        """The matrices of ``state`` that differ from the pretrained model every client and
+        the shared backbone hold."""
+        return {k: v for k, v in state.items() if not torch.equal(v, self.fed.initial[k])}
 
     # --- client side ---
     def local(self, start: State, client_id: int, seed: int) -> LocalResult:
@@ -313,7 +317,7 @@ class FedSpaLLM(Method):
         """Perplexity of the global model on the held-out blocks, and its sparsity (share of
         zeros over every decoder Linear weight)."""
         fed, o = self.fed, self.options
-        changed = {k: v for k, v in state.items() if not torch.equal(v, fed.initial[k])}
+        changed = self.changed(state)
         try:
             self._load(changed)
             batches = [{"input_ids": b, "labels": b} for b in (

@@ -125,6 +125,21 @@ def test_nm_pattern_and_resume_bit_identical(tiny, tmp_path):
     assert changed and all(is_nm_sparse(a[k], 2, 4) for k in changed)
 
 
+@pytest.mark.parametrize("aggregation", ["l0", "fedavg_reprune"])
+def test_nm_pattern_survives_aggregation(tiny, tmp_path, aggregation):
+    # several owners per layer disagree inside groups of 4: without N:M expansion the mean
+    # would not be 2:4-sparse (the plain fedavg baseline is the witness)
+    extra = ("method.fedspallm.pattern='2:4'", "method.fedspallm.pruner=wanda",
+             "method.fedspallm.cover=true")
+    final = {}
+    for agg in (aggregation, "fedavg"):
+        run_dir = runner.run(cfg_of(tiny, *extra, f"method.fedspallm.aggregation='{agg}'"),
+                             tmp_path / agg, progress=False)
+        final[agg] = load_file(run_dir / "global.safetensors")
+    assert all(is_nm_sparse(w, 2, 4) for w in final[aggregation].values())
+    assert not all(is_nm_sparse(w, 2, 4) for w in final["fedavg"].values())
+
+
 def test_pack_roundtrip_and_malformed_updates(tiny):
     w = torch.tensor([[0.0, 1.5, 0.0], [2.0, 0.0, -3.0], [0.0, 0.0, 4.0]])
     packed = pack(w, w != 0)

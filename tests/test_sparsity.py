@@ -10,6 +10,7 @@ import torch
 from fedprune.core.sparsity import (
     cover_layers,
     expand_mask,
+    expand_nm,
     is_nm_sparse,
     l0_weights,
     layer_budget,
@@ -190,6 +191,35 @@ def test_expand_mask_keeps_dtype():
     w = torch.tensor([0.5, 0.25, 0.0, 1.0], dtype=torch.bfloat16)
     out = expand_mask(w, torch.tensor([0, 1, 2, 0]), 2, 0.5)
     assert out.dtype == torch.bfloat16 and out.tolist() == [0.5, 0.0, 0.0, 1.0]
+
+
+# --- expand_nm ------------------------------------------------------------------------------
+
+def test_expand_nm_votes_then_magnitude_per_group():
+    w = torch.tensor([[0.5, -0.1, 0.3, 0.2, 0.0, 0.4, 0.0, 0.9],
+                      [0.0, 0.7, 0.6, 0.8, 0.2, 0.2, 0.2, 0.2]])
+    c = torch.tensor([[1, 1, 0, 2, 3, 1, 3, 0],
+                      [3, 0, 0, 0, 1, 1, 1, 1]])
+    out = expand_nm(w, c, 2, 4)
+    assert torch.equal(out, torch.tensor([
+        [0.5, 0.0, 0.3, 0.0,   # most votes (2) first, then the smaller |W| of the C = 1 tie
+         0.0, 0.4, 0.0, 0.9],  # already two zeros: unchanged
+        [0.0, 0.7, 0.0, 0.8,   # one zero; the next is the smallest |W| (all C = 0)
+         0.0, 0.0, 0.2, 0.2]]))  # full tie: the earlier entries
+    assert is_nm_sparse(out, 2, 4) and torch.equal(w[1, :4], torch.tensor([0.0, 0.7, 0.6, 0.8]))
+
+
+def test_expand_nm_without_votes_is_magnitude_nm():
+    w = torch.randn(6, 16, generator=torch.Generator().manual_seed(0))
+    out = expand_nm(w, torch.zeros(w.shape, dtype=torch.long), 2, 4)
+    assert torch.equal(out, w * nm_mask(w.abs(), 2, 4))
+
+
+def test_expand_nm_errors():
+    with pytest.raises(ValueError, match="shape"):
+        expand_nm(torch.ones(2, 4), torch.zeros(4, 2, dtype=torch.long), 2, 4)
+    with pytest.raises(ValueError, match="N:M"):
+        expand_nm(torch.ones(2, 6), torch.zeros(2, 6, dtype=torch.long), 2, 4)
 
 
 def test_expand_mask_errors():

@@ -129,7 +129,7 @@ def expand_mask(weight: torch.Tensor, pruned_count: torch.Tensor, num_owners: in
     entries plus any that are 0 for other reasons (e.g. every owner that kept j sent 0).
     If z entries are already zero, the k - z nonzero entries with the largest C_j are zeroed,
     ties by smaller |W[j]| (our choice), then by smaller flat index. The result has exactly
-    max(k, z) zeros: nothing is zeroed when z >= k. Not meant for N:M sparsity (DESIGN.md).
+    max(k, z) zeros: nothing is zeroed when z >= k. N:M patterns: `expand_nm`.
     """
     _check_sparsity(sparsity)
     if pruned_count.shape != weight.shape:
@@ -172,6 +172,32 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     low = torch.sort(groups, dim=-1, stable=True).indices[..., :n]
     keep = torch.ones_like(groups, dtype=torch.bool).scatter_(-1, low, False)
     return keep.reshape(scores.shape)
+
+
+def expand_nm(weight: torch.Tensor, pruned_count: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Mask expansion for N:M sparsity (our reading; the paper defines expansion for
+    unstructured masks only): the l0 mean of N:M-sparse client matrices is in general not
+    N:M-sparse (owners disagree inside a group), so in every group of m consecutive entries
+    along the last dim that has fewer than n zeros, zero the nonzero entries with the largest
+    C_j = ``pruned_count[j]`` (prune votes), ties by smaller |W[j]|, then by position, until it
+    has n. Groups that already have >= n zeros are left as they are. A new tensor; with one
+    owner and C = 0 everywhere this is magnitude N:M pruning."""
+    if pruned_count.shape != weight.shape:
+        raise ValueError(f"pruned_count shape {tuple(pruned_count.shape)} != weight shape "
+                         f"{tuple(weight.shape)}")
+    if not 1 <= n < m or weight.ndim == 0 or weight.shape[-1] % m:
+        raise ValueError(f"invalid N:M pattern {n}:{m} for shape {tuple(weight.shape)}")
+    w = weight.reshape(*weight.shape[:-1], -1, m)  # (..., groups, m)
+    counts = pruned_count.reshape(w.shape).long()
+    # per group, a stable order of the entries to zero: zeros first (free), then the most
+    # votes, then the smallest |W|, then position — composed from the last key to the first
+    order = torch.sort(w.abs(), dim=-1, stable=True).indices
+    order = order.gather(-1, torch.sort(-counts.gather(-1, order), dim=-1, stable=True).indices)
+    order = order.gather(-1, torch.sort((w.gather(-1, order) != 0).to(torch.int8), dim=-1,
+                                        stable=True).indices)
+    out = w.clone()
+    out.scatter_(-1, order[..., :n], 0.0)  # the first n are zeros already or the ones to zero
+    return out.reshape(weight.shape)
 
 
 def is_nm_sparse(tensor: torch.Tensor, n: int, m: int) -> bool:

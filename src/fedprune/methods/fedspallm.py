@@ -7,7 +7,9 @@ layers of the received model on its private calibration text with a one-shot pru
 pruned Linear weights, sparse-encoded. The server takes, per weight, the l0-norm mean over
 the clients that sampled its layer (W[j] = sum_i M_i[j] W_i[j] / sum_i M_i[j], 0 where all
 of them pruned j: `owned_mean` with element masks and empty="zero"), then expands the mask
-to the exact target sparsity (`core.sparsity.expand_mask`, skipped for N:M). Layers no client
+to the exact target sparsity (`core.sparsity.expand_mask`; for N:M patterns `expand_nm`
+restores N zeros in every group of M by the same votes-then-magnitude rule, our reading:
+the paper expands unstructured masks only). Layers no client
 sampled keep their value. R = 1 is the paper's one-shot setting; R > 1 re-prunes the global
 model. Baselines in the same runner: `aggregation = "fedavg"` (naive mean of the pruned
 weights: lower real sparsity) and "fedavg_reprune" (that mean, then magnitude re-pruning to s).
@@ -30,7 +32,13 @@ from fedprune.client.pruners import PRUNERS, prune_layers
 from fedprune.client.world import Federation, cache_dir, set_threads
 from fedprune.config import ConfigError, MethodOptions, opt
 from fedprune.core.aggregate import owned_mean
-from fedprune.core.sparsity import cover_layers, expand_mask, layer_budget, sample_layers
+from fedprune.core.sparsity import (
+    cover_layers,
+    expand_mask,
+    expand_nm,
+    layer_budget,
+    sample_layers,
+)
 from fedprune.core.update import ClientUpdate, InvalidUpdate, State
 from fedprune.data.tasks import response_perplexity
 from fedprune.data.texts import calibration_blocks, test_blocks
@@ -57,8 +65,9 @@ class FedSpaLLMConfig(MethodOptions):
                            "that mean, then magnitude pruning back to s (baseline).",
                            ("l0", "fedavg", "fedavg_reprune"))
     expand: bool = opt(True, "Adaptive mask expansion after the l0 mean: exactly ceil(s·d) "
-                       "zeros per matrix, most-pruned weights first, ties by smaller |W| "
-                       "(skipped for N:M patterns).")
+                       "zeros per matrix, most-pruned weights first, ties by smaller |W|; "
+                       "for N:M, the same rule inside every group of M so that the global "
+                       "model is N:M-sparse again (false: the l0 mean as is).")
     resource_scores: list[float] = opt([], "Resource score r_i > 0 of every client (length "
                                        "federation.num_clients); empty = resource_spread.")
     resource_spread: float = opt(0.0, "Without resource_scores: r_c = 1 + spread·(2c/(C-1) "
@@ -305,13 +314,20 @@ class FedSpaLLM(Method):
         owned = sorted({k for u in updates for k in u.delta})
         for key in owned:
             holders = [u for u in updates if key in u.delta]
-            if o.aggregation == "l0" and o.expand and not self.prunem:
+            if o.aggregation == "l0" and o.expand:
                 kept = sum(u.weights[key].to(torch.int64) for u in holders)
-                new[key] = expand_mask(new[key], len(holders) - kept, len(holders), o.sparsity)
-            elif o.aggregation == "fedavg_reprune":  # magnitude pruning to s per matrix
+                new[key] = self.expand(new[key], len(holders) - kept, len(holders))
+            elif o.aggregation == "fedavg_reprune":  # magnitude pruning to s (or N:M)
                 zeros = torch.zeros(new[key].shape, dtype=torch.int64)
-                new[key] = expand_mask(new[key], zeros, 1, o.sparsity)
+                new[key] = self.expand(new[key], zeros, 1)
         return new
+
+    def expand(self, weight: torch.Tensor, pruned: torch.Tensor, owners: int) -> torch.Tensor:
+        """Mask expansion of one aggregated matrix to the target: ceil(s·d) zeros, or N zeros
+        in every group of M."""
+        if self.prunem:
+            return expand_nm(weight, pruned, self.prunen, self.prunem)
+        return expand_mask(weight, pruned, owners, self.options.sparsity)
 
     def evaluate(self, state: State) -> dict[str, float]:
         """Perplexity of the global model on the held-out blocks, and its sparsity (share of

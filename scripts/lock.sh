@@ -8,6 +8,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x .venv/bin/pip-compile ] || .venv/bin/python -m pip install -q pip-tools
 .venv/bin/pip-compile --quiet --strip-extras --allow-unsafe --no-emit-index-url \
-  --no-emit-find-links --extra dev --extra gguf --extra flower --extra simulation \
+  --no-emit-find-links --extra dev --extra gguf --extra flower --extra simulation --extra tracking \
   --output-file requirements/lock.txt pyproject.toml requirements/pins.in "$@"
 echo "requirements/lock.txt: $(grep -c '==' requirements/lock.txt) pinned packages"

@@ -204,13 +204,22 @@ def test_non_iid_calibration_sources(tiny):
     assert books.train_rows[0]["input_ids"].tolist() != bbc.train_rows[0]["input_ids"].tolist()
 
 
-def test_suite_report_on_a_tiny_model(tiny, tmp_path):
+def test_suite_report_on_a_tiny_model(tiny, tmp_path, capsys):
+    from fedprune.report.progress import shown
     from fedprune.sim.suites import run_suite
 
     out = tmp_path / "suite"
-    for only in ("dense", "C4-s50-*"):
+    run_suite("fedspallm", None, [f"model.name='{tiny}'"], out, smoke=True, progress=False,
+              only="dense")
+    quiet = capsys.readouterr().err  # no bars of ours unless asked for
+    assert "suite fedspallm" not in quiet and "decoder layers" not in quiet
+    with shown(True):
         report = run_suite("fedspallm", None, [f"model.name='{tiny}'"], out, smoke=True,
-                           progress=False, only=only)
+                           progress=True, only="C4-s50-*")
+    err = capsys.readouterr().err
+    # the suite's bar (variant, count, ETA) and the pruner's layer-by-layer bar
+    assert "suite fedspallm" in err and "5/5" in err and "C4-s50-alone" in err
+    assert "magnitude: decoder layers" in err
     text = report.read_text()
     for label in ("dense", "C4-s50-l0", "C4-s50-fedavg", "C4-s50-fedavg_reprune",
                   "C4-s50-centralized", "C4-s50-alone"):
@@ -219,3 +228,17 @@ def test_suite_report_on_a_tiny_model(tiny, tmp_path):
     assert len(alone["perplexities"]) == 4 and alone["worst_perplexity"] == max(
         alone["perplexities"])
     assert (out / "perplexity_sparsity.png").stat().st_size > 10_000
+
+
+def test_server_optimizer_moves_only_kept_weights(tiny, tmp_path):
+    # the same clients and proposal; FedAdam then steps the kept weights only, so the
+    # l0 + expansion zeros (exactly s per matrix) survive it
+    plain = load_file(runner.run(cfg_of(tiny, "method.fedspallm.cover=true"), tmp_path / "p",
+                                 progress=False) / "global.safetensors")
+    adam = load_file(runner.run(cfg_of(tiny, "method.fedspallm.cover=true",
+                                       "federation.server_optimizer='fedadam'",
+                                       "federation.server_lr=0.001"), tmp_path / "a",
+                                progress=False) / "global.safetensors")
+    for key, w in plain.items():
+        assert torch.equal(adam[key] == 0, w == 0), key
+    assert any(not torch.equal(adam[k], plain[k]) for k in plain)

@@ -1,4 +1,4 @@
-"""Command line: `fedprune run`, `suite`, `report`, `options`, `env`.
+"""Command line: `fedprune run`, `suite`, `report`, `export`, `compare`, `options`, `env`.
 
 The list of config options shown by `--help` is generated from config.py.
 """
@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fedprune.config import ConfigError, load_config, options_help
+from fedprune.report.progress import shown
 
 app = typer.Typer(help="fedprune: federated adaptation of transformer language models with "
                   "structured sparsity.", no_args_is_help=True, rich_markup_mode=None,
@@ -69,7 +70,8 @@ def run(
     quiet_libraries()
     try:
         cfg = load_config(config, overrides or [])
-        run_dir = run_experiment(cfg, out, resume=resume, progress=not quiet)
+        with shown(not quiet):
+            run_dir = run_experiment(cfg, out, resume=resume, progress=not quiet)
     except (ConfigError, DataError, ModelLoadError, CheckpointError) as e:
         _fail(str(e))
     console.print(f"run directory: {run_dir}")
@@ -78,7 +80,7 @@ def run(
 
 @app.command()
 def suite(
-    name: Annotated[str, typer.Argument(help="ablation | sparsity | noniid | fedspallm")],
+    name: Annotated[str, typer.Argument(help="ablation | sparsity | noniid | fedspallm | prufed")],
     overrides: Annotated[list[str] | None, typer.Argument(
         help="section.key=value overrides applied to every variant.")] = None,
     config: Annotated[Path | None, typer.Option(
@@ -114,8 +116,9 @@ def suite(
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     quiet_libraries()
     try:
-        path = run_suite(name, config, overrides or [], out or Path(f"runs/suite-{name}"),
-                         smoke=smoke, progress=not quiet, only=only)
+        with shown(not quiet):
+            path = run_suite(name, config, overrides or [], out or Path(f"runs/suite-{name}"),
+                             smoke=smoke, progress=not quiet, only=only)
     except (ConfigError, DataError, ModelLoadError) as e:
         _fail(str(e))
     console.print(f"report: {path}")
@@ -141,6 +144,58 @@ def report(run_dir: Annotated[Path, typer.Argument(help="A run directory.")]) ->
             text = "–" if value is None else str(value)
         table.add_row(key, text)
     console.print(table)
+
+
+@app.command()
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="A finished run directory.")],
+    out_dir: Annotated[Path, typer.Argument(help="New (or empty) output folder.")],
+) -> None:
+    """Write a run's final global model as folders transformers and peft load, each with a
+    model card README.md.
+
+    \b
+    fedavg / random_heads / aoh: a peft adapter (PeftModel.from_pretrained(base, OUT_DIR)).
+    fedspallm: the pruned causal LM (AutoModelForCausalLM.from_pretrained(OUT_DIR)).
+    prufed:    OUT_DIR/tier<t> per tier: its kept layers with LoRA merged (and OUT_DIR/full
+               when no tier keeps every layer).
+    """
+    from fedprune.data import DataError
+    from fedprune.export import ExportError, export_run
+    from fedprune.structure.model import ModelLoadError
+
+    quiet_libraries()
+    try:
+        folders = export_run(run_dir, out_dir)
+    except (ExportError, ConfigError, DataError, ModelLoadError) as e:
+        _fail(str(e))
+    for folder in folders:
+        console.print(f"exported: {folder}")
+
+
+@app.command()
+def compare(
+    run_dirs: Annotated[list[Path], typer.Argument(help="Run directories to compare.")],
+    out: Annotated[Path, typer.Option(
+        "--out", help="Folder for compare.md and compare.png.")] = Path("runs/compare"),
+) -> None:
+    """Compare runs: their config differences and final metrics (mean ± sd over runs that
+    differ only by run.seed), printed and written to OUT/compare.md, with their metric
+    curves on shared axes in OUT/compare.png."""
+    from fedprune.report.compare import CompareError, compare_runs
+
+    try:
+        result = compare_runs(run_dirs, out)
+    except CompareError as e:
+        _fail(str(e))
+    table = Table(title=f"fedprune compare ({len(run_dirs)} runs)")  # one column per group
+    table.add_column(result.headers[0], overflow="fold")
+    for row in result.rows:
+        table.add_column(row[0], justify="right", overflow="fold")
+    for i, header in enumerate(result.headers[1:], 1):
+        table.add_row(header, *(row[i] for row in result.rows))
+    console.print(table)
+    console.print(f"written: {result.markdown}, {result.figure}")
 
 
 @app.command()

@@ -1,12 +1,12 @@
 """Typed configuration: the single source of truth for every option.
 
 An experiment is a TOML file whose tables mirror the dataclasses below (``[model]``,
-``[peft]``, ``[data]``, ``[partition]``, ``[federation]``, ``[method]``, ``[run]``), plus
-``section.key=value`` overrides from the command line. ``[method]`` names the method; each
-method's own options live in its section ``[method.<name>]``, a dataclass defined in the
-method's file (`fedprune.methods`), so adding a method edits nothing here. Every field
-carries its help text in ``metadata["help"]``; the CLI lists them, so the docs cannot drift
-from the code.
+``[peft]``, ``[data]``, ``[partition]``, ``[federation]``, ``[method]``, ``[run]``,
+``[tracking]``), plus ``section.key=value`` overrides from the command line. ``[method]``
+names the method; each method's own options live in its section ``[method.<name>]``, a
+dataclass defined in the method's file (`fedprune.methods`), so adding a method edits nothing
+here. Every field carries its help text in ``metadata["help"]``; the CLI lists them, so the
+docs cannot drift from the code.
 Validation errors name the option (``federation.clients_per_round``) and the allowed values.
 """
 
@@ -161,7 +161,24 @@ class FederationConfig(_Section):
     group_by_length: bool = opt(False, "Group each client's batches by length (transformers' "
                                 "length-grouped sampler) so that little padding is computed; "
                                 "batches are always padded only to their longest row.")
-    server_lr: float = opt(1.0, "Server learning rate eta applied to the aggregated update.")
+    prox_mu: float = opt(0.0, "FedProx (Li et al. 2020): clients add mu/2·||w - w_global||^2 "
+                         "over the tensors they train (pruned heads excluded); 0 = off.")
+    server_lr: float = opt(1.0, "Server learning rate eta applied to the aggregated update "
+                           "(the step of every server_optimizer).")
+    server_optimizer: str = opt("fedavg", "Server optimizer on the pseudo-gradient (mean "
+                                "model - global model, over the coordinates clients owned; "
+                                "core.server_opt): 'fedavg' (x + eta·delta), 'fedavgm' "
+                                "(server momentum server_beta1), 'fedadagrad', 'fedyogi', "
+                                "'fedadam' (Reddi et al. 2021). Coordinates nobody owned keep "
+                                "their weight and moments.",
+                                ("fedavg", "fedavgm", "fedadagrad", "fedyogi", "fedadam"))
+    server_beta1: float = opt(0.9, "Momentum beta1 of the server optimizer, in [0, 1).")
+    server_beta2: float = opt(0.99, "Second-moment beta2 of fedadam / fedyogi, in [0, 1).")
+    server_tau: float = opt(1e-3, "Adaptivity tau > 0 of fedadagrad / fedyogi / fedadam "
+                            "(x + eta·m / (sqrt(v) + tau)).")
+    server_bias_correction: bool = opt(False, "Adam-style bias correction of the adaptive "
+                                       "server optimizers' step (Flower's FedAdam does it; "
+                                       "Reddi et al. do not).")
     selection: str = opt("random", "Client selection: 'random'; 'loss' (AoH Eq. 9: top-K by "
                          "last local loss minus global validation loss, never-seen clients "
                          "first); 'pow-d' (Power-of-Choice, Cho et al. 2022, rpow-d variant: "
@@ -182,6 +199,12 @@ class FederationConfig(_Section):
                    f"must be >= 1, got {getattr(self, key)}")
         _check(self.lr > 0, "federation.lr", f"must be > 0, got {self.lr}")
         _check(self.server_lr > 0, "federation.server_lr", f"must be > 0, got {self.server_lr}")
+        for key in ("server_beta1", "server_beta2"):
+            _check(0 <= getattr(self, key) < 1, f"federation.{key}",
+                   f"must be in [0, 1), got {getattr(self, key)}")
+        _check(self.prox_mu >= 0, "federation.prox_mu", f"must be >= 0, got {self.prox_mu}")
+        _check(self.server_tau > 0, "federation.server_tau",
+               f"must be > 0, got {self.server_tau}")
         _check(self.weight_decay >= 0, "federation.weight_decay",
                f"must be >= 0, got {self.weight_decay}")
         _check(self.pow_d == 0 or self.clients_per_round <= self.pow_d <= self.num_clients,
@@ -274,9 +297,28 @@ class RunConfig(_Section):
         _check(self.eval_every >= 1, "run.eval_every", f"must be >= 1, got {self.eval_every}")
 
 
+@dataclass
+class TrackingConfig(_Section):
+    _name = "tracking"
+    tensorboard: bool = opt(False, "Write TensorBoard event files (per-round metrics, the "
+                            "resolved config, the metric plot) to <run dir>/tensorboard; "
+                            "needs the `tracking` extra (pip install 'fedprune[tracking]').")
+    mlflow: bool = opt(False, "Log to MLflow (offline, no server): per-round metrics, the "
+                       "resolved config as params, the final artefacts; needs the `tracking` "
+                       "extra (mlflow-skinny).")
+    mlflow_uri: str = opt("", "MLflow tracking URI; empty = a local file store at "
+                          "<run dir>/mlruns.")
+    mlflow_experiment: str = opt("fedprune", "MLflow experiment the run is logged under "
+                                 "(created when missing).")
+
+    def validate(self) -> None:
+        _check(self.mlflow_experiment.strip() != "", "tracking.mlflow_experiment",
+               "must not be empty")
+
+
 SECTIONS: dict[str, type[_Section]] = {
     "model": ModelConfig, "peft": PeftConfig, "data": DataConfig, "partition": PartitionConfig,
-    "federation": FederationConfig, "run": RunConfig,
+    "federation": FederationConfig, "run": RunConfig, "tracking": TrackingConfig,
 }
 
 
@@ -291,6 +333,7 @@ class ExperimentConfig:
     federation: FederationConfig = field(default_factory=FederationConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return {f.name: (getattr(self, f.name).to_dict() if f.name == "method"

@@ -41,6 +41,7 @@ from typing import Any, ClassVar, NamedTuple
 import torch
 from torch import nn
 
+from fedprune.report.progress import bar
 from fedprune.structure.attention import describe
 
 __all__ = [
@@ -492,7 +493,7 @@ def prune_layers(
                 calls = _capture(model, model.get_submodule(paths[0]), batches)
                 forward_s = time.perf_counter() - t0
             layers: dict[int, LayerPruned] = {}
-            for index in range(max(wanted) + 1):
+            for index in bar(range(max(wanted) + 1), f"{method}: decoder layers", unit="layer"):
                 layer = model.get_submodule(paths[index])
                 if index in wanted:
                     pruned = _prune_layer(layer, index, paths[index], calls, pruner,

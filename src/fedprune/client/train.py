@@ -30,6 +30,7 @@ class LocalTrainSpec:
     optimizer: str = "adamw"
     weight_decay: float = 0.0
     group_by_length: bool = False  # batches of similar lengths (less padding)
+    prox_mu: float = 0.0  # FedProx: + mu/2 ||w - w_start||^2 on the trained tensors
 
 
 def load_state(params: dict[str, torch.nn.Parameter], state: State) -> None:
@@ -77,6 +78,19 @@ class TrainStats(NamedTuple):
         return 1.0 - self.tokens / total if total else 0.0
 
 
+@torch.no_grad()
+def _add_proximal(params: dict[str, torch.nn.Parameter], anchor: State, mu: float,
+                  frozen: dict[str, torch.Tensor]) -> None:
+    """grad += mu (w - w_start): the gradient of mu/2 ||w - w_start||^2, 0 where frozen."""
+    for key, p in params.items():
+        if p.grad is None:
+            continue
+        pull = p - anchor[key]
+        if key in frozen:
+            pull.masked_fill_(frozen[key], 0.0)
+        p.grad.add_(pull, alpha=mu)
+
+
 def local_train(model: torch.nn.Module, params: dict[str, torch.nn.Parameter],
                 rows: Sequence[dict], indices: Sequence[int], collate: Collate,
                 spec: LocalTrainSpec, seed: int,
@@ -89,6 +103,10 @@ def local_train(model: torch.nn.Module, params: dict[str, torch.nn.Parameter],
     not move (pruned heads in adapter mode): their gradients are zeroed, so Adam's moments
     and updates stay exactly zero there (decoupled weight decay still shrinks them; callers
     restore those coordinates). ``count_flops`` measures the steps with FlopCounterMode.
+    ``spec.prox_mu`` > 0 adds FedProx's proximal term mu/2 ||w - w_start||^2 (Li et al.
+    2020; w_start: the values at entry, the client's copy of the global model) as its
+    gradient mu (w - w_start), outside the frozen coordinates; the reported loss is the task
+    loss alone.
     """
     model.train()
     gen = torch.Generator().manual_seed(seed)
@@ -96,6 +114,7 @@ def local_train(model: torch.nn.Module, params: dict[str, torch.nn.Parameter],
     hooks = [params[k].register_hook(lambda g, keep=~m: g * keep)
              for k, m in (frozen or {}).items()]
     opt = _optimizer(list(params.values()), spec)
+    anchor = snapshot(params) if spec.prox_mu else {}
     idx = torch.as_tensor(list(indices), dtype=torch.long)
     loss_sum, seen, tokens, shapes = 0.0, 0, 0, []
     counter = FlopCounterMode(display=False) if count_flops else nullcontext()
@@ -107,6 +126,8 @@ def local_train(model: torch.nn.Module, params: dict[str, torch.nn.Parameter],
                     batch = collate([rows[i] for i in batch_idx])
                     loss = model(**batch).loss
                     loss.backward()
+                    if anchor:
+                        _add_proximal(params, anchor, spec.prox_mu, frozen or {})
                     opt.step()
                     opt.zero_grad(set_to_none=True)
                     loss_sum += loss.item() * len(batch_idx)

@@ -56,3 +56,18 @@ def owned_mean(global_state: State, updates: Sequence[ClientUpdate], server_lr: 
             moved = value.double() if empty == "keep" else torch.zeros_like(moved)
         new[key] = moved.to(value.dtype)
     return new
+
+
+def ownership(global_state: State, updates: Sequence[ClientUpdate]) -> dict[str, torch.Tensor]:
+    """Which coordinates some update owns: for every global key an update holds, the bool
+    tensor S > 0 (S = sum_c w_c, broadcastable to the key's shape, as in `owned_mean`).
+    Server optimizers step only there (`core.server_opt`)."""
+    totals: dict[str, torch.Tensor] = {}
+    for update in updates:
+        for local in update.delta:
+            key = update.global_key(local)
+            if key not in global_state:
+                continue
+            w = torch.as_tensor(update.weight(local), dtype=torch.float64)
+            totals[key] = w if key not in totals else totals[key] + w
+    return {key: total > 0 for key, total in totals.items()}

@@ -75,7 +75,7 @@ class Method:
         self.fed = fed
         f = cfg.federation
         self.spec = LocalTrainSpec(f.local_epochs, f.batch_size, f.lr, f.optimizer,
-                                   f.weight_decay, f.group_by_length)
+                                   f.weight_decay, f.group_by_length, f.prox_mu)
         self.structure = describe(fed.model)
         self.arch = encoder_arch(fed.model, r=cfg.peft.r, target_modules=cfg.peft.target_modules)
         self.count_flops = cfg.run.count_flops
@@ -142,6 +142,11 @@ class Method:
 
     def aggregate(self, state: State, updates: list[ClientUpdate], server_lr: float) -> State:
         raise NotImplementedError
+
+    def project(self, proposed: State, stepped: State) -> State:
+        """A server optimizer's step (``stepped``, from the aggregate ``proposed``) made valid
+        for the method; default: any step is."""
+        return stepped
 
     def evaluate(self, state: State) -> dict[str, float]:
         """The global model's validation metrics (the keys of ``metrics``)."""

@@ -322,6 +322,10 @@ class FedSpaLLM(Method):
                 new[key] = self.expand(new[key], zeros, 1)
         return new
 
+    def project(self, proposed: State, stepped: State) -> State:
+        """A server optimizer moves only the kept weights: what the aggregate pruned stays 0."""
+        return {k: torch.where(proposed[k] == 0, proposed[k], v) for k, v in stepped.items()}
+
     def expand(self, weight: torch.Tensor, pruned: torch.Tensor, owners: int) -> torch.Tensor:
         """Mask expansion of one aggregated matrix to the target: ceil(s·d) zeros, or N zeros
         in every group of M."""

@@ -26,8 +26,11 @@ from tqdm.auto import tqdm
 
 from fedprune.client.payload import decode, encode
 from fedprune.client.world import Federation
-from fedprune.config import ConfigError, ExperimentConfig
+from fedprune.config import ConfigError, ExperimentConfig, FederationConfig, load_config
+from fedprune.core.aggregate import ownership
 from fedprune.core.selection import SELECTORS, History
+from fedprune.core.server_opt import PREFIX as OPT_PREFIX
+from fedprune.core.server_opt import ServerOpt, server_step
 from fedprune.core.update import ClientUpdate, InvalidUpdate, State, validate_update
 from fedprune.data import partition_summary
 from fedprune.environment import environment
@@ -35,6 +38,7 @@ from fedprune.methods import METHODS, Method
 from fedprune.report.metrics import append_metrics, read_metrics, truncate_metrics, write_csv
 from fedprune.report.plots import plot_metric
 from fedprune.report.summary import write_report
+from fedprune.report.tracking import log_final, log_round
 from fedprune.sim.checkpoint import load_checkpoint, save_checkpoint
 
 log = logging.getLogger("fedprune")
@@ -120,6 +124,17 @@ def default_run_dir(cfg: ExperimentConfig) -> Path:
     return Path(cfg.run.out_dir) / name
 
 
+def _with_defaults(saved: dict, defaults: dict) -> dict:
+    """``saved`` with every key it lacks taken from ``defaults`` (nested tables too)."""
+    out = dict(saved)
+    for key, value in defaults.items():
+        if key not in out:
+            out[key] = value
+        elif isinstance(value, dict) and isinstance(out[key], dict):
+            out[key] = _with_defaults(out[key], value)
+    return out
+
+
 def prepare_run_dir(cfg: ExperimentConfig, run_dir: Path, resume: bool) -> None:
     """Create the run directory with the resolved config; never overwrite another run."""
     config_path = run_dir / "config.json"
@@ -127,7 +142,11 @@ def prepare_run_dir(cfg: ExperimentConfig, run_dir: Path, resume: bool) -> None:
         if not config_path.is_file():
             raise ConfigError(f"--resume: {run_dir} holds no run (no config.json)")
         saved = json.loads(config_path.read_text())
+        # options added since the run started had their defaults then
+        defaults = load_config(None, [f"method.name='{cfg.method.name}'"]).to_dict()
+        saved = _with_defaults(saved, defaults)
         saved["federation"]["rounds"] = cfg.federation.rounds  # extending a run is allowed
+        saved["tracking"] = cfg.to_dict()["tracking"]  # trackers are not the experiment
         if saved != cfg.to_dict():
             diff = sorted(f"{s}.{k}" for s, t in cfg.to_dict().items() for k, v in t.items()
                           if saved.get(s, {}).get(k) != v)
@@ -164,14 +183,18 @@ def write_partition(fed: Federation, run_dir: Path) -> None:
              len(sizes), min(sizes), sum(sizes) / len(sizes), max(sizes), len(fed.val_rows))
 
 
-def initial_state(method: Method, run_dir: Path, resume: bool) -> tuple[State, ServerState]:
-    """Round-0 global and server state, or the last checkpoint's when resuming; metrics of
-    rounds after the checkpoint are dropped (they are redone)."""
-    state, server = method.initial_state(), ServerState()
+def initial_state(method: Method, run_dir: Path, resume: bool
+                  ) -> tuple[State, ServerState, State]:
+    """Round-0 global, server and server-optimizer state, or the last checkpoint's when
+    resuming (the optimizer's tensors are stored beside the global state, keys prefixed
+    ``server_opt::``); metrics of rounds after the checkpoint are dropped (they are redone)."""
+    state, server, moments = method.initial_state(), ServerState(), {}
     if resume and (ckpt := load_checkpoint(run_dir)) is not None:
-        state, server = ckpt[0], ServerState.from_json(ckpt[1])
+        server = ServerState.from_json(ckpt[1])
+        state = {k: v for k, v in ckpt[0].items() if not k.startswith(OPT_PREFIX)}
+        moments = {k: v for k, v in ckpt[0].items() if k.startswith(OPT_PREFIX)}
     truncate_metrics(run_dir, server.round)
-    return state, server
+    return state, server, moments
 
 
 # --- the steps of a round ---------------------------------------------------------------
@@ -202,6 +225,22 @@ def decode_updates(method: Method, state: State, replies: dict[int, bytes],
             log.warning("round %d: rejected update: %s", rnd, e)
             rejected[cid] = str(e)
     return valid, rejected
+
+
+def server_update(method: Method, fc: FederationConfig, state: State,
+                  valid: list[ClientUpdate], moments: State) -> tuple[State, State]:
+    """The method's aggregate with ``server_lr`` (fedavg), or that aggregate with step 1 as
+    the proposal of a server optimizer over the coordinates the updates own (its state
+    ``moments`` keyed ``server_opt::{m,v,t}::<key>``). Returns (global state, moments)."""
+    if fc.server_optimizer == "fedavg":
+        return method.aggregate(state, valid, fc.server_lr), moments
+    opt = ServerOpt(fc.server_optimizer, fc.server_lr, fc.server_beta1, fc.server_beta2,
+                    fc.server_tau, fc.server_bias_correction)
+    owned = ownership(state, valid)  # before aggregate: some methods reuse the deltas
+    proposed = method.aggregate(state, valid, 1.0)
+    inner = {k.removeprefix(OPT_PREFIX): v for k, v in moments.items()}
+    stepped, inner = server_step(opt, state, proposed, owned, inner)
+    return method.project(proposed, stepped), {OPT_PREFIX + k: v for k, v in inner.items()}
 
 
 def after_training(server: ServerState, valid: list[ClientUpdate]) -> ServerState:
@@ -252,6 +291,7 @@ def finish_run(method: Method, cfg: ExperimentConfig, run_dir: Path, state: Stat
     plot_metric(records, run_dir / f"{method.target}.png", metric=method.target,
                 title=run_dir.name, target=cfg.run.target_metric)
     write_report(run_dir)
+    log_final(cfg, run_dir)  # [tracking]: final artefacts
     return run_dir
 
 
@@ -279,7 +319,7 @@ def run(cfg: ExperimentConfig, run_dir: Path | None = None, *, resume: bool = Fa
     write_partition(fed, run_dir)
     fc = cfg.federation
     method = kind(cfg, fed)
-    state, server = initial_state(method, run_dir, resume)
+    state, server, moments = initial_state(method, run_dir, resume)
     sizes = np.array([len(ix) for ix in fed.client_indices])
     bar = tqdm(range(server.round + 1, fc.rounds + 1), total=fc.rounds, initial=server.round,
                desc="rounds", disable=not progress)
@@ -299,7 +339,7 @@ def run(cfg: ExperimentConfig, run_dir: Path | None = None, *, resume: bool = Fa
         # --- AGGREGATION of the valid updates, in client-id order ---
         valid, rejected = decode_updates(method, state, exchange.replies, sizes, rnd)
         if len(valid) >= fc.min_valid_updates:
-            state = method.aggregate(state, valid, fc.server_lr)
+            state, moments = server_update(method, fc, state, valid, moments)
             server = after_training(server, valid)
         else:
             log.warning("round %d: %d valid updates < federation.min_valid_updates=%d; global "
@@ -318,8 +358,9 @@ def run(cfg: ExperimentConfig, run_dir: Path | None = None, *, resume: bool = Fa
         if observe is not None:
             record["observed"] = observe(rnd, state, method)
         append_metrics(run_dir, record)
+        log_round(cfg, run_dir, record)  # [tracking]: TensorBoard / MLflow
         server = replace(server, round=rnd)
-        save_checkpoint(run_dir, state, server.to_json())
+        save_checkpoint(run_dir, {**state, **moments}, server.to_json())
         link.report(record)
 
     return finish_run(method, cfg, run_dir, state)

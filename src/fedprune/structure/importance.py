@@ -28,6 +28,7 @@ from typing import Any, NamedTuple
 import torch
 from transformers import PreTrainedModel
 
+from fedprune.report.progress import bar
 from fedprune.structure.attention import AttentionModule, ModelStructure, StructureError
 
 __all__ = ["ImportanceAccumulator", "head_importance"]
@@ -109,7 +110,7 @@ def head_importance(
     current: dict[str, _Masks] = {}  # stack -> masks of the batch being run
     device = next(model.parameters()).device
     with _eager_eval(model), _hooks(model, structure, accumulators, current), torch.no_grad():
-        for batch in batches:
+        for batch in bar(batches, "head importance", unit="batch"):
             inputs = {k: v.to(device) for k, v in batch.items() if k not in _DROPPED_KEYS}
             current.clear()
             current.update(_stream_masks(inputs, structure, special_ids, exclude_key_ids))

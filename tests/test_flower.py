@@ -359,6 +359,62 @@ def test_fedspallm_on_supernodes_equals_the_in_process_run(tiny_llama, tmp_path)
     assert all(r["train_loss"] is None and r["perplexity"] > 1 for r in recs)
 
 
+# --- PruFed on real SuperLink / SuperNodes (tiny Llama, 2 tiers, 2 clients) -------------------
+
+def test_prufed_tiers_on_supernodes_equal_the_in_process_run(tiny_llama, tmp_path):
+    """Two tiers whose replies hold different keys: client 0 (full depth) sends the adapters
+    of the 4 layers, client 1 (top-alternate, half depth) those of its 2 view layers, named
+    0 / 1 locally and renamed to global 0 / 2 by the server (HeteAgg). The same loop gives
+    the in-process result, and the half-depth client's uplink is smaller."""
+    from fedprune.methods.prufed import PruFed
+
+    overrides = [f'model.name="{tiny_llama}"', "method.name=prufed",
+                 "federation.num_clients=2", "federation.clients_per_round=2",
+                 "federation.rounds=2", "federation.batch_size=2", "federation.lr=0.01",
+                 "method.prufed.tier_keep=[1.0, 0.5]",
+                 'method.prufed.tier_strategy=["top", "top-alternate"]',
+                 "method.prufed.tier_share=[0.5, 0.5]", "method.prufed.samples=2",
+                 "method.prufed.max_length=48", "method.prufed.eval_samples=2",
+                 "method.prufed.generate_samples=1", "method.prufed.max_new_tokens=2",
+                 "run.num_threads=1"]
+    cfg = load_config(None, overrides)
+    fed = PruFed.world(cfg)
+    method = PruFed(cfg, fed)
+    # independent of the run: the two tiers' plans and the keys their replies carry
+    assert method.kept == [(0, 1, 2, 3), (0, 2)] and method.tier_of == [0, 1]
+    full, half = (set(method.local_keys[t]) for t in (0, 1))
+    assert len(half) == len(full) // 2 and half < full  # local names of view layers 0, 1
+    assert {method.local_keys[1][k] for k in half} == {
+        k for k in fed.initial if ".layers.0." in k or ".layers.2." in k}
+    reference = SimpleNamespace(cfg=cfg, run_dir=runner.run(cfg, tmp_path / "in-process",
+                                                            progress=False, fed=fed))
+    run_dir = tmp_path / "flower-run"
+    (tmp_path / "run-config.toml").write_text(tomli_w.dumps({
+        "overrides": "; ".join(overrides), "run-dir": str(run_dir),
+        "reply-timeout": 240.0, "connect-timeout": 120.0}))
+    with federation(tmp_path, 2, tls=False) as fed_:
+        log = flwr_run(fed_, [str(tmp_path / "run-config.toml")])
+    assert (run_dir / "global.safetensors").is_file(), log[-4000:]
+    assert_same_run(reference, run_dir)
+    initial = fed.initial
+    final = load_file(run_dir / "global.safetensors")
+    moved = {int(k.split(".layers.")[1].split(".")[0]) for k in final
+             if "lora_B" in k and not torch.equal(final[k], initial[k])}
+    assert moved == {0, 1, 2, 3}
+    recs = records(run_dir)
+    # the ServerApp's round line shows the method's own metrics (perplexity, ROUGE)
+    line = next(x for x in log.splitlines() if x.startswith("fedprune INFO: round 2: {"))
+    shown = json.loads(line.split(": ", 2)[2])
+    assert shown["perplexity"] == recs[1]["perplexity"] and "rougeL" in shown
+    for r in recs:
+        assert r["selected"] == [0, 1] and r["dropped"] == [] and r["rejected"] == []
+        assert r["client_metrics"]["1"]["layers"] == 2.0
+        # half the adapters: about half the payload each way (the metadata text is shared)
+        for key in ("bytes_up", "wire_bytes_up", "bytes_down", "wire_bytes_down"):
+            full_b, half_b = r[key]
+            assert 0.4 * full_b < half_b < 0.6 * full_b, (key, r[key])
+
+
 # --- Flower's simulation engine (Ray): the same apps, 2 virtual SuperNodes --------------------
 
 def test_flwr_run_on_the_simulation_engine_equals_the_in_process_run(reference, tmp_path):

@@ -20,7 +20,8 @@ from fedprune.sim import runner
 
 SMALL = ["method.name=prufed", "method.prufed.samples=2", "method.prufed.max_length=48",
          "method.prufed.eval_samples=2", "method.prufed.generate_samples=1",
-         "method.prufed.max_new_tokens=2", "federation.batch_size=2", "federation.lr=0.01"]
+         "method.prufed.max_new_tokens=2", "federation.batch_size=2", "federation.lr=0.01",
+         "run.num_threads=1"]
 # four tiers, one client each: full depth, bottom [2, 3], top-alternate [0, 2], explicit [1, 3]
 FOUR = ["method.prufed.tier_keep=[1.0, 0.5, 0.5, 0.5]",
         "method.prufed.tier_strategy=['top', 'bottom', 'top-alternate', 'explicit']",
@@ -242,3 +243,195 @@ def test_bad_explicit_lists_and_shares(tiny_llama, fed4):
 def test_example_config_loads(tiny_llama):
     cfg = load_config(Path(__file__).parents[1] / "configs" / "prufed.toml")
     assert cfg.method.name == "prufed" and cfg.method.own.tier_keep == [1.0, 0.5]
+
+
+# --- FlexLoRA-style aggregation, the baselines, the suite ------------------------------------
+
+def test_heteagg_product_is_the_truncated_svd_of_the_mean_product(tiny_llama, fed4):
+    import numpy as np
+
+    method = PruFed(cfg_of(tiny_llama, 4, *FOUR, "method.prufed.aggregation='heteagg_product'"),
+                    fed4)
+    gen = torch.Generator().manual_seed(1)
+    state = {k: v + (0.02 * torch.randn(v.shape, generator=gen) if "lora_B" in k else 0)
+             for k, v in method.initial_state().items()}
+    updates = []
+    for cid in (1, 2):  # bottom [2, 3] and top-alternate [0, 2]: layer 1 is held by neither
+        tier = method.tier_of[cid]
+        delta = {local: 0.05 * torch.randn(state[g].shape, generator=gen)
+                 for local, g in method.local_keys[tier].items()}
+        updates.append(method.from_wire(ClientUpdate(cid, delta, cid + 1, 0.5)))
+    new = method.aggregate(state, updates, 1.0)
+    assert set(new) == set(state)
+    rank = fed4.initial[key(0, "self_attn.q_proj.lora_A.default.weight")].shape[0]
+    for layer, holders in ((0, [1]), (2, [0, 1]), (3, [0])):  # indices into updates
+        a_key = key(layer, "self_attn.q_proj.lora_A.default.weight")
+        b_key = key(layer, "self_attn.q_proj.lora_B.default.weight")
+        mean = 0
+        for i in holders:
+            u = updates[i]
+            local = {g: loc for loc, g in u.keymap.items()}
+            b = state[b_key] + u.delta[local[b_key]]
+            a = state[a_key] + u.delta[local[a_key]]
+            mean = mean + u.num_examples * (b @ a).double().numpy()
+        mean /= sum(updates[i].num_examples for i in holders)
+        uu, ss, vv = np.linalg.svd(mean)  # independent reference: numpy's SVD
+        best = (uu[:, :rank] * ss[:rank]) @ vv[:rank]
+        got = (new[b_key] @ new[a_key]).double().numpy()
+        np.testing.assert_allclose(got, best, rtol=1e-4, atol=1e-6)
+        if len(holders) == 1:  # one client: its product has rank <= r, reproduced exactly
+            np.testing.assert_allclose(got, mean, rtol=1e-4, atol=1e-6)
+    for k, value in state.items():  # layer 1: nobody holds it, A and B keep their values
+        if ".layers.1." in k:
+            assert torch.equal(new[k], value), k
+
+
+def test_heteagg_product_end_to_end(tiny_llama, fed2, tmp_path):
+    cfg = cfg_of(tiny_llama, 2, *TWO, "federation.rounds=2",
+                 "method.prufed.aggregation='heteagg_product'")
+    out = runner.run(cfg, tmp_path / "p", progress=False, fed=fed2)
+    final = load_file(out / "global.safetensors")
+    assert set(final) == set(fed2.initial)
+    for k, v in final.items():
+        if ".layers.3." in k:
+            assert torch.equal(v, fed2.initial[k]), k  # nobody holds layer 3
+    b, a = key(0), key(0, "self_attn.q_proj.lora_A.default.weight")
+    assert not torch.equal(final[b], fed2.initial[b]) and not torch.equal(final[a],
+                                                                          fed2.initial[a])
+    assert all(math.isfinite(r["perplexity_tier1"]) for r in records(out))
+
+
+def test_heteagg_product_refuses_a_server_optimizer(tiny_llama, fed4):
+    cfg = cfg_of(tiny_llama, 4, "method.prufed.aggregation='heteagg_product'",
+                 "federation.server_optimizer='fedadam'")
+    with pytest.raises(ConfigError, match=r"`method.prufed.aggregation` = 'heteagg_product' "
+                                          r"re-bases A and B .* 'fedadam'"):
+        PruFed(cfg, fed4)
+
+
+def test_pooled_client_holds_every_clients_rows(tiny_llama, fed4):
+    pooled = PruFed.world(cfg_of(tiny_llama, 1, "method.prufed.pool_clients=4",
+                                 "method.prufed.tier_keep=[0.5]",
+                                 "method.prufed.tier_strategy=['top']",
+                                 "method.prufed.tier_share=[1.0]"))
+    assert [len(ix) for ix in pooled.client_indices] == [8]
+    rows = [pooled.train_rows[i]["input_ids"] for i in pooled.client_indices[0]]
+    federated = [fed4.train_rows[i]["input_ids"] for ix in fed4.client_indices for i in ix]
+    assert rows == federated
+    assert [r["input_ids"] for r in pooled.val_rows] == [r["input_ids"] for r in fed4.val_rows]
+    with pytest.raises(ConfigError, match=r"`method.prufed.pool_clients` = 4 .* must be 1"):
+        PruFed.world(cfg_of(tiny_llama, 2, "method.prufed.pool_clients=4"))
+
+
+def test_alone_equals_a_one_client_federation_of_its_data(tiny_llama, tmp_path):
+    from fedprune.sim.suites import run_reference
+
+    tiers = ["method.prufed.tier_keep=[1.0, 0.5]", "method.prufed.tier_strategy=['top', 'top']"]
+    cfg = cfg_of(tiny_llama, 4, *tiers, "federation.rounds=2")
+    run_reference(cfg, tmp_path / "alone", "alone")
+    ref = json.loads((tmp_path / "alone" / "reference.json").read_text())
+    assert ref["kind"] == "alone" and [c["tier"] for c in ref["clients"]] == [0, 0, 1, 1]
+    for t in (0, 1):
+        ppl = [c["perplexity"] for c in ref["clients"] if c["tier"] == t]
+        assert ref[f"perplexity_tier{t}"] == pytest.approx(sum(ppl) / 2)
+        assert ref[f"worst_perplexity_tier{t}"] == max(ppl)
+        rouge = [c["rougeL"] for c in ref["clients"] if c["tier"] == t]
+        assert ref[f"worst_rougeL_tier{t}"] == min(rouge)
+    # client 0 (full depth) alone = a federation of one client holding its rows (the first
+    # `samples` rows of the same seeded deal), trained in every round with the same seeds
+    one = cfg_of(tiny_llama, 1, "method.prufed.pool_clients=1", "federation.rounds=2",
+                 "method.prufed.tier_keep=[1.0]", "method.prufed.tier_strategy=['top']",
+                 "method.prufed.tier_share=[1.0]")
+    out = runner.run(one, tmp_path / "one", progress=False)
+    last = records(out)[-1]
+    assert ref["clients"][0]["perplexity"] == pytest.approx(last["perplexity"], rel=1e-5)
+    assert ref["clients"][0]["perplexity"] != ref["clients"][1]["perplexity"]
+
+
+SUITE_BASE = Path(__file__).parents[1] / "configs" / "prufed_suite.toml"
+
+
+def _cell(report, task, metric, strategy, keep):
+    """The cells of one row of the report's (task, metric) table, by column title."""
+    lines = report.split(f"## {task}: {metric}\n\n", 1)[1].split("\n\n", 1)[0].splitlines()
+    head = [h.strip() for h in lines[0].strip("|").split("|")]
+    for line in lines[2:]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if cells[:2] == [strategy, f"{keep:g}"]:
+            return dict(zip(head, cells, strict=True))
+    raise AssertionError(f"no row {strategy} {keep} in {task} {metric}")
+
+
+def _last(run_dir, name):
+    return next(r[name] for r in reversed(records(run_dir)) if r.get(name) is not None)
+
+
+def test_prufed_suite_smoke_report(tiny_llama, tmp_path):
+    import numpy as np
+
+    from fedprune.report.suites import mean_sd
+    from fedprune.sim.suites import prufed_smoke, run_suite
+
+    out = tmp_path / "suite"
+    # seed 0: every role of top-alternate and the full-depth ones; seed 1: PruFed and the
+    # centralized keep-0.5 model (a mean ± sd); angular: PruFed, seed 0 (a second strategy)
+    for only in ("bbc_category-s0-top-alternate-*", "bbc_category-s0-full-*",
+                 "bbc_category-s1-top-alternate-central50",
+                 "bbc_category-s1-top-alternate-heteagg", "bbc_category-s0-angular-heteagg"):
+        report = run_suite("prufed", SUITE_BASE, [f"model.name='{tiny_llama}'"], out,
+                           smoke=True, progress=False, only=only)
+    text = report.read_text()
+    assert {v.label for v in prufed_smoke()} >= {p.name for p in out.iterdir() if p.is_dir()}
+    assert (out / "bbc_category-s1-top-alternate-central50").is_dir()
+
+    def runs(variant, name):  # the last value of ``name`` in every seed's run of a variant
+        dirs = [out / f"bbc_category-s{s}-{variant}" for s in (0, 1)]
+        return [_last(d, name) for d in dirs if (d / "global.safetensors").is_file()]
+
+    def refs(variant, name):
+        files = [out / f"bbc_category-s{s}-{variant}" / "reference.json" for s in (0, 1)]
+        return [json.loads(f.read_text())[name] for f in files if f.is_file()]
+
+    for keep, tier in ((0.75, 1), (0.5, 2), (0.25, 3), (1.0, 0)):
+        row = _cell(text, "bbc_category", "response perplexity", "top-alternate", keep)
+        fed = runs("top-alternate-heteagg", f"perplexity_tier{tier}")
+        assert len(fed) == 2
+        assert row["PruFed (HeteAgg)"] == f"{np.mean(fed):,.2f} ± {np.std(fed, ddof=1):,.2f}"
+        assert row["alone (mean)"] == mean_sd(refs("top-alternate-alone",
+                                                   f"perplexity_tier{tier}"), ",.2f")
+        assert row["alone (worst)"] == mean_sd(refs("top-alternate-alone",
+                                                    f"worst_perplexity_tier{tier}"), ",.2f")
+        assert row["untuned"] == mean_sd(refs("top-alternate-untuned",
+                                              f"perplexity_tier{tier}"), ",.2f")
+        central = ("full-central" if keep == 1 else f"top-alternate-central{round(100 * keep)}")
+        cen = runs(central, "perplexity_tier0")
+        assert len(cen) == (2 if keep == 0.5 else 1)
+        assert row["centralized"] == mean_sd(cen, ",.2f")
+        diff = [b - a for a, b in zip(fed, cen, strict=False)]  # paired by seed; > 0: PruFed
+        m, sd = np.mean(diff), (np.std(diff, ddof=1) if len(diff) > 1 else 0.0)
+        assert row["vs centralized"] == ("beats" if m > sd else "matches" if m >= -sd
+                                         else "worse")
+        assert row["exclusive"] == mean_sd(runs("top-alternate-exclusive",
+                                                f"perplexity_tier{tier}"), ",.2f")
+        one = {0.25: "top-alternate-smallest", 1.0: "full-fed"}.get(keep)
+        assert row["one-depth federation"] == (
+            mean_sd(runs(one, "perplexity_tier0"), ",.2f") if one else "–")
+        score = _cell(text, "bbc_category", "exact_match", "top-alternate", keep)
+        assert score["PruFed (HeteAgg)"] == mean_sd(
+            runs("top-alternate-heteagg", f"exact_match_tier{tier}"), ".3f")
+    # angular ran one seed, PruFed only: its row holds that run, the others are empty
+    row = _cell(text, "bbc_category", "response perplexity", "angular", 0.5)
+    assert row["PruFed (HeteAgg)"] == format(runs("angular-heteagg", "perplexity_tier2")[0],
+                                             ",.2f")
+    assert row["centralized"] == "–" and row["vs centralized"] == "–"
+    # the best strategy, from the runs: geometric mean over the pruned tiers (one task here)
+    geo = {s: float(np.exp(np.mean([np.mean(np.log(runs(f"{s}-heteagg", f"perplexity_tier{t}")))
+                                    for t in (1, 2, 3)])))
+           for s in ("top-alternate", "angular")}
+    best = min(geo, key=geo.get)
+    assert f"Best strategy on average over the pruned tiers and tasks: {best}**" in text
+    assert f"{best} {geo[best]:,.2f}" in text
+    assert "match or beat **centralized** (perplexity) in" in text
+    assert "match or beat **alone (mean client)** (perplexity) in" in text
+    for png in ("prufed_strategies.png", "prufed_counterparts.png"):
+        assert (out / png).stat().st_size > 10_000, png

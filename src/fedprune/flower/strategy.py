@@ -116,8 +116,10 @@ def discover_clients(grid: Grid, num_clients: int, settings: FlowerSettings) -> 
 class FlowerTransport:
     """`runner.Transport` over a Grid: one TRAIN message per selected client's SuperNode."""
 
-    def __init__(self, grid: Grid, settings: FlowerSettings, experiment: str) -> None:
+    def __init__(self, grid: Grid, settings: FlowerSettings, experiment: str,
+                 metrics: tuple[str, ...] = ("eval_loss", "accuracy")) -> None:
         self.grid, self.settings, self.experiment = grid, settings, experiment
+        self.metrics = metrics  # the method's validation metrics, shown in the round log
         self.nodes: dict[int, int] = {}
 
     def connect(self, num_clients: int) -> None:
@@ -151,8 +153,8 @@ class FlowerTransport:
         return runner.Exchange(replies, set(result.sent_bytes), record)
 
     def report(self, record: dict[str, Any]) -> None:
-        log.info("round %d: %s", record["round"], json.dumps({k: record.get(k) for k in (
-            "selected", "dropped", "rejected", "train_loss", "eval_loss", "accuracy")}))
+        keys = ("selected", "dropped", "rejected", "train_loss", *self.metrics)
+        log.info("round %d: %s", record["round"], json.dumps({k: record.get(k) for k in keys}))
 
 
 class FedpruneStrategy:
@@ -169,4 +171,5 @@ class FedpruneStrategy:
         settings = self.settings
         run_dir = Path(settings.run_dir) if settings.run_dir else runner.default_run_dir(self.cfg)
         return runner.run(self.cfg, run_dir, resume=settings.resume, progress=False,
-                          transport=lambda _: FlowerTransport(grid, settings, self.experiment))
+                          transport=lambda method: FlowerTransport(
+                              grid, settings, self.experiment, tuple(method.metrics)))

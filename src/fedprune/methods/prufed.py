@@ -13,10 +13,14 @@ the server renames them to global layers (`ClientUpdate.keymap`) and `owned_mean
 |D_c|-weighted mean over the selected clients whose model holds its layer; a layer no
 selected client holds keeps its value.
 
-Variants (`method.prufed.aggregation`, `share_top`): "exclusive" federates each tier only
-within itself (the "each tier alone" baseline: one adapter set per tier in the global state,
-keys ``tier{t}::<global key>``); ``share_top = false`` keeps a sub-model's top kept layer
-private to its tier (InclusiveFL: the small models' top layer is not shared).
+Variants (`method.prufed.aggregation`, `share_top`, `pool_clients`): "exclusive" federates
+each tier only within itself (the "each tier alone" baseline: one adapter set per tier in the
+global state, keys ``tier{t}::<global key>``); "heteagg_product" averages each LoRA module's
+products B_c A_c over the same holders and refactors the mean to rank r by truncated SVD
+(FlexLoRA-style, `core.lora`; the global state stays A / B); ``share_top = false`` keeps a
+sub-model's top kept layer private to its tier (InclusiveFL: the small models' top layer is
+not shared); ``pool_clients = N`` is the centralized reference: one client holding the N
+clients' samples.
 
 No official code exists; the readings are ours (DESIGN.md "Method C").
 """
@@ -45,6 +49,7 @@ from fedprune.core.layerdrop import (
     keep_count,
     plan_layers,
 )
+from fedprune.core.lora import product_mean
 from fedprune.core.update import ClientUpdate, InvalidUpdate, State
 from fedprune.data.tasks import (
     TASKS,
@@ -113,11 +118,18 @@ class PruFedConfig(MethodOptions):
     tier_share: list[float] = opt([0.5, 0.5], "Share of the clients in each tier, >= 0, "
                                   "summing to 1: client c is in the tier whose cumulative "
                                   "share interval holds c / num_clients.")
-    aggregation: str = opt("heteagg", "'heteagg': every layer's adapters averaged over the "
-                           "selected clients holding that layer (PruFed); 'exclusive': each "
-                           "tier federated only within itself, one adapter set per tier "
-                           "(baseline; its full-depth model takes each layer from the "
-                           "deepest tier holding it).", ("heteagg", "exclusive"))
+    aggregation: str = opt("heteagg", "'heteagg' (default): every layer's adapters, A and B "
+                           "each, averaged over the selected clients holding that layer (PruFed "
+                           "HeteAgg, as InclusiveFL / FedRA: the poster's rule, and what the "
+                           "clients' optimisers continue from); 'heteagg_product': per LoRA "
+                           "module the |D_c|-weighted mean of the clients' products B_c A_c over "
+                           "the same holders, refactored to rank r by truncated SVD (FlexLoRA, "
+                           "arXiv 2402.11505; core/lora.py: the exact mean update where "
+                           "mean(B)·mean(A) is not, but it re-bases A and B every round and "
+                           "costs one SVD per module); 'exclusive': each tier federated only "
+                           "within itself, one adapter set per tier (baseline; its full-depth "
+                           "model takes each layer from the deepest tier holding it).",
+                           ("heteagg", "heteagg_product", "exclusive"))
     share_top: bool = opt(True, "false: a sub-model's top kept layer stays private to its tier "
                           "(InclusiveFL); the full-depth model uses the shared copy.")
     samples: int = opt(16, "Training examples per client (IID, disjoint).")
@@ -133,6 +145,10 @@ class PruFedConfig(MethodOptions):
                            "Austen calibration parts), 'bbc', or a text file path "
                            "(data.texts.calibration_blocks).")
     calibration_samples: int = opt(8, "Calibration blocks of max_length tokens.")
+    pool_clients: int = opt(0, "0: every client holds its own samples. N > 0: the centralized "
+                            "reference of an N-client federation: its one client "
+                            "(federation.num_clients = 1, one tier) holds the N clients' "
+                            "samples, the same rows, and the same validation rows.")
 
     def validate(self) -> None:
         check = self.require
@@ -164,6 +180,7 @@ class PruFedConfig(MethodOptions):
         total = sum(self.tier_share)
         check(math.isclose(total, 1.0, abs_tol=1e-9), "tier_share",
               f"shares must sum to 1, got {self.tier_share} (sum {total:g})")
+        check(self.pool_clients >= 0, "pool_clients", f"must be >= 0, got {self.pool_clients}")
         for key in ("samples", "eval_samples", "max_new_tokens", "batch_size",
                     "calibration_samples"):
             check(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
@@ -249,9 +266,14 @@ class PruFed(Method):
         params = trainable_parameters(model)
         initial = {k: v.detach().clone() for k, v in params.items()}
         c = cfg.federation.num_clients
-        train, val = instruction_pairs(o, c, cfg.run.seed)
+        if o.pool_clients and c != 1:
+            raise ConfigError(f"`method.prufed.pool_clients` = {o.pool_clients} pools every "
+                              f"client's samples into one: federation.num_clients must be 1, "
+                              f"got {c}")
+        train, val = instruction_pairs(o, o.pool_clients or c, cfg.run.seed)
         encode = [tokenize_instruction(tokenizer, p, r, o.max_length) for p, r in train + val]
-        indices = [np.arange(i * o.samples, (i + 1) * o.samples) for i in range(c)]
+        per = len(train) // c  # pooled: the one client holds all N * samples rows
+        indices = [np.arange(i * per, (i + 1) * per) for i in range(c)]
         shown = val[:o.generate_samples]
         return PruFedWorld(model, params, initial, encode[:len(train)], encode[len(train):],
                            indices, [], collator(tokenizer), set(), set(), dtype, tokenizer,
@@ -269,6 +291,13 @@ class PruFed(Method):
         if empty:
             raise ConfigError(f"`method.prufed.tier_share`: tier {empty[0]} gets none of the "
                               f"federation.num_clients={cfg.federation.num_clients} clients")
+        server_opt = cfg.federation.server_optimizer
+        if o.aggregation == "heteagg_product" and server_opt != "fedavg":
+            raise ConfigError(f"`method.prufed.aggregation` = 'heteagg_product' re-bases A and "
+                              f"B by an SVD every round, so their per-tensor differences are no "
+                              f"pseudo-gradient for federation.server_optimizer = "
+                              f"{server_opt!r}; use 'fedavg' (server_lr still applies, to the "
+                              f"products)")
         self.views = [LayerView(kept, path) for kept in self.kept]
         # tier -> {local key inside its view -> global key}
         self.local_keys = [view.to_local({key: key for key in fed.params}) for view in self.views]
@@ -276,6 +305,11 @@ class PruFed(Method):
                            for t, keys in enumerate(self.local_keys)]
         order = sorted(range(len(self.kept)), key=lambda t: (-len(self.kept[t]), t))
         self.depth_order = order  # exclusive full-depth model: the deepest tier first
+        # heteagg_product: the row length of each A at initialisation (LoRA's kaiming init,
+        # ~ 1/sqrt(3)), kept as the floor of the refactored A rows (core.lora.refactor)
+        self.a_norm = {self.state_key(t, key): float(fed.initial[key].norm(dim=1).mean())
+                       for t, keys in enumerate(self.local_keys) for key in keys.values()
+                       if ".lora_A." in key}
         self.val_batches = self._batches(fed.val_rows)
 
     # --- tiers -------------------------------------------------------------------------
@@ -402,7 +436,10 @@ class PruFed(Method):
 
     def aggregate(self, state: State, updates: list[ClientUpdate], server_lr: float) -> State:
         """HeteAgg: per key, the |D_c|-weighted mean over the updates holding it (renamed by
-        their keymaps); keys nobody sent keep their value."""
+        their keymaps); keys nobody sent keep their value. heteagg_product: per LoRA module
+        the same mean of the products B_c A_c, refactored to rank r (core.lora)."""
+        if self.options.aggregation == "heteagg_product":
+            return product_mean(state, updates, server_lr, self.a_norm)
         return owned_mean(state, updates, server_lr)
 
     def evaluate(self, state: State) -> dict[str, float]:
@@ -413,18 +450,23 @@ class PruFed(Method):
         full = (tuple(range(self.num_layers)), self.full_values(state))
         out, seen = {}, {}
         for tier, kept in enumerate(self.kept):
-            model = (kept, {key: state[self.state_keys[tier][local]]
-                            for local, key in self.local_keys[tier].items()})
-            scores = self._cached(seen, *model)
+            scores = self._cached(seen, kept, self.tier_values(state, tier))
             out.update({f"{k}_tier{tier}": v for k, v in scores.items()})
         scores = self._cached(seen, *full)
         out.update(scores, eval_loss=math.log(scores["perplexity"]))
         return out
 
+    def tier_values(self, state: State, tier: int) -> State:
+        """Tier ``tier``'s adapters in ``state`` (its shared or private copies), by global
+        key."""
+        return {key: state[self.state_keys[tier][local]]
+                for local, key in self.local_keys[tier].items()}
+
     def full_values(self, state: State) -> State:
-        """The full-depth model's adapters by global key: the shared ones (heteagg); in
-        exclusive mode each from the deepest tier holding it, else its initial value."""
-        if self.options.aggregation == "heteagg":
+        """The full-depth model's adapters by global key: the shared ones (heteagg,
+        heteagg_product); in exclusive mode each from the deepest tier holding it, else its
+        initial value."""
+        if self.options.aggregation != "exclusive":
             return {key: state[key] for key in self.fed.params}
         values = {}
         for t in reversed(self.depth_order):  # deeper tiers overwrite

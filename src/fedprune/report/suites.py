@@ -16,7 +16,7 @@ from matplotlib.ticker import MaxNLocator
 from safetensors.torch import load_file
 
 from fedprune.report.metrics import read_metrics
-from fedprune.report.summary import summarize
+from fedprune.report.summary import rounds_to_target, summarize
 
 
 def _fmt(value: Any, spec: str) -> str:
@@ -270,3 +270,283 @@ def fedspallm_report(suite_dir: Path, variants) -> Path:
 
 REPORTS = {"ablation": ablation_report, "sparsity": sparsity_report, "noniid": noniid_report,
            "fedspallm": fedspallm_report}
+
+
+# --- PruFed ----------------------------------------------------------------------------------
+
+FED, EXCL, CENTRAL, ALONE, UNTUNED, ONE_DEPTH = ("federated", "exclusive", "centralized",
+                                                 "alone", "untuned", "one-depth")
+ROLE_TITLES = {FED: "PruFed (HeteAgg)", EXCL: "exclusive", CENTRAL: "centralized",
+               ALONE: "alone (mean)", "alone_worst": "alone (worst)", UNTUNED: "untuned",
+               ONE_DEPTH: "one-depth federation"}
+SCORES = ("rougeL", "exact_match")  # the generation score of bbc_headline / bbc_category
+
+
+def _prufed_role(kind: str, o: dict) -> str:
+    """A variant's role, read from its config: references by kind; pooled = centralized;
+    exclusive; one tier for every client = a one-depth federation; else PruFed."""
+    if kind == "alone":
+        return ALONE
+    if kind == "dense":
+        return UNTUNED
+    if o.get("pool_clients"):
+        return CENTRAL
+    if o["aggregation"] == "exclusive":
+        return EXCL
+    return ONE_DEPTH if len(o["tier_keep"]) == 1 else FED
+
+
+def _prufed_entries(suite_dir: Path, v) -> list[dict[str, Any]]:
+    """One entry per tier model of a finished variant: task, seed, strategy ("full" for a
+    full-depth-only variant), role, keep, perplexity, score (and the worst client's for
+    "alone"), round at target (PruFed)."""
+    run_dir = suite_dir / v.label
+    cfg = json.loads((run_dir / "config.json").read_text())
+    o = cfg["method"]["prufed"]
+    role = _prufed_role(v.kind, o)
+    keeps, strategies = o["tier_keep"], o["tier_strategy"]
+    # the federation's strategy: its smallest tier's (a lone full-depth tier: "full")
+    strategy = strategies[keeps.index(min(keeps))] if min(keeps) < 1 else "full"
+    if v.kind == "run":
+        if not (run_dir / "global.safetensors").is_file():
+            return []
+        recs = read_metrics(run_dir)
+        values = next(r for r in reversed(recs) if r.get("perplexity") is not None)
+    else:
+        if not (run_dir / "reference.json").is_file():
+            return []
+        recs, values = [], json.loads((run_dir / "reference.json").read_text())
+    target = cfg["run"]["target_metric"]
+    out = []
+    for t, keep in enumerate(keeps):
+        score = next((s for s in SCORES if values.get(f"{s}_tier{t}") is not None), None)
+        entry = {"label": v.label, "task": o["task"], "seed": cfg["run"]["seed"],
+                 "strategy": strategy, "role": role, "keep": keep,
+                 "perplexity": values[f"perplexity_tier{t}"], "score_name": score,
+                 "score": values.get(f"{score}_tier{t}") if score else None,
+                 "round_at_target": rounds_to_target(recs, f"perplexity_tier{t}", target,
+                                                     False) if recs else None,
+                 "rounds": cfg["federation"]["rounds"]}
+        out.append(entry)
+        if role == ALONE:
+            out.append({**entry, "role": "alone_worst",
+                        "perplexity": values[f"worst_perplexity_tier{t}"],
+                        "score": values.get(f"worst_{score}_tier{t}") if score else None})
+    return out
+
+
+def _stats(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value)."""
+    arr = np.asarray(values, dtype=float)
+    return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
+
+
+def mean_sd(values: Sequence[float], spec: str) -> str:
+    """'mean ± sd' over seeds ('mean' for one seed, '–' for none)."""
+    if not values:
+        return "–"
+    m, sd = _stats(values)
+    return format(m, spec) if len(values) == 1 else f"{format(m, spec)} ± {format(sd, spec)}"
+
+
+class PruFedResults:
+    """The suite's tier models, indexed by (task, strategy, keep, role) -> {seed: entry}.
+    Strategy-independent rows (centralized and the one-depth federation at full depth)
+    answer for every strategy."""
+
+    def __init__(self, entries: list[dict[str, Any]]) -> None:
+        self.entries = entries
+        self.cells: dict[tuple, dict[int, dict]] = {}
+        for e in entries:
+            self.cells.setdefault((e["task"], e["strategy"], e["keep"], e["role"]), {})[
+                e["seed"]] = e
+        self.tasks = list(dict.fromkeys(e["task"] for e in entries))
+        self.strategies = list(dict.fromkeys(e["strategy"] for e in entries
+                                             if e["strategy"] != "full"))
+        self.keeps = sorted({e["keep"] for e in entries if e["keep"] < 1}, reverse=True)
+        self.seeds = sorted({e["seed"] for e in entries})
+
+    def get(self, task: str, strategy: str, keep: float, role: str) -> dict[int, dict]:
+        cell = self.cells.get((task, strategy, keep, role))
+        if cell is None and keep == 1.0:
+            cell = self.cells.get((task, "full", keep, role))
+        return cell or {}
+
+    def values(self, task, strategy, keep, role, metric="perplexity") -> list[float]:
+        cell = self.get(task, strategy, keep, role)
+        return [cell[s][metric] for s in sorted(cell) if cell[s][metric] is not None]
+
+    def compare(self, task, strategy, keep, role, metric="perplexity", higher=False
+                ) -> str | None:
+        """PruFed's tier model against a counterpart, paired by seed: 'beats' when the mean
+        difference favours PruFed by more than the sd of the paired differences (any margin
+        with one seed), 'matches' within it, else 'worse'; None without a common seed."""
+        fed = self.get(task, strategy, keep, FED)
+        other = self.get(task, strategy, keep, role)
+        seeds = [s for s in sorted(fed) if s in other and fed[s][metric] is not None
+                 and other[s][metric] is not None]
+        if not seeds:
+            return None
+        sign = 1 if higher else -1  # > 0: PruFed better
+        m, sd = _stats([sign * (fed[s][metric] - other[s][metric]) for s in seeds])
+        return "beats" if m > sd else ("matches" if m >= -sd else "worse")
+
+
+def _prufed_table(res: PruFedResults, task: str, metric: str, spec: str) -> list[str]:
+    keeps = [*res.keeps, 1.0]
+    roles = [FED, EXCL, CENTRAL, ALONE, "alone_worst", UNTUNED, ONE_DEPTH]
+    head = ["strategy", "keep", *(ROLE_TITLES[r] for r in roles)]
+    if metric == "perplexity":
+        head += ["rounds to target (reached)", "vs centralized", "vs alone"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    higher = metric != "perplexity"
+    for strategy in res.strategies:
+        for keep in keeps:
+            cells = [mean_sd(res.values(task, strategy, keep, r, metric), spec) for r in roles]
+            if metric == "perplexity":
+                fed = res.get(task, strategy, keep, FED)
+                hit = [fed[s]["round_at_target"] for s in sorted(fed)
+                       if fed[s]["round_at_target"] is not None]
+                cells.append(f"{np.mean(hit):.1f} ({len(hit)}/{len(fed)})" if hit
+                             else f"– (0/{len(fed)})")
+                cells += [res.compare(task, strategy, keep, r, metric, higher) or "–"
+                          for r in (CENTRAL, ALONE)]
+            lines.append(f"| {strategy} | {keep:g} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def prufed_best_strategy(res: PruFedResults, metric: str = "perplexity"
+                         ) -> tuple[str | None, dict[str, float]]:
+    """The strategy whose PruFed tier models are best on average over the pruned tiers and
+    tasks (seeds averaged per cell first; perplexity through its log, i.e. a geometric
+    mean); only strategies with every (task, tier) cell count. Returns (best, strategy ->
+    its average)."""
+    higher = metric != "perplexity"
+    avg = {}
+    for strategy in res.strategies:
+        cells = [res.values(t, strategy, k, FED, metric) for t in res.tasks for k in res.keeps]
+        if not cells or not all(cells):
+            continue
+        per = [np.mean(np.log(c)) if not higher else np.mean(c) for c in cells]
+        avg[strategy] = float(np.exp(np.mean(per))) if not higher else float(np.mean(per))
+    if not avg:
+        return None, avg
+    best = (max if higher else min)(avg, key=avg.get)
+    return best, avg
+
+
+def _prufed_figures(res: PruFedResults, suite_dir: Path) -> None:
+    keeps = [*res.keeps, 1.0]
+    xs = np.arange(len(res.strategies))
+    fig, axes = plt.subplots(1, len(res.tasks), figsize=(6.5 * len(res.tasks), 4.5),
+                             squeeze=False)
+    width = 0.8 / len(keeps)
+    for ax, task in zip(axes[0], res.tasks, strict=True):
+        for i, keep in enumerate(keeps):
+            stats = [(_stats(v) if (v := res.values(task, s, keep, FED)) else (np.nan, 0.0))
+                     for s in res.strategies]
+            ax.bar(xs + (i - (len(keeps) - 1) / 2) * width, [m for m, _ in stats], width,
+                   yerr=[sd for _, sd in stats], capsize=2, label=f"keep {keep:g}")
+        ax.set_xticks(xs, res.strategies, rotation=30, ha="right")
+        ax.set(yscale="log", ylabel="response perplexity (PruFed tier model)", title=task)
+        ax.grid(alpha=0.3, axis="y")
+        ax.legend(fontsize=8)
+    fig.suptitle("PruFed: perplexity per layer-dropping strategy and tier (mean ± sd over "
+                 "seeds)")
+    fig.tight_layout()
+    fig.savefig(suite_dir / "prufed_strategies.png", dpi=110)
+    plt.close(fig)
+
+    roles = [(FED, "o"), (CENTRAL, "^"), (ALONE, "s"), (EXCL, "x"), (UNTUNED, "v")]
+    fig, axes = plt.subplots(len(res.tasks), len(keeps), squeeze=False,
+                             figsize=(4.2 * len(keeps), 3.8 * len(res.tasks)))
+    for row, task in enumerate(res.tasks):
+        for col, keep in enumerate(keeps):
+            ax = axes[row, col]
+            for j, (role, marker) in enumerate(roles):
+                stats = [(_stats(v) if (v := res.values(task, s, keep, role)) else
+                          (np.nan, 0.0)) for s in res.strategies]
+                ax.errorbar(xs + (j - 2) * 0.08, [m for m, _ in stats],
+                            yerr=[sd for _, sd in stats], marker=marker, linestyle="",
+                            capsize=2, label=ROLE_TITLES[role])
+            ax.set_xticks(xs, res.strategies, rotation=30, ha="right", fontsize=7)
+            ax.set(yscale="log", title=f"{task}, keep {keep:g}", ylabel="perplexity")
+            ax.grid(alpha=0.3)
+    axes[0, 0].legend(fontsize=7)
+    fig.suptitle("PruFed tier models against their non-federated counterparts")
+    fig.tight_layout()
+    fig.savefig(suite_dir / "prufed_counterparts.png", dpi=100)
+    plt.close(fig)
+
+
+def prufed_report(suite_dir: Path, variants) -> Path:
+    entries = [e for v in variants for e in _prufed_entries(suite_dir, v)]
+    res = PruFedResults(entries)
+    first = json.loads((suite_dir / variants[0].label / "config.json").read_text())
+    f, o = first["federation"], first["method"]["prufed"]
+    lines = ["# PruFed: layer-dropping strategies and tiers against the baselines", "",
+             (f"Model `{first['model']['name']}`, LoRA r={first['peft']['r']}, {f['rounds']} "
+              f"rounds, {o['samples']} samples per client, max_length {o['max_length']}, "
+              f"{o['eval_samples']} validation rows (response perplexity; ROUGE-L / exact "
+              f"match on {o['generate_samples']} greedy answers). Seeds {res.seeds}; cells "
+              f"are mean ± sd over them. Variants finished: {len({e['label'] for e in entries})}"
+              f" of {len(variants)}."), "",
+             ("Rows: the tier model of keep ratio r (r = 1: the full-depth tier) in a "
+              "federation of four equal tiers (1, 0.75, 0.5, 0.25) whose pruned tiers use the "
+              "strategy. Columns: **PruFed** (HeteAgg over all tiers); **exclusive** (each "
+              "tier federated only within itself); **centralized** (one client with every "
+              "client's samples, that tier's model); **alone** (each client only on its own "
+              "samples, same rounds x local epochs; mean and worst client of the tier); "
+              "**untuned** (the dropped model before any tuning); **one-depth federation** "
+              "(every client at that depth: the smallest tier, or full depth). 'vs' columns: "
+              "PruFed beats / matches / is worse than the counterpart (paired by seed: the "
+              "mean difference against the sd of the differences). Rounds to target: first "
+              "round whose tier perplexity reaches run.target_metric (mean over the seeds that "
+              "reached it)."), ""]
+    best, avg = prufed_best_strategy(res)
+    best_s, avg_s = prufed_best_strategy(res, "score")
+    if best is not None:
+        ranking = ", ".join(f"{s} {avg[s]:,.2f}" for s in sorted(avg, key=avg.get))
+        lines.append(f"- **Best strategy on average over the pruned tiers and tasks: {best}** "
+                     f"(geometric-mean response perplexity of the PruFed tier models: "
+                     f"{ranking}).")
+    if best_s is not None:
+        ranking = ", ".join(f"{s} {avg_s[s]:.3f}" for s in sorted(avg_s, key=avg_s.get,
+                                                                  reverse=True))
+        lines.append(f"- By the generation score (ROUGE-L / exact match, mean): **{best_s}** "
+                     f"({ranking}).")
+    if best is not None and "top-alternate" in avg:
+        lines.append("- The poster's claim (top-alternate best on average): "
+                     + ("holds here." if best == "top-alternate" else f"not reproduced here "
+                        f"(best: {best})."))
+    for role, name in ((CENTRAL, "centralized"), (ALONE, "alone (mean client)")):
+        parts, all_ok, total = [], 0, 0
+        for keep in [*res.keeps, 1.0]:
+            verdicts = [(t, s, res.compare(t, s, keep, role)) for t in res.tasks
+                        for s in res.strategies]
+            verdicts = [x for x in verdicts if x[2] is not None]
+            ok = [x for x in verdicts if x[2] != "worse"]
+            all_ok, total = all_ok + len(ok), total + len(verdicts)
+            if verdicts:
+                worse = ", ".join(f"{t}/{s}" for t, s, x in verdicts if x == "worse")
+                parts.append(f"keep {keep:g}: {len(ok)}/{len(verdicts)}"
+                             + (f" (worse: {worse})" if worse else ""))
+        if total:
+            lines.append(f"- PruFed tier models match or beat **{name}** (perplexity) in "
+                         f"{all_ok}/{total} (task, strategy, tier) cells: " + "; ".join(parts))
+    lines.append("")
+    for task in res.tasks:
+        score = next((e["score_name"] for e in entries if e["task"] == task
+                      and e["score_name"]), None)
+        lines += [f"## {task}: response perplexity", "",
+                  *_prufed_table(res, task, "perplexity", ",.2f"), ""]
+        if score:
+            lines += [f"## {task}: {score}", "", *_prufed_table(res, task, "score", ".3f"), ""]
+    if entries:
+        _prufed_figures(res, suite_dir)
+        lines += ["![perplexity per strategy and tier](prufed_strategies.png)", "",
+                  "![PruFed against its counterparts](prufed_counterparts.png)", ""]
+    return _write(suite_dir, lines)
+
+
+REPORTS["prufed"] = prufed_report

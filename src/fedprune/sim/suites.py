@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from fnmatch import fnmatch
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
 from fedprune.config import ExperimentConfig, load_config
 from fedprune.sim.runner import Observer, run
 
@@ -94,11 +96,119 @@ def fedspallm() -> list[Variant]:
     return out
 
 
+PRUFED_STRATEGIES = ("top", "bottom", "symmetric", "alternate", "top-alternate", "angular",
+                     "block_influence")
+PRUFED_TASKS = ("bbc_headline", "bbc_category")
+PRUFED_KEEP = (0.75, 0.5, 0.25)  # the pruned tiers, beside a full-depth tier
+PRUFED_SEEDS = (0, 1, 2)
+PRUFED_CLIENTS = 8               # two per tier, every client in every round
+FULL = "full"                    # the "strategy" of the variants that drop no layer
+# the roles of a variant, last in its label "<task>-s<seed>-<strategy>-<role>"
+FEDERATED, EXCLUSIVE, ALONE, UNTUNED, SMALLEST = ("heteagg", "exclusive", "alone", "untuned",
+                                                  "smallest")
+CENTRAL = "central{}"            # central75 / central50 / central25 ; "full-central"
+FULL_FED, FULL_CENTRAL = "fed", "central"
+# response perplexity the tiers' models must reach for "rounds to target" (per task)
+PRUFED_TARGETS = {"bbc_headline": 40.0, "bbc_category": 10.0}
+MAX_NEW_TOKENS = {"bbc_headline": 12, "bbc_category": 3}  # a headline; one category word
+LAST_ONLY = "run.eval_every=1000000"  # baselines: evaluated after the last round only
+PRUFED_SMOKE = ("method.prufed.samples=2", "method.prufed.max_length=48",
+                "method.prufed.eval_samples=2", "method.prufed.generate_samples=1",
+                "method.prufed.batch_size=2",
+                "method.prufed.calibration_samples=2", "federation.batch_size=2",
+                "federation.rounds=1")
+
+
+def prufed_label(task: str, seed: int, strategy: str, role: str) -> str:
+    return f"{task}-s{seed}-{strategy}-{role}"
+
+
+def parse_prufed_label(label: str) -> tuple[str, int, str, str]:
+    """(task, seed, strategy, role) of a `prufed_label` (strategies may hold '-')."""
+    task, seed, *strategy, role = label.split("-")
+    return task, int(seed.removeprefix("s")), "-".join(strategy), role
+
+
+def prufed(strategies: tuple[str, ...] = PRUFED_STRATEGIES, tasks: tuple[str, ...] = PRUFED_TASKS,
+           seeds: tuple[int, ...] = PRUFED_SEEDS, clients: int = PRUFED_CLIENTS
+           ) -> list[Variant]:
+    """PruFed (issue 14): for every seed, task and layer-dropping strategy, one federation of
+    four equal tiers — full depth and keep 0.75 / 0.5 / 0.25 by the strategy — with HeteAgg,
+    against its baselines: each tier federated only within itself (exclusive); centralized
+    LoRA on all clients' samples for each tier's model (one client, `pool_clients`); each
+    client alone on its own samples for the same rounds x local epochs (reference kind
+    "alone": mean and worst client per tier); the dropped models untuned (kind "dense": the
+    initial state of every tier); every client at the smallest depth (one 0.25 tier). Per
+    seed and task, strategy-independent: every client at full depth, and centralized at full
+    depth.
+
+    Every client trains in every round. Sizes: configs/prufed_suite.toml (8 clients x 4
+    examples, 5 rounds, two local steps per round, max_length 64, one torch thread).
+    Measured there (SmolLM2-135M, float32, one thread of a 2-core AMD EPYC shared with other
+    jobs, load 8-11, so an upper bound): one PruFed variant (4 tiers, evaluated every round)
+    884 s — local training of the 8 clients 82-143 s per round, evaluation of the 4 tier
+    models 58-80 s per round, ~80 s world building and report — and one untuned reference
+    137 s. Scaling those per-round figures by depth and clients (a full-depth client-round
+    ~19 s, a full-depth evaluation ~26 s, ~60 s overhead per variant): per strategy ~3,900 s
+    (PruFed 884, exclusive ~620, the three centralized tiers ~1,360, alone ~670, untuned
+    137, smallest ~270), per (task, seed) ~8.1 h with the two full-depth variants, so the
+    whole suite (2 tasks x 3 seeds x (7 x 8 + 2) = 348 variants) ~45-50 h in one process
+    there, ~half on two processes (`--only 'bbc_headline-*'` and `--only 'bbc_category-*'`
+    side by side, one core each), less on a quiet machine. Raise sizes only with that in
+    mind; the smoke path (`--smoke`: 2 strategies, 2 seeds, 4 clients, 1 round, tiny
+    sizes) is 72 variants of seconds each.
+    """
+    tiers = (1.0, *PRUFED_KEEP)
+    four = {s: (f"method.prufed.tier_keep={list(tiers)}",
+                f"method.prufed.tier_strategy={['top'] + [s] * len(PRUFED_KEEP)}",
+                f"method.prufed.tier_share={[1 / len(tiers)] * len(tiers)}")
+            for s in (*strategies, FULL)}
+    fed = (f"federation.num_clients={clients}", f"federation.clients_per_round={clients}")
+    pooled = ("federation.num_clients=1", "federation.clients_per_round=1",
+              f"method.prufed.pool_clients={clients}", LAST_ONLY)
+    out = []
+    for seed in seeds:
+        for task in tasks:
+            common = (f"method.prufed.task='{task}'", f"run.seed={seed}",
+                      f"run.target_metric={PRUFED_TARGETS[task]}",
+                      f"method.prufed.max_new_tokens={MAX_NEW_TOKENS[task]}")
+            for s in strategies:
+                roles = [(FEDERATED, (*fed, *four[s]), "run"),
+                         (EXCLUSIVE, (*fed, *four[s], LAST_ONLY,
+                                      "method.prufed.aggregation='exclusive'"), "run"),
+                         *((CENTRAL.format(round(100 * k)), (*pooled, *_one_tier(k, s)), "run")
+                           for k in PRUFED_KEEP),
+                         (ALONE, (*fed, *four[s]), "alone"),
+                         (UNTUNED, (*fed, *four[s]), "dense"),
+                         (SMALLEST, (*fed, LAST_ONLY, *_one_tier(min(PRUFED_KEEP), s)), "run")]
+                out += [Variant(prufed_label(task, seed, s, role), (*common, *extra), kind=kind)
+                        for role, extra, kind in roles]
+            out += [Variant(prufed_label(task, seed, FULL, FULL_FED),
+                            (*common, *fed, LAST_ONLY, *_one_tier(1.0, "top"))),
+                    Variant(prufed_label(task, seed, FULL, FULL_CENTRAL),
+                            (*common, *pooled, *_one_tier(1.0, "top")))]
+    return out
+
+
+def _one_tier(keep: float, strategy: str) -> tuple[str, ...]:
+    """Every client in one tier of keep ratio ``keep`` by ``strategy``."""
+    return (f"method.prufed.tier_keep=[{keep}]", f"method.prufed.tier_strategy=['{strategy}']",
+            "method.prufed.tier_share=[1.0]")
+
+
+def prufed_smoke() -> list[Variant]:
+    """The smoke path: two strategies, both tasks, two seeds, one client per tier."""
+    return prufed(strategies=("top-alternate", "angular"), seeds=(0, 1), clients=4)
+
+
 SUITES: dict[str, Callable[[], list[Variant]]] = {
-    "ablation": ablation, "sparsity": sparsity, "noniid": noniid, "fedspallm": fedspallm}
+    "ablation": ablation, "sparsity": sparsity, "noniid": noniid, "fedspallm": fedspallm,
+    "prufed": prufed}
 BASES = {"ablation": Path("configs/suite.toml"), "sparsity": Path("configs/suite.toml"),
-         "noniid": Path("configs/suite.toml"), "fedspallm": Path("configs/fedspallm.toml")}
-SMOKES = {"fedspallm": FEDSPALLM_SMOKE}
+         "noniid": Path("configs/suite.toml"), "fedspallm": Path("configs/fedspallm.toml"),
+         "prufed": Path("configs/prufed_suite.toml")}
+SMOKES = {"fedspallm": FEDSPALLM_SMOKE, "prufed": PRUFED_SMOKE}
+SMOKE_VARIANTS: dict[str, Callable[[], list[Variant]]] = {"prufed": prufed_smoke}
 
 
 OBSERVED_CLIENTS = (0, 1)
@@ -123,10 +233,63 @@ def variant_config(base: Path | None, overrides: list[str], variant: Variant,
                               f"run.name='{variant.label}'"])
 
 
+def _fedspallm_alone(cfg: ExperimentConfig, method, initial) -> dict:
+    """Every client prunes all layers on its own calibration text, and each client's model
+    is evaluated (mean and worst)."""
+    ppl, spars, prune_s = [], [], []
+    all_layers = list(range(method.num_layers))
+    for cid in range(cfg.federation.num_clients):
+        method.sampled = {cid: all_layers}
+        local = method.local(method.downlink(initial, cid, 1), cid, seed=cid)
+        scores = method.evaluate({**initial, **local.delta})
+        ppl.append(scores["perplexity"])
+        spars.append(scores["sparsity"])
+        prune_s.append(local.metrics["prune_s"])
+    return {"perplexities": ppl, "perplexity": sum(ppl) / len(ppl),
+            "worst_perplexity": max(ppl), "sparsity": sum(spars) / len(spars),
+            "prune_s": sum(prune_s) / len(prune_s)}
+
+
+def _prufed_alone(cfg: ExperimentConfig, method, initial) -> dict:
+    """Every client trains its tier's adapters on its own samples only, for the run's rounds
+    (each round the same local epochs and the same per-(seed, round, client) seed as in the
+    federation, the optimizer restarted as there), and its model (its tier's kept layers) is
+    evaluated. Per tier t: every metric's mean over the tier's clients (``<m>_tier<t>``) and
+    the worst client (``worst_<m>_tier<t>``)."""
+    from fedprune.sim.runner import client_seed
+
+    clients, train_s = [], 0.0
+    for cid in range(cfg.federation.num_clients):
+        tier = method.tier_of[cid]
+        keys = method.state_keys[tier]
+        state = dict(initial)
+        for rnd in range(1, cfg.federation.rounds + 1):
+            local = method.local(method.downlink(state, cid, rnd), cid,
+                                 client_seed(cfg.run.seed, rnd, cid))
+            train_s += local.metrics["train_s"]
+            for name, delta in local.delta.items():
+                state[keys[name]] = state[keys[name]] + delta
+        scores = method.score(method.kept[tier], method.tier_values(state, tier))
+        clients.append({"client": cid, "tier": tier, **scores})
+    result: dict = {"clients": clients, "train_s": train_s}
+    for tier in sorted({c["tier"] for c in clients}):
+        mine = [c for c in clients if c["tier"] == tier]
+        for metric, higher in method.metrics.items():
+            values = [c[metric] for c in mine if c.get(metric) is not None]
+            if values:
+                result[f"{metric}_tier{tier}"] = sum(values) / len(values)
+                result[f"worst_{metric}_tier{tier}"] = min(values) if higher else max(values)
+    return result
+
+
+ALONE_REFERENCES = {"fedspallm": _fedspallm_alone, "prufed": _prufed_alone}
+
+
 def run_reference(cfg: ExperimentConfig, run_dir: Path, kind: str) -> None:
-    """FedSpaLLM's non-federated references, written to ``run_dir/reference.json``:
-    "dense" — the unpruned model's perplexity; "alone" — every client prunes all layers on
-    its own calibration text, and each client's model is evaluated (mean and worst)."""
+    """A method's non-federated references, written to ``run_dir/reference.json``:
+    "dense" — the initial global state evaluated (FedSpaLLM: the unpruned model; PruFed:
+    every tier's dropped model, untuned); "alone" — every client on its own data, each
+    client's model evaluated (`ALONE_REFERENCES`: mean and worst)."""
     from fedprune.methods import METHODS
 
     kind_cls = METHODS[cfg.method.name]
@@ -136,18 +299,7 @@ def run_reference(cfg: ExperimentConfig, run_dir: Path, kind: str) -> None:
     if kind == "dense":
         result = method.evaluate(initial)
     else:
-        ppl, spars, prune_s = [], [], []
-        all_layers = list(range(method.num_layers))
-        for cid in range(cfg.federation.num_clients):
-            method.sampled = {cid: all_layers}
-            local = method.local(method.downlink(initial, cid, 1), cid, seed=cid)
-            scores = method.evaluate({**initial, **local.delta})
-            ppl.append(scores["perplexity"])
-            spars.append(scores["sparsity"])
-            prune_s.append(local.metrics["prune_s"])
-        result = {"perplexities": ppl, "perplexity": sum(ppl) / len(ppl),
-                  "worst_perplexity": max(ppl), "sparsity": sum(spars) / len(spars),
-                  "prune_s": sum(prune_s) / len(prune_s)}
+        result = ALONE_REFERENCES[cfg.method.name](cfg, method, initial)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     (run_dir / "reference.json").write_text(json.dumps({"kind": kind, **result}, indent=1))
@@ -160,14 +312,16 @@ def run_suite(name: str, base: Path | None, overrides: list[str], out: Path, *,
     from fedprune.report.suites import REPORTS
 
     base = BASES[name] if base is None else base
-    variants = [v for v in SUITES[name]() if fnmatch(v.label, only)]
-    for i, v in enumerate(variants, 1):
+    every = (SMOKE_VARIANTS.get(name, SUITES[name]) if smoke else SUITES[name])()
+    variants = [v for v in every if fnmatch(v.label, only)]
+    todo = [v for v in variants if not (out / v.label / (
+        "global.safetensors" if v.kind == "run" else "reference.json")).is_file()]
+    # which variant, how many are left and the ETA (from the variants run so far)
+    suite_bar = tqdm(todo, desc=f"suite {name}", unit="variant", disable=not progress,
+                     initial=len(variants) - len(todo), total=len(variants), position=0)
+    for v in suite_bar:
+        suite_bar.set_postfix_str(v.label)
         run_dir = out / v.label
-        done = run_dir / ("global.safetensors" if v.kind == "run" else "reference.json")
-        if done.is_file():
-            continue  # finished earlier
-        if progress:
-            print(f"[{name} {i}/{len(variants)}] {v.label}", flush=True)
         cfg = variant_config(base, overrides, v, SMOKES.get(name, SMOKE) if smoke else ())
         if v.kind != "run":
             run_reference(cfg, run_dir, v.kind)
@@ -175,5 +329,5 @@ def run_suite(name: str, base: Path | None, overrides: list[str], out: Path, *,
         observer: Observer | None = observe_importance if v.observe else None
         run(cfg, run_dir, resume=(run_dir / "metrics.jsonl").is_file(), progress=progress,
             observe=observer)
-    done = [v for v in SUITES[name]() if (out / v.label / "config.json").is_file()]
+    done = [v for v in every if (out / v.label / "config.json").is_file()]
     return REPORTS[name](out, done)  # every variant run so far, also by earlier calls

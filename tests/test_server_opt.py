@@ -146,8 +146,8 @@ SMALL = ["data.max_samples=160", "data.max_length=48", "federation.num_clients=4
          "federation.server_lr=0.01"]
 
 
-@pytest.mark.parametrize("method", ["fedavg", "aoh"])
-def test_fedadam_run_moves_and_resumes_bit_identically(tmp_path, method):
+def test_fedadam_run_moves_and_resumes_bit_identically(tmp_path):
+    method = "aoh"  # per-head weights: some coordinates are unowned in a round
     def cfg(rounds):
         return load_config(None, [*SMALL, f"data.cache_dir='{tmp_path / 'cache'}'",
                                   f"method.name='{method}'", f"federation.rounds={rounds}"])

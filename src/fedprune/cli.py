@@ -85,7 +85,8 @@ def suite(
         help="section.key=value overrides applied to every variant.")] = None,
     config: Annotated[Path | None, typer.Option(
         "--config", help="Base experiment TOML shared by the variants (default: "
-        "configs/suite.toml; configs/fedspallm.toml for fedspallm).")] = None,
+        "configs/suite.toml; configs/fedspallm.toml for fedspallm, configs/prufed_suite.toml "
+        "for prufed).")] = None,
     out: Annotated[Path | None, typer.Option(
         "--out", help="Suite directory (default: runs/suite-<name>).")] = None,
     smoke: Annotated[bool, typer.Option(
@@ -95,7 +96,8 @@ def suite(
     ] = "*",
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
 ) -> None:
-    """Run an experiment suite of the AoH paper and write its report.md and PNG figures.
+    """Run an experiment suite (AoH's ablations, FedSpaLLM's or PruFed's comparison) and write
+    its report.md and PNG figures.
 
     \b
     ablation: B1 FedAvg, B2 random heads, AoH x random / loss selection at 90 % sparsity
@@ -105,6 +107,9 @@ def suite(
     fedspallm: FedSpaLLM (l0 mean + mask expansion) against naive FedAvg, FedAvg +
               re-pruning, centralized and each-client-alone pruning of SmolLM2, 4 and 8
               clients, 50 % and 2:4, a 30 / 50 / 70 % sweep, and the dense model.
+    prufed:   PruFed's 7 layer-dropping strategies x tiers 0.75 / 0.5 / 0.25 beside a full
+              tier, headline and category tasks, 3 seeds, against exclusive, centralized,
+              alone, untuned and all-smallest baselines (long: see sim/suites.py).
     A finished variant is reused and an interrupted one resumed when the suite is re-run.
     """
     from fedprune.data import DataError

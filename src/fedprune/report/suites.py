@@ -40,6 +40,7 @@ def _table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str, str
 
 COLUMNS = [("variant", "label", ""), ("final acc", "final_accuracy", ".4f"),
            ("best acc", "best_accuracy", ".4f"), ("round at target", "round_at_target", ""),
+           ("s to target", "seconds_to_target", ",.0f"),
            ("KiB up / client", "kib_up", ",.1f"), ("analytic GOPs / client", "gops", ",.2f"),
            ("measured GFLOPs / client", "gflops", ",.2f"), ("s / round", "seconds_per_round",
                                                            ".1f")]

@@ -20,6 +20,15 @@ def rounds_to_target(records: list[dict[str, Any]], metric: str, target: float,
     return next((r["round"] for r in records if reached(r.get(metric))), None)
 
 
+def seconds_to_target(records: list[dict[str, Any]], round_at_target: int | None
+                      ) -> float | None:
+    """Wall seconds until the target was reached: the rounds up to ``round_at_target``
+    (what a user waits for, next to seconds per round); None if never."""
+    if round_at_target is None:
+        return None
+    return sum(r["wall_s"] for r in records if r["round"] <= round_at_target)
+
+
 def method_metric(name: str) -> tuple[str, bool]:
     """(target metric, higher is better) of the method ``name``."""
     from fedprune.methods import METHODS
@@ -41,6 +50,7 @@ def summarize(run_dir: Path) -> dict[str, Any]:
     evaluated = [r for r in records if r.get(metric) is not None]
     last = evaluated[-1] if evaluated else {}
     best = max if higher else min
+    at_target = rounds_to_target(records, metric, target, higher)
     env_path, res_path = run_dir / "environment.json", run_dir / "resources.json"
     env = json.loads(env_path.read_text()) if env_path.is_file() else {}
     res = json.loads(res_path.read_text()) if res_path.is_file() else {}
@@ -52,7 +62,8 @@ def summarize(run_dir: Path) -> dict[str, Any]:
         f"final_{metric}": last.get(metric),
         f"best_{metric}": best((r[metric] for r in evaluated), default=None),
         "final_eval_loss": last.get("eval_loss"), "target": target,
-        "round_at_target": rounds_to_target(records, metric, target, higher),
+        "round_at_target": at_target,
+        "seconds_to_target": seconds_to_target(records, at_target),
         "bytes_up_per_client": mean(b for r in records for b in r["bytes_up"]),
         "bytes_down_per_client": mean(b for r in records for b in r["bytes_down"]),
         "seconds_per_round": mean(r["wall_s"] for r in records),
@@ -102,8 +113,8 @@ def write_report(run_dir: Path) -> Path:
     run_dir = Path(run_dir)
     s = summarize(run_dir)
     metric = s["metric"]
-    reached = (f"round {s['round_at_target']}" if s["round_at_target"] is not None
-               else "not reached")
+    reached = (f"round {s['round_at_target']}, after {s['seconds_to_target']:.1f} s"
+               if s["round_at_target"] is not None else "not reached")
     final, best = s[f"final_{metric}"], s[f"best_{metric}"]
     text = "\n".join([
         f"# Run `{s['run']}`", "",

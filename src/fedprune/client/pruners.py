@@ -33,14 +33,14 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import nn
 
+from fedprune.core.threads import one_thread
 from fedprune.report.progress import bar
 from fedprune.structure.attention import describe
 
@@ -335,7 +335,10 @@ def _obs_block(weight_t: torch.Tensor, hinv: torch.Tensor, keep_t: torch.Tensor,
         score = block.square() / d.square()[:, None]  # (b, out)
         pruned = _prune_smallest(score.flatten(), quota).view_as(block)
     err = torch.zeros_like(block)  # (b, out)
-    with _serial_on_cpu(block.device):
+    # the OBS sweep is a chain of small kernels (a rank-1 update of <= blocksize x out floats
+    # per column: 14-85 us on one thread of an AMD EPYC for out = 576-11008); two threads on
+    # shared cores made each 4.5-7.6 ms. Hessian, Cholesky and block updates keep the threads.
+    with one_thread(block.device):
         for i in range(i2 - i1):
             if prunem and i % prunem == 0:  # the group's choice sees the updates so far
                 group = block[i:i + prunem].square() / d[i:i + prunem].square()[:, None]
@@ -348,26 +351,6 @@ def _obs_block(weight_t: torch.Tensor, hinv: torch.Tensor, keep_t: torch.Tensor,
     weight_t[i1:i2] = block
     keep_t[i1:i2] = ~pruned
     return err
-
-
-@contextmanager
-def _serial_on_cpu(device: torch.device) -> Iterator[None]:
-    """One intra-op thread on the CPU for the OBS sweep (the caller's count restored after).
-
-    The sweep is a chain of small kernels (a rank-1 update of ≤ blocksize × out floats per
-    column: 14-85 µs on one thread of an AMD EPYC for out = 576-11008), too short to gain from
-    an OpenMP region each; on an oversubscribed CPU (2 cores shared by several processes) two
-    threads made each of them 4.5-7.6 ms. The Hessian, Cholesky and lazy block updates keep
-    the caller's threads."""
-    if device.type != "cpu":
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 PRUNERS: dict[str, type[Pruner]] = {"sparsegpt": SparseGPT, "wanda": Wanda,

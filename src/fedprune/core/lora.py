@@ -18,12 +18,13 @@ clients and payloads do not change. Pure torch; inputs are never mutated.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from functools import partial
 
 import torch
 
 from fedprune.core.aggregate import owned_mean
+from fedprune.core.threads import one_thread
 from fedprune.core.update import ClientUpdate, State
 
 PRODUCT = "{}::product"  # key of a module's product B A, named after its A key
@@ -36,19 +37,6 @@ def lora_pairs(keys: Iterable[str]) -> dict[str, str]:
     keys = set(keys)
     return {k: k.replace(A_TAG, B_TAG) for k in sorted(keys)
             if A_TAG in k and k.replace(A_TAG, B_TAG) in keys}
-
-
-@contextmanager
-def _one_thread():
-    """LAPACK's threaded SVD of a small matrix is no faster than one thread, and on cores
-    shared with other jobs it is pathological (576 x 576 float64: 10-16 s on 2 threads
-    against 0.2 s on one, measured on an AMD EPYC): the SVDs run on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def refactor(product: torch.Tensor, rank: int, a_norm: float = 0.0
@@ -68,7 +56,9 @@ def refactor(product: torch.Tensor, rank: int, a_norm: float = 0.0
         raise ValueError(f"product must be a matrix and rank >= 1, got {tuple(product.shape)}, "
                          f"rank {rank}")
     out, inp = product.shape
-    with _one_thread():
+    # one thread: LAPACK's threaded SVD of a small matrix gains nothing, and on shared cores
+    # it is pathological (576 x 576 float64: 10-16 s on 2 threads, 0.2 s on one, AMD EPYC)
+    with one_thread():
         u, s, vh = torch.linalg.svd(product.double(), full_matrices=False)
     k = min(rank, s.numel())
     u, s, vh = u[:, :k], s[:k], vh[:k]
@@ -81,57 +71,36 @@ def refactor(product: torch.Tensor, rank: int, a_norm: float = 0.0
     return big_b.to(product.dtype), big_a.to(product.dtype)
 
 
-class _Products(Mapping):
-    """A client's delta with its modules' A / B replaced by lazily computed product deltas
-    (B_g + dB)(A_g + dA) - B_g A_g under local names PRODUCT.format(local A key): one
-    [out, in] matrix in memory at a time."""
+class _Extended(Mapping):
+    """``base`` plus the keys of ``extra``, whose tensors are computed on access (one
+    [out, in] product in memory at a time)."""
 
-    def __init__(self, delta: State, state: Mapping[str, torch.Tensor],
-                 local_pairs: dict[str, tuple[str, str, str, str]], plain: list[str]) -> None:
-        self.delta, self.state, self.plain = delta, state, plain
-        self.plain_set = set(plain)
-        self.products = {PRODUCT.format(la): v for la, v in local_pairs.items()}
+    def __init__(self, base: Mapping[str, torch.Tensor],
+                 extra: dict[str, Callable[[], torch.Tensor]]) -> None:
+        self.base, self.extra = base, extra
 
     def __iter__(self) -> Iterator[str]:
-        yield from self.plain
-        yield from self.products
+        yield from self.base
+        yield from self.extra
 
     def __len__(self) -> int:
-        return len(self.plain) + len(self.products)
+        return len(self.base) + len(self.extra)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.base or key in self.extra
 
     def __getitem__(self, key: str) -> torch.Tensor:
-        if key in self.plain_set:
-            return self.delta[key]
-        if key not in self.products:
-            raise KeyError(key)
-        local_a, local_b, global_a, global_b = self.products[key]
-        a, b = self.state[global_a].double(), self.state[global_b].double()
-        mine = (b + self.delta[local_b].double()) @ (a + self.delta[local_a].double())
-        return mine - b @ a
+        if key in self.base:
+            return self.base[key]
+        return self.extra[key]()
 
 
-class _WithProducts(Mapping):
-    """The global state plus every module's current product B_g A_g (computed on access)."""
-
-    def __init__(self, state: State, pairs: dict[str, str]) -> None:
-        self.state, self.pairs = state, pairs
-        self.products = {PRODUCT.format(a): (a, b) for a, b in pairs.items()}
-        clash = set(self.products) & set(state)
-        if clash:
-            raise ValueError(f"state already holds product keys {sorted(clash)[:2]}")
-
-    def __iter__(self) -> Iterator[str]:
-        yield from self.state
-        yield from self.products
-
-    def __len__(self) -> int:
-        return len(self.state) + len(self.products)
-
-    def __getitem__(self, key: str) -> torch.Tensor:
-        if key in self.state:
-            return self.state[key]
-        a, b = self.products[key]
-        return self.state[b] @ self.state[a]
+def _product_delta(delta: State, state: Mapping[str, torch.Tensor], local_a: str, local_b: str,
+                   global_a: str, global_b: str) -> torch.Tensor:
+    """A client's product delta (B_g + dB)(A_g + dA) - B_g A_g, in float64."""
+    a, b = state[global_a].double(), state[global_b].double()
+    mine = (b + delta[local_b].double()) @ (a + delta[local_a].double())
+    return mine - b @ a
 
 
 def product_mean(state: State, updates: Sequence[ClientUpdate], server_lr: float = 1.0,
@@ -166,12 +135,19 @@ def product_mean(state: State, updates: Sequence[ClientUpdate], server_lr: float
         keymap.update({PRODUCT.format(la): PRODUCT.format(ga)
                        for la, (_, _, ga, _) in local_pairs.items()})
         weights = {k: w for k, w in u.weights.items() if k in plain}
-        views.append(ClientUpdate(u.client_id, _Products(u.delta, state, local_pairs, plain),
-                                  u.num_examples, u.loss, u.metrics, weights, keymap))
+        products = {PRODUCT.format(la): partial(_product_delta, u.delta, state, *names)
+                    for la, names in local_pairs.items()}
+        view = _Extended({k: u.delta[k] for k in plain}, products)
+        views.append(ClientUpdate(u.client_id, view, u.num_examples, u.loss, u.metrics,
+                                  weights, keymap))
     held = {PRODUCT.format(ga) for u in updates for k in u.delta
             if (ga := u.global_key(k)) in pairs}
-    extended = _WithProducts(state, {a: b for a, b in pairs.items()
-                                     if PRODUCT.format(a) in held})
+    current = {PRODUCT.format(a): partial(torch.matmul, state[b], state[a])  # B_g A_g
+               for a, b in pairs.items() if PRODUCT.format(a) in held}
+    clash = set(current) & set(state)
+    if clash:
+        raise ValueError(f"state already holds product keys {sorted(clash)[:2]}")
+    extended = _Extended(state, current)
     new = owned_mean(extended, views, server_lr)
     for ga, gb in pairs.items():
         product = new.pop(PRODUCT.format(ga), None)

@@ -24,9 +24,9 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
-from matplotlib.ticker import MaxNLocator
 
 from fedprune.report.metrics import read_metrics
+from fedprune.report.plots import rounds_axis, save_figure
 from fedprune.report.summary import method_metric, rounds_to_target
 
 SEED = "run.seed"
@@ -257,12 +257,9 @@ def plot_curves(comparison: Comparison, runs: Sequence[RunFigures], path: Path) 
                 ax.fill_between(rounds, [m - sd for m, sd in stats],
                                 [m + sd for m, sd in stats], alpha=0.2)
         ax.set(xlabel="round", ylabel=metric, title=metric)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(alpha=0.3)
+        rounds_axis(ax)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
     return path
 
 

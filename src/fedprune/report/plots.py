@@ -12,6 +12,20 @@ import matplotlib.pyplot as plt
 from matplotlib.ticker import MaxNLocator
 
 
+def rounds_axis(ax) -> None:
+    """An x axis of round numbers (integer ticks) and a light grid."""
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+
+
+def save_figure(fig, path: Path, dpi: int = 110) -> Path:
+    """Lay out, write the PNG and free the figure."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
 def plot_metric(records: list[dict[str, Any]], path: Path, metric: str = "accuracy",
                 title: str = "", target: float | None = None) -> Path:
     """Task metric (left) and train / eval loss (right) over rounds."""
@@ -30,9 +44,5 @@ def plot_metric(records: list[dict[str, Any]], path: Path, metric: str = "accura
     ax_l.set(xlabel="round", ylabel="loss", title="loss")
     ax_l.legend()
     for ax in (ax_m, ax_l):
-        ax.grid(alpha=0.3)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+        rounds_axis(ax)
+    return save_figure(fig, path)

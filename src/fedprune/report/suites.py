@@ -12,10 +12,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
-from matplotlib.ticker import MaxNLocator
 from safetensors.torch import load_file
 
 from fedprune.report.metrics import read_metrics
+from fedprune.report.plots import rounds_axis, save_figure
 from fedprune.report.summary import rounds_to_target, summarize
 
 
@@ -77,12 +77,9 @@ def _curves(suite_dir: Path, variants, path: Path, title: str) -> None:
         ax.plot([r["round"] for r in recs], [r["accuracy"] for r in recs], marker=".",
                 label=v.label)
     ax.set(xlabel="round", ylabel="validation accuracy", title=title)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.grid(alpha=0.3)
+    rounds_axis(ax)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def ablation_report(suite_dir: Path, variants) -> Path:
@@ -120,9 +117,7 @@ def sparsity_report(suite_dir: Path, variants) -> Path:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle("AoH against sparsity (Fig. 4)")
-    fig.tight_layout()
-    fig.savefig(suite_dir / "sparsity.png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, suite_dir / "sparsity.png")
     cols = [COLUMNS[0], ("mode", "mode", ""), ("sparsity", "sparsity", ".2f"), *COLUMNS[1:]]
     text = [*_header("Sparsity sweep (paper Fig. 4)", rows), _table(rows, cols), "",
             "![sparsity](sparsity.png)", ""]
@@ -174,9 +169,7 @@ def _importance_figure(suite_dir: Path, parts: list[str]) -> dict[str, float]:
         axes[row, 2].set(title=f"{part}: ||alpha_0 - alpha_1||", xlabel="round")
         axes[row, 2].grid(alpha=0.3)
     fig.suptitle("Head importance over rounds, IID vs non-IID (Fig. 5)")
-    fig.tight_layout()
-    fig.savefig(suite_dir / "importance.png", dpi=100)
-    plt.close(fig)
+    save_figure(fig, suite_dir / "importance.png", dpi=100)
     return {p: float(d.mean()) for p, d in dist.items()}
 
 
@@ -262,9 +255,7 @@ def fedspallm_report(suite_dir: Path, variants) -> Path:
            title=f"FedSpaLLM, 4 clients, {rows[-1]['pruner'] if rows else '?'}, unstructured")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(suite_dir / "perplexity_sparsity.png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, suite_dir / "perplexity_sparsity.png")
     lines += ["", "![perplexity against sparsity](perplexity_sparsity.png)", ""]
     return _write(suite_dir, lines)
 
@@ -454,9 +445,7 @@ def _prufed_figures(res: PruFedResults, suite_dir: Path) -> None:
         ax.legend(fontsize=8)
     fig.suptitle("PruFed: perplexity per layer-dropping strategy and tier (mean ± sd over "
                  "seeds)")
-    fig.tight_layout()
-    fig.savefig(suite_dir / "prufed_strategies.png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, suite_dir / "prufed_strategies.png")
 
     roles = [(FED, "o"), (CENTRAL, "^"), (ALONE, "s"), (EXCL, "x"), (UNTUNED, "v")]
     fig, axes = plt.subplots(len(res.tasks), len(keeps), squeeze=False,
@@ -475,9 +464,7 @@ def _prufed_figures(res: PruFedResults, suite_dir: Path) -> None:
             ax.grid(alpha=0.3)
     axes[0, 0].legend(fontsize=7)
     fig.suptitle("PruFed tier models against their non-federated counterparts")
-    fig.tight_layout()
-    fig.savefig(suite_dir / "prufed_counterparts.png", dpi=100)
-    plt.close(fig)
+    save_figure(fig, suite_dir / "prufed_counterparts.png", dpi=100)
 
 
 def prufed_report(suite_dir: Path, variants) -> Path:

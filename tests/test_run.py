@@ -124,6 +124,23 @@ def test_resume_is_bit_identical(two_rounds, tmp_path):
     assert strip_time(metrics(straight)) == strip_time(metrics(resumed))
 
 
+def test_resume_a_run_saved_before_newer_options(two_rounds, tmp_path):
+    # a run directory written before [tracking] and federation.server_optimizer existed
+    import shutil
+    tmp, first = two_rounds
+    old = tmp_path / "old"
+    shutil.copytree(first, old)
+    saved = json.loads((old / "config.json").read_text())
+    del saved["tracking"], saved["federation"]["server_optimizer"]
+    (old / "config.json").write_text(json.dumps(saved))
+    resumed = runner.run(small_cfg(tmp, "federation.rounds=3"), old, resume=True,
+                         progress=False)
+    assert [r["round"] for r in metrics(resumed)] == [1, 2, 3]
+    with pytest.raises(ConfigError, match="differs.*federation.server_optimizer"):
+        runner.run(small_cfg(tmp, "federation.rounds=4", "federation.server_optimizer=fedadam"),
+                   old, resume=True, progress=False)
+
+
 def test_existing_run_dir_is_not_overwritten(two_rounds):
     tmp, first = two_rounds
     with pytest.raises(ConfigError, match="already holds a run.*--resume"):

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from fedprune.client.payload import decode, encode
 from fedprune.client.world import Federation
-from fedprune.config import ConfigError, ExperimentConfig, FederationConfig, load_config
+from fedprune.config import ConfigError, ExperimentConfig, FederationConfig, from_dict
 from fedprune.core.aggregate import ownership
 from fedprune.core.selection import SELECTORS, History
 from fedprune.core.server_opt import PREFIX as OPT_PREFIX
@@ -124,27 +124,15 @@ def default_run_dir(cfg: ExperimentConfig) -> Path:
     return Path(cfg.run.out_dir) / name
 
 
-def _with_defaults(saved: dict, defaults: dict) -> dict:
-    """``saved`` with every key it lacks taken from ``defaults`` (nested tables too)."""
-    out = dict(saved)
-    for key, value in defaults.items():
-        if key not in out:
-            out[key] = value
-        elif isinstance(value, dict) and isinstance(out[key], dict):
-            out[key] = _with_defaults(out[key], value)
-    return out
-
-
 def prepare_run_dir(cfg: ExperimentConfig, run_dir: Path, resume: bool) -> None:
     """Create the run directory with the resolved config; never overwrite another run."""
     config_path = run_dir / "config.json"
     if resume:
         if not config_path.is_file():
             raise ConfigError(f"--resume: {run_dir} holds no run (no config.json)")
-        saved = json.loads(config_path.read_text())
-        # options added since the run started had their defaults then
-        defaults = load_config(None, [f"method.name='{cfg.method.name}'"]).to_dict()
-        saved = _with_defaults(saved, defaults)
+        # through the one parser: options added since the run started had their defaults then
+        saved = from_dict(json.loads(config_path.read_text()),
+                          source=f"--resume: {config_path}").to_dict()
         saved["federation"]["rounds"] = cfg.federation.rounds  # extending a run is allowed
         saved["tracking"] = cfg.to_dict()["tracking"]  # trackers are not the experiment
         if saved != cfg.to_dict():

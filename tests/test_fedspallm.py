@@ -182,9 +182,11 @@ def test_bad_setups_are_clear_errors(tiny, tmp_path):
     cfg = cfg_of(tiny, "method.fedspallm.resource_scores=[1.0, 2.0]")
     with pytest.raises(ConfigError, match="resource_scores` has 2 entries; federation.num_"):
         FedSpaLLM(cfg, FedSpaLLM.world(cfg))
-    cfg = cfg_of(tiny, "federation.prox_mu=0.1")
     with pytest.raises(ConfigError, match="`federation.prox_mu` = 0.1: FedSpaLLM's clients"):
-        FedSpaLLM(cfg, FedSpaLLM.world(cfg))
+        FedSpaLLM.check(cfg_of(tiny, "federation.prox_mu=0.1"))
+    with pytest.raises(ConfigError, match="`federation.scaffold` = true with `method.name` = "
+                                          "'fedspallm': its clients do not train"):
+        FedSpaLLM.check(cfg_of(tiny, "federation.scaffold=true"))
     short = tmp_path / "short.txt"
     short.write_text("Too short to calibrate on.")
     with pytest.raises(DataError, match="short.txt.*shorter than one sequence of seq_len=32"):

@@ -226,7 +226,8 @@ def federation(tmp: Path, nodes: int, *, tls: bool, simulation: bool = False):
                         "--auth-supernode-private-key", str(files[f"node{i}"])]
             procs.start(f"supernode{i}", "flower-supernode", *node,
                         "--superlink", f"127.0.0.1:{port}", "--port", str(free_port()),
-                        "--node-config", f"partition-id={i} num-partitions={nodes}")
+                        "--node-config", f"partition-id={i} num-partitions={nodes} "
+                        f"state-dir='{tmp / f'node{i}-state'}'")
         yield SimpleNamespace(env=env, tmp=tmp, procs=procs)
     finally:
         procs.stop_all()
@@ -361,11 +362,14 @@ def test_fedspallm_on_supernodes_equals_the_in_process_run(tiny_llama, tmp_path)
 
 # --- PruFed on real SuperLink / SuperNodes (tiny Llama, 2 tiers, 2 clients) -------------------
 
-def test_prufed_tiers_on_supernodes_equal_the_in_process_run(tiny_llama, tmp_path):
+def test_prufed_tiers_with_scaffold_on_supernodes_equal_the_in_process_run(tiny_llama,
+                                                                            tmp_path):
     """Two tiers whose replies hold different keys: client 0 (full depth) sends the adapters
     of the 4 layers, client 1 (top-alternate, half depth) those of its 2 view layers, named
-    0 / 1 locally and renamed to global 0 / 2 by the server (HeteAgg). The same loop gives
-    the in-process result, and the half-depth client's uplink is smaller."""
+    0 / 1 locally and renamed to global 0 / 2 by the server (HeteAgg); with SCAFFOLD, each
+    SuperNode keeps its control variate in its own state-dir and the changes travel in the
+    same local names. The same loop gives the in-process result, and the half-depth client's
+    uplink is smaller."""
     from fedprune.methods.prufed import PruFed
 
     overrides = [f'model.name="{tiny_llama}"', "method.name=prufed",
@@ -376,7 +380,7 @@ def test_prufed_tiers_on_supernodes_equal_the_in_process_run(tiny_llama, tmp_pat
                  "method.prufed.tier_share=[0.5, 0.5]", "method.prufed.samples=2",
                  "method.prufed.max_length=48", "method.prufed.eval_samples=2",
                  "method.prufed.generate_samples=1", "method.prufed.max_new_tokens=2",
-                 "run.num_threads=1"]
+                 "run.num_threads=1", "federation.scaffold=true"]
     cfg = load_config(None, overrides)
     fed = PruFed.world(cfg)
     method = PruFed(cfg, fed)
@@ -401,6 +405,12 @@ def test_prufed_tiers_on_supernodes_equal_the_in_process_run(tiny_llama, tmp_pat
     moved = {int(k.split(".layers.")[1].split(".")[0]) for k in final
              if "lora_B" in k and not torch.equal(final[k], initial[k])}
     assert moved == {0, 1, 2, 3}
+    # each SuperNode's c_i, under its run id, in its local names: round 2 read round 1's
+    run_id = (run_dir / "run_id").read_text()
+    for node, layers in ((0, 4), (1, 2)):
+        kept = sorted((tmp_path / f"node{node}-state" / run_id).iterdir())
+        assert [p.name for p in kept] == [f"{node}.r1.safetensors", f"{node}.r2.safetensors"]
+        assert len(load_file(kept[-1])) == layers * len(full) // 4
     recs = records(run_dir)
     # the ServerApp's round line shows the method's own metrics (perplexity, ROUGE)
     line = next(x for x in log.splitlines() if x.startswith("fedprune INFO: round 2: {"))

@@ -217,6 +217,27 @@ def test_suite_smoke(tmp_path, name):
         assert len(rec["observed"]["alpha"]["0"]) == 72
 
 
+def test_optimizers_suite_smoke_report(tmp_path):
+    """Every option of issue 18 on FedAvg-LoRA and AoH (Dirichlet 0.1, seed 0, tiny sizes):
+    one table row per method with a cell per option, the gain over FedAvg in points, curves."""
+    from fedprune.sim.suites import OPTIMIZERS, run_suite
+
+    out = tmp_path / "opt"
+    path = run_suite("optimizers", None, [f"data.cache_dir='{tmp_path / 'cache'}'",
+                                          "federation.rounds=1"], out, smoke=True,
+                     progress=False, only="*-dir0.1-*")
+    lines = path.read_text().splitlines()
+    header = next(x for x in lines if x.startswith("| method | partition |"))
+    assert header.split(" | ")[2:] == [*OPTIMIZERS][:-1] + ["scaffold |"]
+    for method in ("FedAvg", "AoH"):
+        row = next(x for x in lines if x.startswith(f"| {method} | dir0.1 |"))
+        assert row.count("(") == len(OPTIMIZERS) - 1  # a gain for every option but FedAvg
+    assert (out / "optimizer_curves.png").stat().st_size > 10_000
+    up = {o: json.loads((out / f"AoH-dir0.1-s0-{o}" / "metrics.jsonl").read_text())["bytes_up"]
+          for o in ("fedavg", "scaffold")}
+    assert all(1.8 < s / p < 2.0 for s, p in zip(up["scaffold"], up["fedavg"], strict=True))
+
+
 def test_cli_unknown_suite():
     res = CliRunner().invoke(app, ["suite", "tabel1"])
     assert res.exit_code == 2 and "unknown suite 'tabel1'" in res.output and "ablation" in res.output

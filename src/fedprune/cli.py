@@ -80,7 +80,7 @@ def run(
 
 @app.command()
 def suite(
-    name: Annotated[str, typer.Argument(help="ablation | sparsity | noniid | fedspallm | prufed")],
+    name: Annotated[str, typer.Argument(help="ablation | sparsity | noniid | fedspallm | prufed | optimizers")],
     overrides: Annotated[list[str] | None, typer.Argument(
         help="section.key=value overrides applied to every variant.")] = None,
     config: Annotated[Path | None, typer.Option(
@@ -92,7 +92,8 @@ def suite(
     smoke: Annotated[bool, typer.Option(
         "--smoke", help="Tiny sizes (seconds per run) to check the pipeline.")] = False,
     only: Annotated[str, typer.Option(
-        "--only", help="Run only the variants whose label matches this glob, e.g. 'C4-*'.")
+        "--only", help="Run only the variants whose label matches one of these globs "
+        "(comma-separated), e.g. 'C4-*' or 'AoH-dir0.1-*,FedAvg-dir0.1-*'.")
     ] = "*",
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
 ) -> None:
@@ -110,6 +111,9 @@ def suite(
     prufed:   PruFed's 7 layer-dropping strategies x tiers 0.75 / 0.5 / 0.25 beside a full
               tier, headline and category tasks, 3 seeds, against exclusive, centralized,
               alone, untuned and all-smallest baselines (long: see sim/suites.py).
+    optimizers: FedAvg-LoRA and AoH at 90 % with each server optimizer (FedAvgM, FedAdagrad,
+              FedYogi, FedAdam), FedProx and SCAFFOLD against FedAvg, IID and Dirichlet
+              0.5 / 0.1, 3 seeds (126 runs, ~2 min each on 2 cores).
     A finished variant is reused and an interrupted one resumed when the suite is re-run.
     """
     from fedprune.data import DataError

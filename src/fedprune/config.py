@@ -163,6 +163,11 @@ class FederationConfig(_Section):
                                 "batches are always padded only to their longest row.")
     prox_mu: float = opt(0.0, "FedProx (Li et al. 2020): clients add mu/2·||w - w_global||^2 "
                          "over the tensors they train (pruned heads excluded); 0 = off.")
+    scaffold: bool = opt(False, "SCAFFOLD (Karimireddy et al. 2020, option II): clients "
+                         "correct every local step by the server's minus their own control "
+                         "variate and send its change beside the update (bytes counted); "
+                         "each client's control variate is kept on its side "
+                         "(client/scaffold.py).")
     server_lr: float = opt(1.0, "Server learning rate eta applied to the aggregated update "
                            "(the step of every server_optimizer).")
     server_optimizer: str = opt("fedavg", "Server optimizer on the pseudo-gradient (mean "

@@ -31,6 +31,7 @@ class LocalTrainSpec:
     weight_decay: float = 0.0
     group_by_length: bool = False  # batches of similar lengths (less padding)
     prox_mu: float = 0.0  # FedProx: + mu/2 ||w - w_start||^2 on the trained tensors
+    correction: State | None = None  # SCAFFOLD: c - c_i per trained tensor (client/scaffold.py)
 
 
 def load_state(params: dict[str, torch.nn.Parameter], state: State) -> None:
@@ -91,6 +92,17 @@ def _add_proximal(params: dict[str, torch.nn.Parameter], anchor: State, mu: floa
         p.grad.add_(pull, alpha=mu)
 
 
+@torch.no_grad()
+def _correct(params: dict[str, torch.nn.Parameter], correction: State, lr: float,
+             frozen: dict[str, torch.Tensor]) -> None:
+    """SCAFFOLD's drift correction after a step: w <- w - lr (c - c_i), 0 where frozen."""
+    for key, p in params.items():
+        step = correction[key] * lr
+        if key in frozen:
+            step = step.masked_fill(frozen[key], 0.0)
+        p.sub_(step)
+
+
 def local_train(model: torch.nn.Module, params: dict[str, torch.nn.Parameter],
                 rows: Sequence[dict], indices: Sequence[int], collate: Collate,
                 spec: LocalTrainSpec, seed: int,
@@ -106,7 +118,8 @@ def local_train(model: torch.nn.Module, params: dict[str, torch.nn.Parameter],
     ``spec.prox_mu`` > 0 adds FedProx's proximal term mu/2 ||w - w_start||^2 (Li et al.
     2020; w_start: the values at entry, the client's copy of the global model) as its
     gradient mu (w - w_start), outside the frozen coordinates; the reported loss is the task
-    loss alone.
+    loss alone. ``spec.correction`` (SCAFFOLD's c - c_i per parameter) moves every step's
+    result by -lr (c - c_i), outside the frozen coordinates.
     """
     model.train()
     gen = torch.Generator().manual_seed(seed)
@@ -129,6 +142,8 @@ def local_train(model: torch.nn.Module, params: dict[str, torch.nn.Parameter],
                     if anchor:
                         _add_proximal(params, anchor, spec.prox_mu, frozen or {})
                     opt.step()
+                    if spec.correction is not None:
+                        _correct(params, spec.correction, spec.lr, frozen or {})
                     opt.zero_grad(set_to_none=True)
                     loss_sum += loss.item() * len(batch_idx)
                     seen += len(batch_idx)

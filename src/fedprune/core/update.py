@@ -23,7 +23,8 @@ class ClientUpdate:
     against it: a scalar (|D_c|), a column [out, 1] or row [1, in] vector (per-head
     importance alpha, a 0/1 keep flag), or an element mask (l0). A key without an entry
     weighs |D_c|. ``num_examples`` is |D_c|, ``loss`` the mean local training loss L_c
-    (None for a method whose clients do not train, e.g. FedSpaLLM's pruners).
+    (None for a method whose clients do not train, e.g. FedSpaLLM's pruners). ``control``
+    holds SCAFFOLD's Δc_i for the keys of ``delta`` (client/scaffold.py).
     """
 
     client_id: int
@@ -33,6 +34,7 @@ class ClientUpdate:
     metrics: dict[str, float] = field(default_factory=dict)
     weights: dict[str, Weight] = field(default_factory=dict)
     keymap: dict[str, str] = field(default_factory=dict)
+    control: State = field(default_factory=dict)  # SCAFFOLD: Δc_i, full-shaped, local keys
 
     def weight(self, key: str) -> Weight:
         return self.weights.get(key, float(self.num_examples))
@@ -46,10 +48,12 @@ class InvalidUpdate(ValueError):
 
 
 def validate_update(update: ClientUpdate, reference: Mapping[str, torch.Tensor],
-                    num_examples: int | None = None) -> None:
+                    num_examples: int | None = None, control: bool = False) -> None:
     """Reject an update whose keys, shapes, dtypes, values or weights do not fit
     ``reference`` (global keys), or whose |D_c| differs from ``num_examples`` (what the
-    server knows of the client's data, when it knows it).
+    server knows of the client's data, when it knows it). With ``control`` (SCAFFOLD) the
+    update must hold a control-variate change for exactly the keys of its delta, checked
+    like the delta; without, none.
 
     Raises InvalidUpdate naming the client and the first problem found.
     """
@@ -68,19 +72,25 @@ def validate_update(update: ClientUpdate, reference: Mapping[str, torch.Tensor],
         raise bad(f"loss must be a finite number, got {loss!r}")
     if not update.delta:
         raise bad("empty update")
-    for key, tensor in update.delta.items():
+    if control and set(update.control) != set(update.delta):
+        raise bad(f"SCAFFOLD needs a control-variate change for each of its "
+                  f"{len(update.delta)} tensors, it sent {len(update.control)}")
+    if not control and update.control:
+        raise bad("sent control variates, but federation.scaffold is off")
+    checked = [("", update.delta), ("control of ", update.control)]
+    for what, key, tensor in ((w, k, t) for w, part in checked for k, t in part.items()):
         name = update.global_key(key)
         if name not in reference:
             raise bad(f"unknown tensor {name!r}")
-        ref = reference[name]
+        ref, label = reference[name], what + repr(name)
         if not isinstance(tensor, torch.Tensor):
-            raise bad(f"{name!r} is not a tensor")
+            raise bad(f"{label} is not a tensor")
         if tensor.shape != ref.shape:
-            raise bad(f"{name!r} has shape {tuple(tensor.shape)}, expected {tuple(ref.shape)}")
+            raise bad(f"{label} has shape {tuple(tensor.shape)}, expected {tuple(ref.shape)}")
         if tensor.dtype != ref.dtype:
-            raise bad(f"{name!r} has dtype {tensor.dtype}, expected {ref.dtype}")
+            raise bad(f"{label} has dtype {tensor.dtype}, expected {ref.dtype}")
         if not torch.isfinite(tensor).all():
-            raise bad(f"{name!r} has non-finite values")
+            raise bad(f"{label} has non-finite values")
     for key, w in update.weights.items():
         if key not in update.delta:
             raise bad(f"weight for {key!r}, which the update does not hold")

@@ -1,7 +1,8 @@
 """The ClientApp: a SuperNode is one fedprune client, its partition id is the client id.
 
-Start a SuperNode with ``--node-config 'partition-id=<c> num-partitions=<C>'``; Flower's
-simulation engine sets both for its virtual SuperNodes. Each train message carries the
+Start a SuperNode with ``--node-config 'partition-id=<c> num-partitions=<C>'`` (and
+optionally ``state-dir=<folder>`` for its SCAFFOLD control variate); Flower's simulation
+engine sets the first two for its virtual SuperNodes. Each train message carries the
 experiment the ServerApp resolved (fedprune TOML text), the round and the client id; the
 handler builds the run's Federation (data partition, backbone, method) once per process (per
 Ray actor in a simulation), runs `Method.local` from the received global state with the same
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import tomllib
 from functools import lru_cache
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from flwr.app import ConfigRecord, Context, Message, RecordDict
@@ -38,6 +40,7 @@ def federation(experiment: str) -> tuple[ExperimentConfig, Federation, Method]:
 
     cfg = from_dict(tomllib.loads(experiment), source="experiment sent by the ServerApp")
     kind = METHODS[cfg.method.name]
+    kind.check(cfg)
     fed = kind.world(cfg)
     return cfg, fed, kind(cfg, fed)
 
@@ -58,6 +61,21 @@ def partition_id(context: Context, num_clients: int) -> int:
     return pid
 
 
+def control_store(context: Context, cfg: ExperimentConfig, run_id: str):
+    """Where this SuperNode keeps its SCAFFOLD control variate: node config ``state-dir``
+    or the data cache, one folder per run (the ServerApp's run id; a resumed run keeps it)."""
+    from fedprune.client.scaffold import ControlStore
+    from fedprune.client.world import cache_dir
+
+    if not cfg.federation.scaffold:
+        return None
+    if not run_id:
+        raise ValueError("federation.scaffold needs the run id in the train message (a "
+                         "ServerApp of this fedprune version sends it)")
+    root = Path(str(context.node_config.get("state-dir", cache_dir(cfg) / "scaffold")))
+    return ControlStore(root.expanduser() / run_id)
+
+
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     """Tell the server which client this SuperNode is (needed before Eq. 9 selection)."""
@@ -69,6 +87,7 @@ def query(msg: Message, context: Context) -> Message:
 def train(msg: Message, context: Context) -> Message:
     """One client's local round: `Method.local` from the received global state."""
     from fedprune.client.payload import decode
+    from fedprune.client.scaffold import client_round
     from fedprune.sim.runner import client_seed
 
     config = msg.content[CONFIG]
@@ -76,6 +95,7 @@ def train(msg: Message, context: Context) -> Message:
     cid, rnd = partition_id(context, cfg.federation.num_clients), int(config["round"])
     if cid != int(config["client-id"]):
         raise ValueError(f"message for client {config['client-id']} reached partition {cid}")
-    start = decode(unpack(msg.content[STATE]))
-    result = method.local(start, cid, client_seed(cfg.run.seed, rnd, cid))
+    received = decode(unpack(msg.content[STATE]))
+    result = client_round(method, received, cid, client_seed(cfg.run.seed, rnd, cid), rnd,
+                          control_store(context, cfg, str(config.get("run-id", ""))))
     return Message(reply_content(method.encode(result)), reply_to=msg)

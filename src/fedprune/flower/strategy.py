@@ -117,8 +117,9 @@ class FlowerTransport:
     """`runner.Transport` over a Grid: one TRAIN message per selected client's SuperNode."""
 
     def __init__(self, grid: Grid, settings: FlowerSettings, experiment: str,
-                 metrics: tuple[str, ...] = ("eval_loss", "accuracy")) -> None:
+                 metrics: tuple[str, ...] = ("eval_loss", "accuracy"), run_id: str = "") -> None:
         self.grid, self.settings, self.experiment = grid, settings, experiment
+        self.run_id = run_id  # names the SuperNodes' per-run state (SCAFFOLD's c_i)
         self.metrics = metrics  # the method's validation metrics, shown in the round log
         self.nodes: dict[int, int] = {}
 
@@ -131,7 +132,8 @@ class FlowerTransport:
         online = set(self.grid.get_node_ids())
         messages = {
             cid: Message(train_content(blob, {"round": rnd, "client-id": cid,
-                                              "experiment": self.experiment}),
+                                              "experiment": self.experiment,
+                                              "run-id": self.run_id}),
                          self.nodes[cid], MessageType.TRAIN, ttl=self.settings.reply_timeout,
                          group_id=str(rnd))
             for cid, blob in downlinks.items() if self.nodes[cid] in online}
@@ -171,5 +173,6 @@ class FedpruneStrategy:
         settings = self.settings
         run_dir = Path(settings.run_dir) if settings.run_dir else runner.default_run_dir(self.cfg)
         return runner.run(self.cfg, run_dir, resume=settings.resume, progress=False,
-                          transport=lambda method: FlowerTransport(
-                              grid, settings, self.experiment, tuple(method.metrics)))
+                          transport=lambda method: FlowerTransport(  # after prepare_run_dir
+                              grid, settings, self.experiment, tuple(method.metrics),
+                              runner.run_id(run_dir)))

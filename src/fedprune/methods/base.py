@@ -12,14 +12,15 @@ global state is evaluated (``evaluate``, with each metric's direction). The roun
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, ClassVar
 
 from safetensors.torch import load, save
 
+from fedprune.client.scaffold import WIRE as CONTROL
 from fedprune.client.train import LocalTrainSpec, TrainStats, evaluate, load_state
 from fedprune.client.world import Federation, build
-from fedprune.config import MethodOptions
+from fedprune.config import ConfigError, MethodOptions
 from fedprune.core.accounting import train_ops
 from fedprune.core.update import ClientUpdate, InvalidUpdate, State
 from fedprune.structure.attention import describe
@@ -40,6 +41,7 @@ class LocalResult:
     num_examples: int                 # |D_c|
     extra: State = field(default_factory=dict)  # method-specific tensors sent along (alpha)
     metrics: dict[str, float] = field(default_factory=dict)
+    control: State = field(default_factory=dict)  # SCAFFOLD: Δc_i (client/scaffold.py)
 
 
 def _metadata(blob: bytes) -> dict[str, str]:
@@ -80,6 +82,27 @@ class Method:
         self.arch = encoder_arch(fed.model, r=cfg.peft.r, target_modules=cfg.peft.target_modules)
         self.count_flops = cfg.run.count_flops
 
+    @classmethod
+    def check(cls, cfg: ExperimentConfig) -> None:
+        """Refuse options this method cannot honour, before anything is loaded (the round
+        loop and the ClientApp call it first)."""
+        if cfg.federation.scaffold and (why := cls.scaffold_unsupported(cfg.method.own)):
+            raise ConfigError(f"`federation.scaffold` = true with `method.name` = "
+                              f"{cls.name!r}: {why}")
+
+    @classmethod
+    def scaffold_unsupported(cls, options: MethodOptions) -> str | None:
+        """Why SCAFFOLD cannot run with this method as configured (None: it can). Its
+        control variates need trainables of one fixed shape per client, round after round."""
+        if cls.adapter is None:
+            return "its clients do not train; set `federation.scaffold` = false"
+        return None
+
+    def trained_mask(self, result: LocalResult) -> State:
+        """Per key, a bool mask of the coordinates the client trained and sent (absent:
+        all of them); SCAFFOLD leaves c_i unchanged elsewhere."""
+        return {}
+
     def ops(self, heads_per_layer: list[int], stats: TrainStats) -> dict[str, float]:
         """Client metrics of the local steps: wall time, padding share, analytic training OPs
         (where a formula exists) and the FlopCounterMode measurement (when run.count_flops)."""
@@ -116,8 +139,11 @@ class Method:
         meta = {"num_examples": str(result.num_examples), "metrics": json.dumps(result.metrics)}
         if result.loss is not None:
             meta["loss"] = repr(result.loss)
-        tensors = {k: v.contiguous() for k, v in self.wire_tensors(result).items()}
-        return save(tensors, metadata=meta)
+        tensors = self.wire_tensors(result)
+        if result.control:  # the same wire layout as the delta (e.g. kept heads' rows only)
+            same = self.wire_tensors(replace(result, delta=result.control))
+            tensors |= {CONTROL + k: same[k] for k in result.control if k in same}
+        return save({k: v.contiguous() for k, v in tensors.items()}, metadata=meta)
 
     def wire_tensors(self, result: LocalResult) -> State:
         return result.delta
@@ -128,12 +154,22 @@ class Method:
         try:
             tensors = load(blob)
             meta = _metadata(blob)
-            update = ClientUpdate(client_id, tensors, int(meta["num_examples"]),
+            control = {k.removeprefix(CONTROL): v for k, v in tensors.items()
+                       if k.startswith(CONTROL)}
+            wire = {k: v for k, v in tensors.items() if not k.startswith(CONTROL)}
+            update = ClientUpdate(client_id, wire, int(meta["num_examples"]),
                                   float(meta["loss"]) if "loss" in meta else None,
                                   json.loads(meta.get("metrics", "{}")))
         except Exception as e:  # noqa: BLE001 - any parse failure is the client's fault
             raise InvalidUpdate(f"client {client_id}: malformed payload ({e!r})") from None
-        return self.from_wire(update)
+        if not control:
+            return self.from_wire(update)
+        # Δc_i in the delta's wire layout: expanded by the same from_wire, with the same
+        # side tensors (head weights) as the delta
+        as_delta = ClientUpdate(client_id, {**wire, **control}, update.num_examples, None)
+        full = self.from_wire(update)
+        full.control = {k: v for k, v in self.from_wire(as_delta).delta.items() if k in control}
+        return full
 
     def from_wire(self, update: ClientUpdate) -> ClientUpdate:
         """Wire tensors -> full-shaped deltas and their aggregation weights (identity for

@@ -165,6 +165,13 @@ class FedSpaLLM(Method):
     target = "perplexity"
 
     @classmethod
+    def check(cls, cfg) -> None:
+        super().check(cfg)
+        if cfg.federation.prox_mu:
+            raise ConfigError(f"`federation.prox_mu` = {cfg.federation.prox_mu}: FedSpaLLM's "
+                              f"clients prune, they do not train; set it to 0")
+
+    @classmethod
     def world(cls, cfg) -> Federation:
         """The one causal LM (frozen, eval mode), each client's calibration blocks as its
         rows, and held-out test blocks for perplexity."""
@@ -199,9 +206,6 @@ class FedSpaLLM(Method):
     def __init__(self, cfg, fed) -> None:
         super().__init__(cfg, fed)
         o = self.options
-        if cfg.federation.prox_mu:
-            raise ConfigError(f"`federation.prox_mu` = {cfg.federation.prox_mu}: FedSpaLLM's "
-                              f"clients prune, they do not train; set it to 0")
         self.layer_of = {k: i for k, (i, _) in layer_linears(fed.model).items()}
         self.num_layers = len(set(self.layer_of.values()))
         scores = resource_scores(o, cfg.federation.num_clients)

@@ -114,11 +114,23 @@ class HeadPruning(Method):
                    "kept_heads": float(sum(int(k.sum()) for k in keep.values()))}
         return LocalResult(delta, stats.loss, len(indices), alpha, metrics)
 
+    @classmethod
+    def scaffold_unsupported(cls, options) -> str | None:
+        if options.mode == "structural":
+            return (f"`method.{cls.name}.mode` = 'structural' trains each round's kept heads "
+                    f"as smaller tensors, but SCAFFOLD's control variates need trainables of "
+                    f"one fixed shape; use mode 'adapter'")
+        return super().scaffold_unsupported(options)
+
+    def trained_mask(self, result: LocalResult) -> State:
+        """The kept heads' slices (kept <=> head weight > 0)."""
+        keep = {p[:-len(ALPHA)]: w > 0 for p, w in result.extra.items()}
+        return unit_mask(self.units, keep, result.delta)
+
     def wire_tensors(self, result: LocalResult) -> State:
         """Non-head tensors whole; head-mapped tensors only their kept rows / columns (the
         server recovers which from the weights: kept <=> weight > 0); the head weights."""
-        keep = {p[:-len(ALPHA)]: w > 0 for p, w in result.extra.items()}
-        masks = unit_mask(self.units, keep, result.delta)
+        masks = self.trained_mask(result)
         out = {}
         for key, d in result.delta.items():
             dim = self.key_dim.get(key)

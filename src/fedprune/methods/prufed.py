@@ -373,6 +373,14 @@ class PruFed(Method):
         return [self.fed.collate([rows[i] for i in order[s:s + bs]])
                 for s in range(0, len(order), bs)]
 
+    @classmethod
+    def scaffold_unsupported(cls, options) -> str | None:
+        if options.aggregation == "heteagg_product":
+            return ("`method.prufed.aggregation` = 'heteagg_product' re-bases every client's "
+                    "LoRA factors by an SVD each round, so a control variate on them would "
+                    "refer to a different basis every round; use 'heteagg' or 'exclusive'")
+        return super().scaffold_unsupported(options)
+
     # --- server -> client ---
     def initial_state(self) -> State:
         """Shared adapters (heteagg) and every tier-private copy, at their initial values."""

@@ -538,3 +538,85 @@ def prufed_report(suite_dir: Path, variants) -> Path:
 
 
 REPORTS["prufed"] = prufed_report
+
+
+def _optimizer_label(label: str) -> tuple[str, str, int, str]:
+    """(method, partition, seed, option) of an optimizers-suite label."""
+    method, part, seed, option = label.split("-")
+    return method, part, int(seed.removeprefix("s")), option
+
+
+def optimizers_report(suite_dir: Path, variants) -> Path:
+    """Issue 18's table: final accuracy (mean ± sd over the seeds run) of each option per
+    method and partition, its gain over FedAvg (points, mean over seeds of the paired
+    difference), upload KiB per client; and accuracy curves (mean over seeds)."""
+    done = [v for v in variants if (suite_dir / v.label / "global.safetensors").is_file()]
+    if not done:
+        return _write(suite_dir, ["# Server optimizers and client corrections", "",
+                                  "No finished variant yet."])
+    rows = {v.label: _enrich(_row(v.label, suite_dir / v.label)) for v in done}
+    keys = [_optimizer_label(v.label) for v in done]
+    methods = list(dict.fromkeys(k[0] for k in keys))
+    parts = list(dict.fromkeys(k[1] for k in keys))
+    options = list(dict.fromkeys(k[3] for k in keys))
+    seeds = sorted({k[2] for k in keys})
+    acc = {k: rows[v.label]["final_accuracy"] for k, v in zip(keys, done, strict=True)}
+    kib = {k: rows[v.label]["kib_up"] for k, v in zip(keys, done, strict=True)}
+
+    def cell(m: str, p: str, o: str) -> str:
+        vals = [acc[(m, p, s, o)] for s in seeds if (m, p, s, o) in acc]
+        gains = [100 * (acc[(m, p, s, o)] - acc[(m, p, s, "fedavg")]) for s in seeds
+                 if (m, p, s, o) in acc and (m, p, s, "fedavg") in acc]
+        text = mean_sd(vals, ".3f")
+        return text if o == "fedavg" or not gains else f"{text} ({mean_sd(gains, '+.1f')})"
+
+    table = ["| method | partition | " + " | ".join(options) + " |",
+             "|---|---|" + "---|" * len(options)]
+    table += [f"| {m} | {p} | " + " | ".join(cell(m, p, o) for o in options) + " |"
+              for m in methods for p in parts]
+    bytes_line = ", ".join(
+        f"{m} {o} {np.mean([v for k, v in kib.items() if k[0] == m and k[3] == o]):,.1f}"
+        for m in methods for o in options if any(k[0] == m and k[3] == o for k in kib))
+    best = []
+    for p in parts:
+        gains = {o: np.mean([100 * (acc[("AoH", p, s, o)] - acc[("AoH", p, s, "fedavg")])
+                             for s in seeds if ("AoH", p, s, o) in acc
+                             and ("AoH", p, s, "fedavg") in acc] or [np.nan])
+                 for o in options if o != "fedavg"}
+        gains = {o: g for o, g in gains.items() if not np.isnan(g)}
+        if gains:
+            o = max(gains, key=gains.get)
+            best.append(f"- AoH on {p}: best option {o}, {gains[o]:+.1f} points over FedAvg")
+    _optimizer_curves(suite_dir, keys, done, methods, parts, options)
+    first = next(iter(rows.values()))
+    text = [*_header("Server optimizers and client corrections (issue 18)", [first]),
+            (f"Seeds run: {', '.join(map(str, seeds))}. Cells: final validation accuracy "
+             "(mean ± sd over seeds), in brackets the gain over FedAvg on the same method, "
+             "partition and seed, in points."), "", *table, "", *best, "",
+            f"Upload per client (KiB, measured payloads): {bytes_line}.", "",
+            "![accuracy curves](optimizer_curves.png)", ""]
+    return _write(suite_dir, text)
+
+
+def _optimizer_curves(suite_dir: Path, keys, done, methods, parts, options) -> None:
+    fig, axes = plt.subplots(len(methods), len(parts), squeeze=False,
+                             figsize=(4.2 * len(parts), 3.4 * len(methods)), sharey=True)
+    for i, m in enumerate(methods):
+        for j, p in enumerate(parts):
+            ax = axes[i][j]
+            for o in options:
+                curves = [[r["accuracy"] for r in read_metrics(suite_dir / v.label)
+                           if r.get("accuracy") is not None]
+                          for k, v in zip(keys, done, strict=True) if k[:2] == (m, p)
+                          and k[3] == o]
+                if curves:
+                    n = min(len(c) for c in curves)
+                    ax.plot(range(1, n + 1), np.mean([c[:n] for c in curves], axis=0),
+                            marker=".", label=o)
+            ax.set(title=f"{m}, {p}", xlabel="round", ylabel="accuracy" if j == 0 else None)
+            rounds_axis(ax)
+    axes[0][-1].legend(fontsize=7)
+    save_figure(fig, suite_dir / "optimizer_curves.png")
+
+
+REPORTS["optimizers"] = optimizers_report

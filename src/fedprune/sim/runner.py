@@ -12,7 +12,9 @@ from __future__ import annotations
 import json
 import logging
 import resource
+import shutil
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -25,6 +27,14 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from fedprune.client.payload import decode, encode
+from fedprune.client.scaffold import SERVER as CONTROL_PREFIX
+from fedprune.client.scaffold import (
+    ControlStore,
+    client_round,
+    control_step,
+    server_control,
+    with_control,
+)
 from fedprune.client.world import Federation
 from fedprune.config import ConfigError, ExperimentConfig, FederationConfig, from_dict
 from fedprune.core.aggregate import ownership
@@ -95,17 +105,19 @@ def client_seed(seed: int, rnd: int, client_id: int) -> int:
 
 
 class InProcess:
-    """Every client on this process's one backbone, in client-id order."""
+    """Every client on this process's one backbone, in client-id order; their SCAFFOLD
+    control variates (when on) in ``store``."""
 
-    def __init__(self, method: Method, seed: int, bar: tqdm | None = None) -> None:
-        self.method, self.seed, self.bar = method, seed, bar
+    def __init__(self, method: Method, seed: int, bar: tqdm | None = None,
+                 store: ControlStore | None = None) -> None:
+        self.method, self.seed, self.bar, self.store = method, seed, bar, store
 
     def connect(self, num_clients: int) -> None:
         pass
 
     def train(self, rnd: int, downlinks: dict[int, bytes]) -> Exchange:
-        replies = {cid: self.method.encode(self.method.local(
-            decode(blob), cid, client_seed(self.seed, rnd, cid)))
+        replies = {cid: self.method.encode(client_round(
+            self.method, decode(blob), cid, client_seed(self.seed, rnd, cid), rnd, self.store))
             for cid, blob in sorted(downlinks.items())}
         return Exchange(replies, sent=set(downlinks))
 
@@ -122,6 +134,16 @@ class InProcess:
 def default_run_dir(cfg: ExperimentConfig) -> Path:
     name = cfg.run.name or f"{cfg.method.name}-{Path(cfg.data.dataset).stem}-seed{cfg.run.seed}"
     return Path(cfg.run.out_dir) / name
+
+
+def run_id(run_dir: Path) -> str:
+    """The run's id (``run_dir/run_id``, made at first use): what names the clients' own
+    per-run state on SuperNodes, so a resumed run finds it and a new run starts clean."""
+    path = Path(run_dir) / "run_id"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(uuid.uuid4().hex)
+    return path.read_text().strip()
 
 
 def prepare_run_dir(cfg: ExperimentConfig, run_dir: Path, resume: bool) -> None:
@@ -143,6 +165,10 @@ def prepare_run_dir(cfg: ExperimentConfig, run_dir: Path, resume: bool) -> None:
     elif (run_dir / "metrics.jsonl").exists():
         raise ConfigError(f"run directory {run_dir} already holds a run: pass --resume to "
                           f"continue it, or choose another `run.name` or --out")
+    else:
+        # a new run: clients' state (SCAFFOLD's c_i here, on SuperNodes by run id) from 0
+        shutil.rmtree(run_dir / "clients", ignore_errors=True)
+        (run_dir / "run_id").unlink(missing_ok=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     config_path.write_text(json.dumps(cfg.to_dict(), indent=2))
     (run_dir / "config.toml").write_text(tomli_w.dumps(cfg.to_dict()))
@@ -174,13 +200,15 @@ def write_partition(fed: Federation, run_dir: Path) -> None:
 def initial_state(method: Method, run_dir: Path, resume: bool
                   ) -> tuple[State, ServerState, State]:
     """Round-0 global, server and server-optimizer state, or the last checkpoint's when
-    resuming (the optimizer's tensors are stored beside the global state, keys prefixed
-    ``server_opt::``); metrics of rounds after the checkpoint are dropped (they are redone)."""
+    resuming (the server optimizer's and SCAFFOLD's tensors are stored beside the global
+    state, keys prefixed ``server_opt::`` / ``scaffold::``); metrics of rounds after the
+    checkpoint are dropped (they are redone)."""
     state, server, moments = method.initial_state(), ServerState(), {}
     if resume and (ckpt := load_checkpoint(run_dir)) is not None:
         server = ServerState.from_json(ckpt[1])
-        state = {k: v for k, v in ckpt[0].items() if not k.startswith(OPT_PREFIX)}
-        moments = {k: v for k, v in ckpt[0].items() if k.startswith(OPT_PREFIX)}
+        ours = (OPT_PREFIX, CONTROL_PREFIX)
+        state = {k: v for k, v in ckpt[0].items() if not k.startswith(ours)}
+        moments = {k: v for k, v in ckpt[0].items() if k.startswith(ours)}
     truncate_metrics(run_dir, server.round)
     return state, server, moments
 
@@ -198,16 +226,28 @@ def select_clients(cfg: ExperimentConfig, sizes: np.ndarray, server: ServerState
     return SELECTORS[fc.selection](rnd, history, fc.clients_per_round, cfg.run.seed, **options)
 
 
+def downlink(method: Method, fc: FederationConfig, state: State, moments: State, cid: int,
+             rnd: int) -> bytes:
+    """What client ``cid`` receives: its part of the global state (``Method.downlink``)
+    and, with SCAFFOLD, the same part of the server's control variate c."""
+    mine = method.downlink(state, cid, rnd)
+    if fc.scaffold:
+        mine = with_control(mine, method.downlink(server_control(state, moments), cid, rnd))
+    return encode(mine)
+
+
 def decode_updates(method: Method, state: State, replies: dict[int, bytes],
-                   sizes: np.ndarray, rnd: int) -> tuple[list[ClientUpdate], dict[int, str]]:
+                   sizes: np.ndarray, rnd: int, scaffold: bool = False
+                   ) -> tuple[list[ClientUpdate], dict[int, str]]:
     """Decode and validate every reply in client-id order (so nothing depends on arrival
     order); a bad one is rejected alone, with its reason. |D_c| must be what the server
-    knows of the client's partition. Returns (valid updates, client id -> reason)."""
+    knows of the client's partition; with ``scaffold`` a control-variate change must come
+    with each tensor. Returns (valid updates, client id -> reason)."""
     valid, rejected = [], {}
     for cid, blob in sorted(replies.items()):
         try:
             update = method.decode(blob, cid)
-            validate_update(update, state, num_examples=int(sizes[cid]))
+            validate_update(update, state, num_examples=int(sizes[cid]), control=scaffold)
             valid.append(update)
         except InvalidUpdate as e:
             log.warning("round %d: rejected update: %s", rnd, e)
@@ -219,16 +259,22 @@ def server_update(method: Method, fc: FederationConfig, state: State,
                   valid: list[ClientUpdate], moments: State) -> tuple[State, State]:
     """The method's aggregate with ``server_lr`` (fedavg), or that aggregate with step 1 as
     the proposal of a server optimizer over the coordinates the updates own (its state
-    ``moments`` keyed ``server_opt::{m,v,t}::<key>``). Returns (global state, moments)."""
+    ``moments`` keyed ``server_opt::{m,v,t}::<key>``); with SCAFFOLD, the server control
+    variate steps too (``scaffold::<key>``). Returns (global state, moments)."""
+    if fc.scaffold:
+        moments = control_step(moments, state, valid, fc.num_clients)
     if fc.server_optimizer == "fedavg":
         return method.aggregate(state, valid, fc.server_lr), moments
     opt = ServerOpt(fc.server_optimizer, fc.server_lr, fc.server_beta1, fc.server_beta2,
                     fc.server_tau, fc.server_bias_correction)
     owned = ownership(state, valid)  # before aggregate: some methods reuse the deltas
     proposed = method.aggregate(state, valid, 1.0)
-    inner = {k.removeprefix(OPT_PREFIX): v for k, v in moments.items()}
+    inner = {k.removeprefix(OPT_PREFIX): v for k, v in moments.items()
+             if k.startswith(OPT_PREFIX)}
     stepped, inner = server_step(opt, state, proposed, owned, inner)
-    return method.project(proposed, stepped), {OPT_PREFIX + k: v for k, v in inner.items()}
+    others = {k: v for k, v in moments.items() if not k.startswith(OPT_PREFIX)}
+    return method.project(proposed, stepped), {**others, **{OPT_PREFIX + k: v
+                                                            for k, v in inner.items()}}
 
 
 def after_training(server: ServerState, valid: list[ClientUpdate]) -> ServerState:
@@ -300,8 +346,9 @@ def run(cfg: ExperimentConfig, run_dir: Path | None = None, *, resume: bool = Fa
     built federation for ``cfg`` (the benchmark reshapes clients' data).
     """
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg)
-    prepare_run_dir(cfg, run_dir, resume)
     kind = METHODS[cfg.method.name]
+    kind.check(cfg)  # before anything is written or loaded
+    prepare_run_dir(cfg, run_dir, resume)
     fed = kind.world(cfg) if fed is None else fed
     write_environment(fed, run_dir)
     write_partition(fed, run_dir)
@@ -311,7 +358,9 @@ def run(cfg: ExperimentConfig, run_dir: Path | None = None, *, resume: bool = Fa
     sizes = np.array([len(ix) for ix in fed.client_indices])
     bar = tqdm(range(server.round + 1, fc.rounds + 1), total=fc.rounds, initial=server.round,
                desc="rounds", disable=not progress)
-    link = transport(method) if transport is not None else InProcess(method, cfg.run.seed, bar)
+    store = ControlStore(run_dir / "clients") if fc.scaffold else None  # clients' c_i
+    link = (transport(method) if transport is not None
+            else InProcess(method, cfg.run.seed, bar, store))
     link.connect(fc.num_clients)
 
     for rnd in bar:
@@ -321,11 +370,12 @@ def run(cfg: ExperimentConfig, run_dir: Path | None = None, *, resume: bool = Fa
 
         # --- LOCAL WORK: each selected client gets its downlink, returns an update ---
         method.plan(rnd, selected)
-        downlinks = {cid: encode(method.downlink(state, cid, rnd)) for cid in selected}
+        downlinks = {cid: downlink(method, fc, state, moments, cid, rnd) for cid in selected}
         exchange = link.train(rnd, downlinks)
 
         # --- AGGREGATION of the valid updates, in client-id order ---
-        valid, rejected = decode_updates(method, state, exchange.replies, sizes, rnd)
+        valid, rejected = decode_updates(method, state, exchange.replies, sizes, rnd,
+                                         fc.scaffold)
         if len(valid) >= fc.min_valid_updates:
             state, moments = server_update(method, fc, state, valid, moments)
             server = after_training(server, valid)

@@ -67,6 +67,34 @@ def noniid() -> list[Variant]:
                                   ("AoH", (*AOH, "method.aoh.sparsity=0.9")))]
 
 
+# issue 18: each server optimizer / client correction against plain FedAvg. Hyper-parameters
+# fixed from the literature, not tuned here: FedAvgM η = 1, β1 = 0.9 (Hsu et al. 2019);
+# FedAdagrad / FedYogi / FedAdam η = 1e-2, β1 = 0.9, β2 = 0.99, τ = 1e-3 (Reddi et al. 2021's
+# defaults, the middle of their best-η range); FedProx μ = 0.1 (the middle of Li et al.'s
+# grid); SCAFFOLD with η_g = 1.
+OPTIMIZERS = {
+    "fedavg": (),
+    "fedavgm": ("federation.server_optimizer='fedavgm'", "federation.server_lr=1.0"),
+    **{o: (f"federation.server_optimizer='{o}'", "federation.server_lr=0.01")
+       for o in ("fedadagrad", "fedyogi", "fedadam")},
+    "fedprox": ("federation.prox_mu=0.1",),
+    "scaffold": ("federation.scaffold=true",)}
+OPTIMIZER_METHODS = {"FedAvg": ("method.name='fedavg'",),
+                     "AoH": (*AOH, "method.aoh.sparsity=0.9")}
+OPTIMIZER_PARTITIONS = ("iid", "dir0.5", "dir0.1")
+OPTIMIZER_SEEDS = (0, 1, 2)
+
+
+def optimizers(seeds: tuple[int, ...] = OPTIMIZER_SEEDS) -> list[Variant]:
+    """Issue 18: FedAvg-LoRA and AoH at 90 % with every option of `OPTIMIZERS`, on IID and
+    Dirichlet 0.5 / 0.1 data, per seed (labels ``<method>-<partition>-s<seed>-<option>``).
+    Seed-major, so that a partial run holds whole seeds."""
+    return [Variant(f"{m}-{p}-s{seed}-{o}", (*extra, *PARTITIONS[p], *OPTIMIZERS[o],
+                                            f"run.seed={seed}", "run.count_flops=false"))
+            for seed in seeds for p in OPTIMIZER_PARTITIONS
+            for m, extra in OPTIMIZER_METHODS.items() for o in OPTIMIZERS]
+
+
 FEDSPALLM_SMOKE = ("method.fedspallm.pruner='magnitude'", "method.fedspallm.samples=2",
                    "method.fedspallm.seq_len=32", "method.fedspallm.eval_samples=2")
 
@@ -203,12 +231,13 @@ def prufed_smoke() -> list[Variant]:
 
 SUITES: dict[str, Callable[[], list[Variant]]] = {
     "ablation": ablation, "sparsity": sparsity, "noniid": noniid, "fedspallm": fedspallm,
-    "prufed": prufed}
+    "prufed": prufed, "optimizers": optimizers}
 BASES = {"ablation": Path("configs/suite.toml"), "sparsity": Path("configs/suite.toml"),
          "noniid": Path("configs/suite.toml"), "fedspallm": Path("configs/fedspallm.toml"),
-         "prufed": Path("configs/prufed_suite.toml")}
+         "prufed": Path("configs/prufed_suite.toml"), "optimizers": Path("configs/suite.toml")}
 SMOKES = {"fedspallm": FEDSPALLM_SMOKE, "prufed": PRUFED_SMOKE}
-SMOKE_VARIANTS: dict[str, Callable[[], list[Variant]]] = {"prufed": prufed_smoke}
+SMOKE_VARIANTS: dict[str, Callable[[], list[Variant]]] = {
+    "prufed": prufed_smoke, "optimizers": lambda: optimizers(seeds=(0,))}
 
 
 OBSERVED_CLIENTS = (0, 1)
@@ -307,13 +336,13 @@ def run_reference(cfg: ExperimentConfig, run_dir: Path, kind: str) -> None:
 
 def run_suite(name: str, base: Path | None, overrides: list[str], out: Path, *,
               smoke: bool = False, progress: bool = True, only: str = "*") -> Path:
-    """Run every variant of suite ``name`` (labels matching ``only``) into ``out``/<variant>
-    and write the report."""
+    """Run every variant of suite ``name`` (labels matching ``only``: globs separated by
+    commas) into ``out``/<variant> and write the report."""
     from fedprune.report.suites import REPORTS
 
     base = BASES[name] if base is None else base
     every = (SMOKE_VARIANTS.get(name, SUITES[name]) if smoke else SUITES[name])()
-    variants = [v for v in every if fnmatch(v.label, only)]
+    variants = [v for v in every if any(fnmatch(v.label, g) for g in only.split(","))]
     todo = [v for v in variants if not (out / v.label / (
         "global.safetensors" if v.kind == "run" else "reference.json")).is_file()]
     # which variant, how many are left and the ETA (from the variants run so far)

@@ -184,6 +184,18 @@ class FederationConfig(_Section):
     server_bias_correction: bool = opt(False, "Adam-style bias correction of the adaptive "
                                        "server optimizers' step (Flower's FedAdam does it; "
                                        "Reddi et al. do not).")
+    robust: str = opt("none", "Byzantine-robust aggregation over each coordinate's owners "
+                      "(core.robust): 'median' / 'trimmed_mean' (unweighted, in place of the "
+                      "method's weighted mean), 'krum' / 'multikrum' (choose the updates the "
+                      "method then averages with its own weights).",
+                      ("none", "median", "trimmed_mean", "krum", "multikrum"))
+    robust_trim: float = opt(0.1, "trimmed_mean: fraction of each coordinate's owners cut at "
+                             "each end, in [0, 0.5).")
+    robust_f: int = opt(0, "krum / multikrum: number of attackers f assumed among a round's "
+                        "updates (scores sum the n - f - 2 nearest).")
+    robust_keep: int = opt(0, "multikrum: updates kept; 0 = n - f.")
+    clip_norm: float = opt(0.0, "Server-side clipping of each client's update to this L2 norm "
+                           "(before any robust rule); 0 = off.")
     selection: str = opt("random", "Client selection: 'random'; 'loss' (AoH Eq. 9: top-K by "
                          "last local loss minus global validation loss, never-seen clients "
                          "first); 'pow-d' (Power-of-Choice, Cho et al. 2022, rpow-d variant: "
@@ -210,6 +222,17 @@ class FederationConfig(_Section):
         _check(self.prox_mu >= 0, "federation.prox_mu", f"must be >= 0, got {self.prox_mu}")
         _check(self.server_tau > 0, "federation.server_tau",
                f"must be > 0, got {self.server_tau}")
+        _check(0 <= self.robust_trim < 0.5, "federation.robust_trim",
+               f"must be in [0, 0.5), got {self.robust_trim}")
+        _check(self.robust_f >= 0, "federation.robust_f", f"must be >= 0, got {self.robust_f}")
+        if self.robust in ("krum", "multikrum"):
+            _check(self.clients_per_round >= 2 * self.robust_f + 3, "federation.robust_f",
+                   f"{self.robust} needs federation.clients_per_round >= 2 f + 3 = "
+                   f"{2 * self.robust_f + 3}, got {self.clients_per_round}")
+        _check(0 <= self.robust_keep <= self.clients_per_round, "federation.robust_keep",
+               f"must be in [0, federation.clients_per_round], got {self.robust_keep}")
+        _check(self.clip_norm >= 0, "federation.clip_norm",
+               f"must be >= 0 (0 = off), got {self.clip_norm}")
         _check(self.weight_decay >= 0, "federation.weight_decay",
                f"must be >= 0, got {self.weight_decay}")
         _check(self.pow_d == 0 or self.clients_per_round <= self.pow_d <= self.num_clients,

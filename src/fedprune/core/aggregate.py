@@ -14,13 +14,15 @@ from typing import Literal
 
 import torch
 
+from fedprune.core.robust import owner_statistic
 from fedprune.core.update import ClientUpdate, State
 
 Empty = Literal["keep", "zero"]
 
 
 def owned_mean(global_state: State, updates: Sequence[ClientUpdate], server_lr: float = 1.0,
-               eps: float | Mapping[str, float] = 0.0, empty: Empty = "keep") -> State:
+               eps: float | Mapping[str, float] = 0.0, empty: Empty = "keep",
+               combine: str = "mean", trim: float = 0.0) -> State:
     """For every global key g, over the updates that hold it (client-id order):
 
         g <- where(S > 0, g + eta * A / (S + eps), g  if empty == "keep" else 0)
@@ -29,26 +31,35 @@ def owned_mean(global_state: State, updates: Sequence[ClientUpdate], server_lr: 
     accumulated in float64 and cast back to g's dtype. A key no update holds keeps its value
     (whatever ``empty`` says: "zero" is for coordinates every owner pruned, FedSpaLLM).
     ``eps`` is one number or one per key (missing keys: 0). One key at a time, so the extra
-    memory is two float64 tensors of the largest key. Inputs are never mutated.
+    memory is two float64 tensors of the largest key. ``combine`` = "median" /
+    "trimmed_mean" puts that statistic of the owners' deltas (w_c > 0; `core.robust`, with
+    ``trim``) in place of A / (S + eps). Inputs are never mutated.
     """
     ordered = sorted(updates, key=lambda u: u.client_id)
     held = [{u.global_key(k): k for k in u.delta} for u in ordered]  # global -> local key
     new = {}
     for key, value in global_state.items():
         acc = total = None
+        deltas, owners = [], []
         for update, local in zip(ordered, held, strict=True):
             if key not in local:
                 continue
             w = update.weight(local[key])
             w = w.double() if isinstance(w, torch.Tensor) else float(w)
-            term = w * update.delta[local[key]].double()
+            delta = update.delta[local[key]].double()
+            if combine != "mean":
+                deltas.append(delta)
+                owners.append(torch.as_tensor(w > 0).expand(delta.shape))
+            term = w * delta
             acc = term if acc is None else acc + term
             total = w if total is None else total + w
         if acc is None:
             new[key] = value.clone()
             continue
         e = eps.get(key, 0.0) if isinstance(eps, Mapping) else eps
-        moved = value.double() + server_lr * (acc / (total + e))
+        step = (acc / (total + e) if combine == "mean" else
+                owner_statistic(torch.stack(deltas), torch.stack(owners), combine, trim))
+        moved = value.double() + server_lr * step
         if isinstance(total, torch.Tensor) and not bool((total > 0).all()):
             fallback = value.double() if empty == "keep" else torch.zeros_like(moved)
             moved = torch.where(torch.as_tensor(total) > 0, moved, fallback)

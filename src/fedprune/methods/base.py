@@ -22,6 +22,7 @@ from fedprune.client.train import LocalTrainSpec, TrainStats, evaluate, load_sta
 from fedprune.client.world import Federation, build
 from fedprune.config import ConfigError, MethodOptions
 from fedprune.core.accounting import train_ops
+from fedprune.core.robust import COMBINE
 from fedprune.core.update import ClientUpdate, InvalidUpdate, State
 from fedprune.structure.attention import describe
 from fedprune.structure.model import encoder_arch
@@ -81,6 +82,9 @@ class Method:
         self.structure = describe(fed.model)
         self.arch = encoder_arch(fed.model, r=cfg.peft.r, target_modules=cfg.peft.target_modules)
         self.count_flops = cfg.run.count_flops
+        # a robust combine rule in place of the weighted mean (core.robust), or "mean"
+        self.combine = f.robust if f.robust in COMBINE else "mean"
+        self.trim = f.robust_trim
 
     @classmethod
     def check(cls, cfg: ExperimentConfig) -> None:

@@ -170,6 +170,10 @@ class FedSpaLLM(Method):
         if cfg.federation.prox_mu:
             raise ConfigError(f"`federation.prox_mu` = {cfg.federation.prox_mu}: FedSpaLLM's "
                               f"clients prune, they do not train; set it to 0")
+        if cfg.federation.clip_norm:
+            raise ConfigError(f"`federation.clip_norm` = {cfg.federation.clip_norm}: "
+                              f"FedSpaLLM's clients send pruned weights, not updates whose "
+                              f"norm could be clipped; set it to 0")
 
     @classmethod
     def world(cls, cfg) -> Federation:
@@ -314,10 +318,12 @@ class FedSpaLLM(Method):
             for key, w in u.delta.items():
                 w.sub_(state[key])
         if o.aggregation == "l0":
-            new = owned_mean(state, updates, server_lr, empty="zero")
+            new = owned_mean(state, updates, server_lr, empty="zero", combine=self.combine,
+                             trim=self.trim)
         else:  # baselines: every owner's pruned weights weigh |D_i|
             new = owned_mean(state, [ClientUpdate(u.client_id, u.delta, u.num_examples, u.loss)
-                                     for u in updates], server_lr)
+                                     for u in updates], server_lr, combine=self.combine,
+                             trim=self.trim)
         owned = sorted({k for u in updates for k in u.delta})
         for key in owned:
             holders = [u for u in updates if key in u.delta]

@@ -192,4 +192,5 @@ class HeadPruning(Method):
         return out
 
     def aggregate(self, state: State, updates: list[ClientUpdate], server_lr: float) -> State:
-        return owned_mean(state, updates, server_lr, eps={k: self.eps for k in self.key_dim})
+        return owned_mean(state, updates, server_lr, eps={k: self.eps for k in self.key_dim},
+                          combine=self.combine, trim=self.trim)

@@ -38,6 +38,7 @@ from fedprune.client.scaffold import (
 from fedprune.client.world import Federation
 from fedprune.config import ConfigError, ExperimentConfig, FederationConfig, from_dict
 from fedprune.core.aggregate import ownership
+from fedprune.core.robust import FILTERS, clip, krum_select
 from fedprune.core.selection import SELECTORS, History
 from fedprune.core.server_opt import PREFIX as OPT_PREFIX
 from fedprune.core.server_opt import ServerOpt, server_step
@@ -277,6 +278,16 @@ def server_update(method: Method, fc: FederationConfig, state: State,
                                                             for k, v in inner.items()}}
 
 
+def robust_updates(fc: FederationConfig, valid: list[ClientUpdate]) -> list[ClientUpdate]:
+    """The updates the server aggregates: each clipped to ``clip_norm`` (when set), then
+    Krum's / Multi-Krum's choice among them (``robust``; `core.robust`)."""
+    out = [clip(u, fc.clip_norm) for u in valid] if fc.clip_norm else list(valid)
+    if fc.robust in FILTERS:
+        keep = 1 if fc.robust == "krum" else fc.robust_keep or max(1, len(out) - fc.robust_f)
+        out = krum_select(out, fc.robust_f, keep)
+    return out
+
+
 def after_training(server: ServerState, valid: list[ClientUpdate]) -> ServerState:
     """Each aggregated client's L_c becomes its last loss (Eq. 9)."""
     return replace(server, client_loss={**server.client_loss, **{
@@ -376,8 +387,9 @@ def run(cfg: ExperimentConfig, run_dir: Path | None = None, *, resume: bool = Fa
         # --- AGGREGATION of the valid updates, in client-id order ---
         valid, rejected = decode_updates(method, state, exchange.replies, sizes, rnd,
                                          fc.scaffold)
+        aggregated = robust_updates(fc, valid)
         if len(valid) >= fc.min_valid_updates:
-            state, moments = server_update(method, fc, state, valid, moments)
+            state, moments = server_update(method, fc, state, aggregated, moments)
             server = after_training(server, valid)
         else:
             log.warning("round %d: %d valid updates < federation.min_valid_updates=%d; global "
@@ -391,6 +403,8 @@ def run(cfg: ExperimentConfig, run_dir: Path | None = None, *, resume: bool = Fa
         # --- RECORD and CHECKPOINT ---
         record = round_record(rnd, selected, sorted(rejected), valid, scores, exchange,
                               downlinks)
+        if fc.robust in FILTERS:
+            record["aggregated"] = [u.client_id for u in aggregated]
         record.update(exchange.record)
         record["wall_s"] = time.perf_counter() - t0
         if observe is not None:

@@ -1,0 +1,127 @@
+"""Robust aggregation (core/robust.py): median, trimmed mean, Krum and Multi-Krum against
+Flower's own `flwr.server.strategy.aggregate` on the same inputs; the same rules over partial
+ownership (head rows, renamed layers) by hand; norm clipping; a real run; bad options."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from flwr.server.strategy.aggregate import (
+    aggregate_krum,
+    aggregate_median,
+    aggregate_trimmed_avg,
+)
+
+from fedprune.config import ConfigError, load_config
+from fedprune.core.aggregate import owned_mean
+from fedprune.core.robust import clip, krum_scores, krum_select, owner_statistic, update_norm
+from fedprune.core.update import ClientUpdate
+from fedprune.sim import runner
+
+GEN = torch.Generator().manual_seed(0)
+X = {"a": torch.randn(3, 4, generator=GEN, dtype=torch.float64),
+     "b": torch.randn(5, generator=GEN, dtype=torch.float64)}
+# six clients, dense updates; client 4 is an outlier (scaled by 50)
+UPDATES = [ClientUpdate(c, {k: torch.randn(v.shape, generator=GEN, dtype=torch.float64)
+                            * (50.0 if c == 4 else 1.0) for k, v in X.items()}, 10 + c, 0.1)
+           for c in range(6)]
+
+
+def flower_results(updates):
+    """Flower's input: (parameters x + Δ as numpy arrays in key order, num_examples)."""
+    return [([(X[k] + u.delta[k]).numpy() for k in X], u.num_examples) for u in updates]
+
+
+def assert_state_equals(state, arrays):
+    for k, arr in zip(X, arrays, strict=True):
+        np.testing.assert_allclose(state[k].numpy(), arr, rtol=0, atol=1e-12)
+
+
+def test_median_equals_flowers():
+    ours = owned_mean(X, UPDATES, combine="median")
+    assert_state_equals(ours, aggregate_median(flower_results(UPDATES)))
+    odd = UPDATES[:5]
+    assert_state_equals(owned_mean(X, odd, combine="median"),
+                        aggregate_median(flower_results(odd)))
+
+
+@pytest.mark.parametrize("trim", [0.0, 0.2, 0.34])
+def test_trimmed_mean_equals_flowers(trim):
+    ours = owned_mean(X, UPDATES, combine="trimmed_mean", trim=trim)
+    assert_state_equals(ours, aggregate_trimmed_avg(flower_results(UPDATES), trim))
+
+
+@pytest.mark.parametrize("f, keep", [(1, 1), (1, 3), (2, 2)])
+def test_krum_and_multikrum_equal_flowers(f, keep):
+    chosen = krum_select(UPDATES, f, keep)
+    assert 4 not in [u.client_id for u in chosen]  # the outlier is never chosen
+    ours = owned_mean(X, chosen)  # the |D_c|-weighted mean of the chosen, as Flower's
+    theirs = aggregate_krum(flower_results(UPDATES), f, 0 if keep == 1 else keep)
+    assert_state_equals(ours, theirs)
+
+
+def test_rules_over_partial_ownership_by_hand():
+    """Row weights as AoH's: client 0 owns rows 0, 1; client 1 rows 1, 2; client 2 rows 1, 2
+    (its layer renamed onto 'w'); row 3 is owned by nobody."""
+    x = {"w": torch.zeros(4, 1, dtype=torch.float64)}
+    rows = [[1, 1, 0, 0], [0, 1, 1, 0], [0, 2, 3, 0]]
+    values = [[1.0, 2.0, 9.0, 9.0], [9.0, 4.0, 5.0, 9.0], [9.0, 10.0, 7.0, 9.0]]
+    ups = [ClientUpdate(c, {"l": torch.tensor(v, dtype=torch.float64).view(4, 1)}, 1, 0.1,
+                        weights={"l": torch.tensor(r, dtype=torch.float64).view(4, 1)},
+                        keymap={"l": "w"}) for c, (r, v) in enumerate(zip(rows, values, strict=True))]
+    median = owned_mean(x, ups, combine="median")["w"].flatten().tolist()
+    assert median == [1.0, 4.0, 6.0, 0.0]  # owners {0}, {0,1,2}, {1,2}, none (kept)
+    trimmed = owned_mean(x, ups, combine="trimmed_mean", trim=0.34)["w"].flatten().tolist()
+    assert trimmed == [1.0, 4.0, 6.0, 0.0]  # cut floor(0.34 k): 1 of 3 each end, 0 of 2
+    # the weights decide ownership only: importance 2 vs 3 does not tilt the median
+    # Krum over the coordinates both clients own: d(0,1) = (2-4)^2 = 4, d(0,2) = 64,
+    # d(1,2) = 36 + 4 = 40; n - f - 2 = 1 nearest: scores 4, 4, 40
+    assert krum_scores(ups, f=0) == [4.0, 4.0, 40.0]
+    assert [u.client_id for u in krum_select(ups, 0, 1)] == [0]  # tie: smaller id
+
+
+def test_owner_statistic_of_no_owner_is_zero():
+    d = torch.tensor([[1.0, 2.0], [3.0, 4.0]], dtype=torch.float64)
+    own = torch.tensor([[True, False], [True, False]])
+    assert owner_statistic(d, own, "median").tolist() == [2.0, 0.0]
+
+
+def test_clip_by_hand():
+    u = ClientUpdate(0, {"w": torch.tensor([3.0, 4.0, 12.0])}, 1, 0.1,
+                     weights={"w": torch.tensor([1.0, 1.0, 0.0])})  # last entry not owned
+    assert update_norm(u) == pytest.approx(5.0)
+    clipped = clip(u, 1.0)
+    assert clipped.delta["w"].tolist() == pytest.approx([0.6, 0.8, 2.4])
+    assert u.delta["w"].tolist() == [3.0, 4.0, 12.0]  # input untouched
+    assert clip(u, 10.0) is u
+
+
+SMALL = ["data.max_samples=160", "data.max_length=48", "federation.num_clients=4",
+         "federation.clients_per_round=3", "federation.batch_size=16",
+         "federation.eval_batch_size=64", "method.name='aoh'", "method.aoh.sparsity=0.5",
+         "method.aoh.importance_samples=8", "federation.rounds=1"]
+
+
+def test_multikrum_and_median_runs(tmp_path):
+    def run(name, *extra):
+        cfg = load_config(None, [*SMALL, f"data.cache_dir='{tmp_path / 'cache'}'", *extra])
+        out = runner.run(cfg, tmp_path / name, progress=False)
+        return json.loads((out / "metrics.jsonl").read_text())
+
+    rec = run("mk", "federation.robust='multikrum'", "federation.robust_keep=2")
+    assert len(rec["aggregated"]) == 2 and set(rec["aggregated"]) < set(rec["selected"])
+    assert run("med", "federation.robust='median'", "federation.clip_norm=0.5")["accuracy"] > 0
+
+
+@pytest.mark.parametrize("bad, pattern", [
+    ("federation.robust_trim=0.5", "federation.robust_trim"),
+    ("federation.robust='krum'", r"krum needs federation.clients_per_round >= 2 f \+ 3 = 3"),
+    ("federation.clip_norm=-1", "federation.clip_norm"),
+    ("federation.robust='mode'", "federation.robust"),
+])
+def test_bad_options_name_the_option(bad, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        load_config(None, [bad])

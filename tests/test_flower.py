@@ -44,7 +44,7 @@ BIN = Path(sys.executable).parent  # flower-superlink, flower-supernode, flwr of
 AOH = ROOT / "configs" / "aoh.toml"
 TINY = ["data.max_samples=96", "data.max_length=32", "federation.rounds=2",
         "federation.batch_size=16", "federation.eval_batch_size=64", "run.num_threads=1"]
-FLOWER_ONLY = {"dropped", "wire_bytes_up", "wire_bytes_down"}
+FLOWER_ONLY = {"dropped", "dropped_reasons", "wire_bytes_up", "wire_bytes_down"}
 
 
 def tiny(tmp: Path, clients: int) -> list[str]:
@@ -500,8 +500,8 @@ def test_supernode_killed_mid_round_is_dropped_and_the_run_goes_on(tmp_path):
 # --- pieces without processes -----------------------------------------------------------------
 
 class FakeGrid:
-    """Accepts every message; client 0 replies, client 1 answers with an error, client 2
-    never replies."""
+    """Accepts every message; client 0 replies (and sends a duplicate right after), client 1
+    answers with an error, client 2 never replies."""
 
     def push_messages(self, messages):
         for i, m in enumerate(messages):
@@ -517,6 +517,9 @@ class FakeGrid:
             if mid in replies:
                 out.append(replies[mid])
                 out[-1].metadata = SimpleNamespace(reply_to_message_id=mid)
+        if "m0" in ids:  # a second reply to the same message: must not replace the first
+            out.append(SimpleNamespace(has_error=lambda: False, duplicate=True,
+                                       metadata=SimpleNamespace(reply_to_message_id="m0")))
         return out
 
 
@@ -527,7 +530,7 @@ def test_exchange_drops_late_and_failed_clients(monkeypatch):
     t0 = time.monotonic()
     out = strategy.exchange(FakeGrid(), msgs, timeout=0.3)
     assert 0.3 <= time.monotonic() - t0 < 2
-    assert set(out.replies) == {3}
+    assert set(out.replies) == {3} and not hasattr(out.replies[3], "duplicate")
     assert out.failed == {5: "error 2: boom", 7: "no reply within 0.3 s"}
     assert all(b > 3 for b in out.sent_bytes.values())
 

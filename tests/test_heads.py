@@ -250,6 +250,11 @@ def test_head_units_bert_minilm_shaped() -> None:
     mapped = {sl.key for u in units for sl in u.slices}
     assert a(q) not in mapped and b(o) not in mapped
     assert not any("classifier" in key for key in mapped)
+    # P = {B} (the paper's Sect. 3.1): the same units without o's A columns, which are shared
+    only_b = head_units(trainable_parameters(model), s, parts="B")
+    assert only_b[24 + 5] == HeadUnit(path, 5, "query", (rows(b(q), 20, 24),), (5,))
+    assert only_b[24 + 12 + 11] == units[24 + 12 + 11]
+    assert a(o) not in {sl.key for u in only_b for sl in u.slices}
 
 
 def test_head_units_only_present_lora_tensors() -> None:

@@ -95,7 +95,7 @@ def test_malformed_payloads_name_the_client(fed):
     path = next(iter(res.extra))
     bad = dict(res.extra)
     bad[path] = -bad[path] - 1
-    with pytest.raises(InvalidUpdate, match="client 4: .*finite and >= 0"):
+    with pytest.raises(InvalidUpdate, match=r"client 4: .*finite and in \[0, 1\]"):
         m.decode(m.encode(type(res)(res.delta, 1.0, 5, bad)), 4)
     with pytest.raises(InvalidUpdate, match="client 4: malformed payload"):
         m.decode(b"garbage", 4)

@@ -125,3 +125,59 @@ def test_multikrum_and_median_runs(tmp_path):
 def test_bad_options_name_the_option(bad, pattern):
     with pytest.raises(ConfigError, match=pattern):
         load_config(None, [bad])
+
+
+def test_cap_shares_by_hand():
+    from fedprune.core.robust import cap_shares
+
+    w = torch.tensor([[8.0, 5.0, 0.0], [1.0, 4.0, 1.0], [1.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
+    # column 0, cap 0.5: 8 is cut to t = 0.5 (t + 2) = 2; column 1, cap 0.5: 5 to t = 5
+    # (already 0.5 of 10); column 2: one owner cannot be capped, it keeps its weight
+    assert cap_shares(w, 0.5).tolist() == [[2.0, 5.0, 0.0], [1.0, 4.0, 1.0], [1.0, 1.0, 0.0],
+                                           [0.0, 0.0, 0.0]]
+    # cap 0.4: column 1 cuts 5 and 4 to t = 0.4 (2 t + 1), t = 2
+    assert cap_shares(w, 0.4)[:, 1].tolist() == [2.0, 2.0, 1.0, 0.0]
+    # cap 0.3 < 1/3 with 3 owners: infeasible, the owners weigh the same
+    assert cap_shares(w, 0.3)[:, 0].tolist() == [1.0, 1.0, 1.0, 0.0]
+
+
+def test_aoh_share_cap_and_alpha_normalisation_bound_a_poisoner(tmp_path):
+    """A poisoner claims confidence 1 on every head, two honest clients 0.1-0.2 on theirs:
+    uncapped it holds ~3/4 of each head's weight; with share_cap 0.5 exactly half, and with
+    normalize_alpha its uniform claim counts like anyone's uniform claim."""
+    from fedprune.methods import METHODS
+    from fedprune.methods.base import LocalResult
+    from fedprune.methods.heads import ALPHA
+
+    def make(*extra):
+        cfg = load_config(None, ["data.max_samples=64", "method.name='aoh'",
+                                 "method.aoh.sparsity=0.0", *extra,
+                                 f"data.cache_dir='{tmp_path / 'cache'}'"])
+        return METHODS["aoh"](cfg, fed)
+
+    fed = METHODS["aoh"].world(load_config(None, ["data.max_samples=64",
+                                                  f"data.cache_dir='{tmp_path / 'cache'}'"]))
+    gen = torch.Generator().manual_seed(0)
+
+    def updates(m):
+        out = []
+        for cid, level in ((0, None), (1, 0.1), (2, 0.2)):
+            alpha = {p + ALPHA: torch.ones(n) if level is None else
+                     level + 0.05 * torch.rand(n, generator=gen) for p, n in m.n_heads.items()}
+            res = LocalResult({k: torch.zeros_like(v) for k, v in fed.initial.items()}, 0.1, 4,
+                              alpha)
+            out.append(m.from_wire(ClientUpdate(cid, m.wire_tensors(res), 4, 0.1)))
+        return out
+
+    def poisoner_share(m, ups):
+        key = next(iter(m.key_dim))
+        w = torch.stack([torch.as_tensor(u.weight(key)).expand(m.key_shape[key]) for u in ups])
+        return (w[0] / w.sum(0)).flatten()
+
+    plain = make()
+    assert float(poisoner_share(plain, updates(plain)).min()) > 0.7  # 1 / (1 + ~0.12 + ~0.22)
+    capped = make("method.aoh.share_cap=0.5")
+    share = poisoner_share(capped, capped.capped(updates(capped)))
+    assert torch.allclose(share, torch.full_like(share, 0.5), atol=1e-9)
+    normal = make("method.aoh.normalize_alpha=true")
+    assert float(poisoner_share(normal, updates(normal)).max()) < 0.45

@@ -34,11 +34,19 @@ def run_small(tmp_path, name, *extra, resume=False):
 
 
 def strip_time(records):
-    """Records without wall-clock timings (keys ending in _s, also per client)."""
+    """Records without wall-clock timings (keys ending in _s, also per client) and without
+    bytes_up (the payload carries the timings as text: `same_bytes_up`)."""
     def strip(d):
         return {k: strip(v) if isinstance(v, dict) else v for k, v in d.items()
-                if not k.endswith("_s")}
+                if not k.endswith("_s") and k != "bytes_up"}
     return [strip(r) for r in records]
+
+
+def same_bytes_up(a, b):
+    """Upload sizes equal up to the timings' digits (padded to 8 bytes): 64 bytes."""
+    return all(len(x["bytes_up"]) == len(y["bytes_up"]) and
+               all(abs(p - q) <= 64 for p, q in zip(x["bytes_up"], y["bytes_up"], strict=True))
+               for x, y in zip(a, b, strict=True))
 
 
 def metrics(run_dir):
@@ -106,6 +114,7 @@ def test_same_seed_same_result(two_rounds, tmp_path):
     a, b = load_file(first / "global.safetensors"), load_file(second / "global.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert strip_time(metrics(first)) == strip_time(metrics(second))
+    assert same_bytes_up(metrics(first), metrics(second))
     other = runner.run(small_cfg(tmp, "run.seed=1"), tmp_path / "c", progress=False)
     c = load_file(other / "global.safetensors")
     assert not all(torch.equal(a[k], c[k]) for k in a)
@@ -122,6 +131,7 @@ def test_resume_is_bit_identical(two_rounds, tmp_path):
     a, b = load_file(straight / "global.safetensors"), load_file(resumed / "global.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert strip_time(metrics(straight)) == strip_time(metrics(resumed))
+    assert same_bytes_up(metrics(straight), metrics(resumed))
 
 
 def test_resume_a_run_saved_before_newer_options(two_rounds, tmp_path):
@@ -198,19 +208,19 @@ def test_cli_report(two_rounds):
     assert res.exit_code == 0 and "final_accuracy" in res.output
 
 
-@pytest.mark.parametrize("name", ["ablation", "sparsity", "noniid"])
+@pytest.mark.parametrize("name", ["ablation", "sparsity", "noniid", "table1"])
 def test_suite_smoke(tmp_path, name):
-    from fedprune.sim.suites import SUITES, run_suite
+    from fedprune.sim.suites import BASES, SMOKE_VARIANTS, SUITES, run_suite
 
-    path = run_suite(name, ROOT / "configs" / "suite.toml",
+    path = run_suite(name, ROOT / BASES[name],
                      [f"data.cache_dir='{tmp_path / 'cache'}'", "federation.rounds=1",
                       "run.count_flops=false"], tmp_path / name, smoke=True, progress=False)
     text = path.read_text()
-    for v in SUITES[name]():
+    for v in SMOKE_VARIANTS.get(name, SUITES[name])():
         assert v.label in text
         assert (tmp_path / name / v.label / "global.safetensors").is_file()
     figure = {"ablation": "accuracy_curves.png", "sparsity": "sparsity.png",
-              "noniid": "importance.png"}[name]
+              "noniid": "importance.png", "table1": "table1_curves.png"}[name]
     assert (tmp_path / name / figure).stat().st_size > 10_000
     if name == "noniid":  # two clients' importance logged each round, one value per head
         rec = json.loads((tmp_path / name / "AoH-iid" / "metrics.jsonl").read_text())

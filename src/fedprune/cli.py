@@ -80,13 +80,13 @@ def run(
 
 @app.command()
 def suite(
-    name: Annotated[str, typer.Argument(help="ablation | sparsity | noniid | fedspallm | prufed | optimizers")],
+    name: Annotated[str, typer.Argument(help="ablation | sparsity | noniid | table1 | fedspallm | prufed | optimizers")],
     overrides: Annotated[list[str] | None, typer.Argument(
         help="section.key=value overrides applied to every variant.")] = None,
     config: Annotated[Path | None, typer.Option(
         "--config", help="Base experiment TOML shared by the variants (default: "
         "configs/suite.toml; configs/fedspallm.toml for fedspallm, configs/prufed_suite.toml "
-        "for prufed).")] = None,
+        "for prufed, configs/paper_table1.toml for table1).")] = None,
     out: Annotated[Path | None, typer.Option(
         "--out", help="Suite directory (default: runs/suite-<name>).")] = None,
     smoke: Annotated[bool, typer.Option(
@@ -105,6 +105,9 @@ def suite(
               (+ AoH structural): Table 1 and Fig. 3.
     sparsity: AoH at 0, 50, 70, 90, 95 % sparsity, adapter and structural modes: Fig. 4.
     noniid:   FedAvg and AoH on IID and Dirichlet 2.0 / 0.5 / 0.1: Table 5 and Fig. 5.
+    table1:   Table 1 at the paper's scale (configs/paper_table1.toml: 100 clients, 2 per
+              round, 100 rounds, LoRA on q and v, P = {B}): B1, B2 and AoH x random / loss
+              selection, 3 seeds.
     fedspallm: FedSpaLLM (l0 mean + mask expansion) against naive FedAvg, FedAvg +
               re-pruning, centralized and each-client-alone pruning of SmolLM2, 4 and 8
               clients, 50 % and 2:4, a 30 / 50 / 70 % sweep, and the dense model.

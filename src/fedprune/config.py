@@ -344,9 +344,36 @@ class TrackingConfig(_Section):
                "must not be empty")
 
 
+@dataclass
+class FaultsConfig(_Section):
+    _name = "faults"
+    crash: float = opt(0.0, "Probability that a selected client raises in its local work "
+                       "(drawn per run seed, round and client): it is dropped, with the reason "
+                       "in metrics.jsonl.")
+    hang: float = opt(0.0, "Probability that a selected client hangs past the round's "
+                      "deadline: dropped (in process at once; on a SuperNode it sleeps "
+                      "faults.hang_s, so the ServerApp's reply-timeout drops it).")
+    silent: float = opt(0.0, "Probability that a selected client returns nothing.")
+    hang_s: float = opt(0.0, "Seconds a hanging SuperNode sleeps before replying nothing.")
+
+    def validate(self) -> None:
+        for key in ("crash", "hang", "silent"):
+            _check(0 <= getattr(self, key) <= 1, f"faults.{key}",
+                   f"must be in [0, 1], got {getattr(self, key)}")
+        _check(self.crash + self.hang + self.silent <= 1, "faults",
+               f"crash + hang + silent must be <= 1, got "
+               f"{self.crash + self.hang + self.silent}")
+        _check(self.hang_s >= 0, "faults.hang_s", f"must be >= 0, got {self.hang_s}")
+
+    @property
+    def any(self) -> bool:
+        return self.crash + self.hang + self.silent > 0
+
+
 SECTIONS: dict[str, type[_Section]] = {
     "model": ModelConfig, "peft": PeftConfig, "data": DataConfig, "partition": PartitionConfig,
     "federation": FederationConfig, "run": RunConfig, "tracking": TrackingConfig,
+    "faults": FaultsConfig,
 }
 
 
@@ -362,6 +389,7 @@ class ExperimentConfig:
     method: MethodConfig = field(default_factory=MethodConfig)
     run: RunConfig = field(default_factory=RunConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return {f.name: (getattr(self, f.name).to_dict() if f.name == "method"

@@ -102,3 +102,24 @@ def clip(update: ClientUpdate, max_norm: float) -> ClientUpdate:
     scale = max_norm / norm
     return replace(update, delta={k: (d.double() * scale).to(d.dtype)
                                   for k, d in update.delta.items()})
+
+
+def cap_shares(weights: torch.Tensor, cap: float) -> torch.Tensor:
+    """Weights [n, ...] lowered (water-filling, per coordinate over dim 0) so that no entry
+    exceeds ``cap`` of its coordinate's total: the largest are cut to a common level t with
+    t = cap · (new total), the others unchanged. Where fewer than 1 / cap entries are > 0 the
+    cap cannot hold; there every owner weighs the same (share 1 / owners)."""
+    w = weights.double()
+    n = w.shape[0]
+    desc = w.sort(dim=0, descending=True).values
+    rest = desc.flip(0).cumsum(0).flip(0)                 # rest[k] = sum of desc[k:]
+    owners = (w > 0).sum(0)
+    out, done = w.clone(), owners == 0
+    for k in range(n):                                    # k largest capped
+        if k * cap >= 1:
+            break
+        level = cap * rest[k] / (1 - k * cap)             # t = cap · T, T = rest / (1 - k cap)
+        fits = (desc[k] <= level) & (k < owners) & ~done  # the first uncapped owner is below t
+        out = torch.where(fits, torch.minimum(w, level), out)
+        done |= fits
+    return torch.where(done, out, (w > 0).double()).to(weights.dtype)

@@ -35,6 +35,7 @@ class ClientUpdate:
     weights: dict[str, Weight] = field(default_factory=dict)
     keymap: dict[str, str] = field(default_factory=dict)
     control: State = field(default_factory=dict)  # SCAFFOLD: Δc_i, full-shaped, local keys
+    round: int | None = None                       # the round the client says it answers
 
     def weight(self, key: str) -> Weight:
         return self.weights.get(key, float(self.num_examples))
@@ -48,12 +49,14 @@ class InvalidUpdate(ValueError):
 
 
 def validate_update(update: ClientUpdate, reference: Mapping[str, torch.Tensor],
-                    num_examples: int | None = None, control: bool = False) -> None:
+                    num_examples: int | None = None, control: bool = False,
+                    rnd: int | None = None) -> None:
     """Reject an update whose keys, shapes, dtypes, values or weights do not fit
     ``reference`` (global keys), or whose |D_c| differs from ``num_examples`` (what the
     server knows of the client's data, when it knows it). With ``control`` (SCAFFOLD) the
     update must hold a control-variate change for exactly the keys of its delta, checked
-    like the delta; without, none.
+    like the delta; without, none. With ``rnd`` the update must say it answers that round
+    (a stale or replayed update does not).
 
     Raises InvalidUpdate naming the client and the first problem found.
     """
@@ -62,6 +65,8 @@ def validate_update(update: ClientUpdate, reference: Mapping[str, torch.Tensor],
     def bad(reason: str) -> InvalidUpdate:
         return InvalidUpdate(f"client {cid}: {reason}")
 
+    if rnd is not None and update.round != rnd:
+        raise bad(f"update for round {update.round}, this is round {rnd} (stale or replayed)")
     n = update.num_examples
     if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
         raise bad(f"num_examples must be a positive integer, got {n!r}")

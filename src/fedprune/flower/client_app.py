@@ -11,6 +11,7 @@ per-client seed as the in-process runner, and replies with `Method.encode` bytes
 
 from __future__ import annotations
 
+import time
 import tomllib
 from functools import lru_cache
 from pathlib import Path
@@ -86,6 +87,7 @@ def query(msg: Message, context: Context) -> Message:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """One client's local round: `Method.local` from the received global state."""
+    from fedprune.client.faults import ClientFault, injected_fault
     from fedprune.client.payload import decode
     from fedprune.client.scaffold import client_round
     from fedprune.sim.runner import client_seed
@@ -95,6 +97,12 @@ def train(msg: Message, context: Context) -> Message:
     cid, rnd = partition_id(context, cfg.federation.num_clients), int(config["round"])
     if cid != int(config["client-id"]):
         raise ValueError(f"message for client {config['client-id']} reached partition {cid}")
+    fault = injected_fault(cfg.faults, cfg.run.seed, rnd, cid)
+    if fault == "crash":
+        raise ClientFault(f"client {cid}: injected crash in round {rnd}")
+    if fault is not None:  # hang (past the ServerApp's reply-timeout) or silent: no update
+        time.sleep(cfg.faults.hang_s if fault == "hang" else 0.0)
+        return Message(RecordDict({}), reply_to=msg)
     received = decode(unpack(msg.content[STATE]))
     result = client_round(method, received, cid, client_seed(cfg.run.seed, rnd, cid), rnd,
                           control_store(context, cfg, str(config.get("run-id", ""))))

@@ -149,6 +149,8 @@ class FlowerTransport:
                         result.failed.get(cid, "reply without an update record"))
         selected = sorted(downlinks)
         record = {"dropped": dropped,
+                  "dropped_reasons": {str(c): result.failed.get(c, "reply without an update "
+                                                                  "record") for c in dropped},
                   "wire_bytes_up": [wire_size(result.replies[c].content)
                                     if c in result.replies else 0 for c in selected],
                   "wire_bytes_down": [result.sent_bytes.get(c, 0) for c in selected]}

@@ -24,6 +24,10 @@ class AoHConfig(HeadPruningConfig):
     importance_samples: int = opt(64, "Client examples used for the importance pass (a seeded "
                                   "subsample); 0 = all.")
     eps: float = opt(1e-8, "epsilon of Eq. 8's denominator.")
+    normalize_alpha: bool = opt(False, "The server divides each client's head weights by their "
+                                "mean over its kept heads, so that how a client ranks heads "
+                                "counts, not how confident it claims to be (with share_cap: "
+                                "against importance-score poisoning).")
 
     def validate(self) -> None:
         super().validate()
@@ -62,3 +66,10 @@ class AoH(HeadPruning):
 
     def unit_weight(self, alpha: float, num_examples: int) -> float:
         return alpha
+
+    def slice_weights(self, alpha: dict[str, torch.Tensor], num_examples: int):
+        if self.options.normalize_alpha:
+            kept = torch.cat([a[a > 0] for a in alpha.values()])
+            mean = float(kept.double().mean()) if len(kept) else 1.0
+            alpha = {p: a / mean for p, a in alpha.items()}
+        return super().slice_weights(alpha, num_examples)

@@ -43,6 +43,7 @@ class LocalResult:
     extra: State = field(default_factory=dict)  # method-specific tensors sent along (alpha)
     metrics: dict[str, float] = field(default_factory=dict)
     control: State = field(default_factory=dict)  # SCAFFOLD: Δc_i (client/scaffold.py)
+    round: int | None = None                       # the round it answers (sent as metadata)
 
 
 def _metadata(blob: bytes) -> dict[str, str]:
@@ -143,6 +144,8 @@ class Method:
         meta = {"num_examples": str(result.num_examples), "metrics": json.dumps(result.metrics)}
         if result.loss is not None:
             meta["loss"] = repr(result.loss)
+        if result.round is not None:
+            meta["round"] = str(result.round)
         tensors = self.wire_tensors(result)
         if result.control:  # the same wire layout as the delta (e.g. kept heads' rows only)
             same = self.wire_tensors(replace(result, delta=result.control))
@@ -163,17 +166,26 @@ class Method:
             wire = {k: v for k, v in tensors.items() if not k.startswith(CONTROL)}
             update = ClientUpdate(client_id, wire, int(meta["num_examples"]),
                                   float(meta["loss"]) if "loss" in meta else None,
-                                  json.loads(meta.get("metrics", "{}")))
+                                  json.loads(meta.get("metrics", "{}")),
+                                  round=int(meta["round"]) if "round" in meta else None)
         except Exception as e:  # noqa: BLE001 - any parse failure is the client's fault
             raise InvalidUpdate(f"client {client_id}: malformed payload ({e!r})") from None
-        if not control:
-            return self.from_wire(update)
-        # Δc_i in the delta's wire layout: expanded by the same from_wire, with the same
-        # side tensors (head weights) as the delta
-        as_delta = ClientUpdate(client_id, {**wire, **control}, update.num_examples, None)
         full = self.from_wire(update)
-        full.control = {k: v for k, v in self.from_wire(as_delta).delta.items() if k in control}
+        missing = sorted(self.expected_keys(client_id) - set(full.delta))
+        if missing:
+            raise InvalidUpdate(f"client {client_id}: {len(missing)} tensor(s) missing, e.g. "
+                                f"{missing[0]!r}")
+        if control:  # Δc_i in the delta's wire layout: expanded by the same from_wire, with
+            # the same side tensors (head weights) as the delta
+            as_delta = ClientUpdate(client_id, {**wire, **control}, update.num_examples, None)
+            full.control = {k: v for k, v in self.from_wire(as_delta).delta.items()
+                            if k in control}
         return full
+
+    def expected_keys(self, client_id: int) -> set[str]:
+        """The (local) keys every update of ``client_id`` must hold; here: every trainable
+        tensor (methods whose clients hold part of the state check it in ``from_wire``)."""
+        return set(self.fed.initial)
 
     def from_wire(self, update: ClientUpdate) -> ClientUpdate:
         """Wire tensors -> full-shaped deltas and their aggregation weights (identity for

@@ -310,6 +310,10 @@ class FedSpaLLM(Method):
         update.delta, update.weights = weights, masks
         return update
 
+    def expected_keys(self, client_id: int) -> set[str]:
+        """Nothing beyond what `from_wire` checks: exactly the client's sampled layers."""
+        return set()
+
     def aggregate(self, state: State, updates: list[ClientUpdate], server_lr: float) -> State:
         """l0 mean (+ expansion) or a baseline, on deltas W_i - g (computed in place on the
         decoded copies, one matrix per client at a time)."""

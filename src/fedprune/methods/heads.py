@@ -11,7 +11,7 @@ head-mapped tensors (`owned_mean`); every other tensor weighs |D_c| (Eq. 5).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -19,11 +19,14 @@ import torch
 from fedprune.client.train import load_state, local_train, snapshot
 from fedprune.config import MethodOptions, opt
 from fedprune.core.aggregate import owned_mean
+from fedprune.core.robust import cap_shares
 from fedprune.core.update import ClientUpdate, InvalidUpdate, State, Weight
 from fedprune.methods.base import LocalResult, Method
 from fedprune.structure.headmap import head_units, structural_keep, unit_mask
 from fedprune.structure.headview import structural_view
 
+ALPHA_MAX = 1.0 + 1e-4  # head weights are mean max-softmax probabilities (B2: U(0, 1)):
+# above 1 (with float32 rounding slack) no honest client sends them
 ALPHA = "::head_weights"  # wire key suffix: "<attention path>::head_weights" -> [n_heads]
 
 
@@ -36,10 +39,24 @@ class HeadPruningConfig(MethodOptions):
     mode: str = opt("adapter", "'adapter': pruned heads' PEFT slices frozen and not sent; "
                     "'structural': pruned heads removed from the local forward and backward.",
                     ("adapter", "structural"))
+    head_params: str = opt("AB", "Which LoRA tensors are split by head (pruned, sent and "
+                           "aggregated per head): 'AB' = LoRA B rows of q/k/v and LoRA A "
+                           "columns of o; 'B' = B rows only (the paper's P = {B}, Sect. 3.1; "
+                           "o's A is then shared like q/k/v's A). Same thing when LoRA is on "
+                           "q and v only.", ("AB", "B"))
+    share_cap: float = opt(1.0, "No client's share of any head's aggregation weight exceeds "
+                           "this (water-filling over the head's owners each round, "
+                           "core.robust.cap_shares; fewer than 1/cap owners weigh equally); "
+                           "1 = off. Against importance-score poisoning.")
 
     def validate(self) -> None:
         self.require(0 <= self.sparsity < 1, "sparsity",
                      f"must be in [0, 1), got {self.sparsity}")
+        self.require(0 < self.share_cap <= 1, "share_cap",
+                     f"must be in (0, 1], got {self.share_cap}")
+        self.require(not (self.mode == "structural" and self.head_params == "B"),
+                     "head_params", "'B' needs mode 'adapter': structural mode removes pruned "
+                     "heads' o columns from the forward, so o's LoRA A must be split by head")
 
 
 def eq7_keep(scores: dict[str, torch.Tensor], sparsity: float, scope: str
@@ -67,8 +84,11 @@ class HeadPruning(Method):
 
     def __init__(self, cfg, fed) -> None:
         super().__init__(cfg, fed)
-        self.units = head_units(fed.initial, self.structure)
+        self.units = head_units(fed.initial, self.structure, self.options.head_params)
         self.key_dim = {s.key: s.dim for u in self.units for s in u.slices}
+        # a head-mapped key's slice-weight shape: [out, 1] (rows) or [1, in] (columns)
+        self.key_shape = {k: tuple(n if i == d else 1 for i, n in enumerate(fed.initial[k].shape))
+                          for k, d in self.key_dim.items()}
         self.n_heads = {a.path: a.n_heads for a in self.structure.attention}
 
     # --- client side ---
@@ -149,8 +169,10 @@ class HeadPruning(Method):
                 raise InvalidUpdate(f"client {cid}: head weights of {path!r} missing or not "
                                     f"float32 [{n}]")
             alpha[path] = w
-        if not all(torch.isfinite(w).all() and (w >= 0).all() for w in alpha.values()):
-            raise InvalidUpdate(f"client {cid}: head weights must be finite and >= 0")
+        if not all(torch.isfinite(w).all() and (w >= 0).all() and (w <= ALPHA_MAX).all()
+                   for w in alpha.values()):
+            raise InvalidUpdate(f"client {cid}: head weights must be finite and in [0, 1] "
+                                f"(Eq. 6 confidences; B2's random scores)")
         reference = self.fed.initial
         masks = unit_mask(self.units, {p: w > 0 for p, w in alpha.items()}, reference)
         for key, dim in self.key_dim.items():
@@ -192,5 +214,17 @@ class HeadPruning(Method):
         return out
 
     def aggregate(self, state: State, updates: list[ClientUpdate], server_lr: float) -> State:
+        if self.options.share_cap < 1:
+            updates = self.capped(updates)
         return owned_mean(state, updates, server_lr, eps={k: self.eps for k in self.key_dim},
                           combine=self.combine, trim=self.trim)
+
+    def capped(self, updates: list[ClientUpdate]) -> list[ClientUpdate]:
+        """The updates with every head-mapped tensor's slice weights lowered so that no
+        client holds more than ``share_cap`` of any head's total weight this round."""
+        ordered = sorted(updates, key=lambda u: u.client_id)
+        weights = {k: cap_shares(torch.stack([torch.as_tensor(u.weight(k), dtype=torch.float64)
+                                              .expand(self.key_shape[k]) for u in ordered]),
+                                 self.options.share_cap) for k in self.key_dim}
+        return [replace(u, weights={**u.weights, **{k: w[i] for k, w in weights.items()}})
+                for i, u in enumerate(ordered)]

@@ -442,6 +442,10 @@ class PruFed(Method):
         update.keymap = dict(expected)
         return update
 
+    def expected_keys(self, client_id: int) -> set[str]:
+        """The adapters of the client's tier, by their local names."""
+        return set(self.local_keys[self.tier_of[client_id]])
+
     def aggregate(self, state: State, updates: list[ClientUpdate], server_lr: float) -> State:
         """HeteAgg: per key, the |D_c|-weighted mean over the updates holding it (renamed by
         their keymaps); keys nobody sent keep their value. heteagg_product: per LoRA module

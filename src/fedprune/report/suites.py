@@ -574,9 +574,12 @@ def optimizers_report(suite_dir: Path, variants) -> Path:
              "|---|---|" + "---|" * len(options)]
     table += [f"| {m} | {p} | " + " | ".join(cell(m, p, o) for o in options) + " |"
               for m in methods for p in parts]
-    bytes_line = ", ".join(
-        f"{m} {o} {np.mean([v for k, v in kib.items() if k[0] == m and k[3] == o]):,.1f}"
-        for m in methods for o in options if any(k[0] == m and k[3] == o for k in kib))
+    def kib_of(m: str, scaffold: bool) -> str:
+        vals = [v for k, v in kib.items() if k[0] == m and (k[3] == "scaffold") == scaffold]
+        return f"{np.mean(vals):,.1f}" if vals else "–"
+
+    bytes_line = "; ".join(f"{m} {kib_of(m, False)} (SCAFFOLD {kib_of(m, True)})"
+                           for m in methods)
     best = []
     for p in parts:
         gains = {o: np.mean([100 * (acc[("AoH", p, s, o)] - acc[("AoH", p, s, "fedavg")])
@@ -620,3 +623,45 @@ def _optimizer_curves(suite_dir: Path, keys, done, methods, parts, options) -> N
 
 
 REPORTS["optimizers"] = optimizers_report
+
+
+def table1_report(suite_dir: Path, variants) -> Path:
+    """Paper Table 1 at the paper's scale: per row (method x selection), mean ± sd over the
+    seeds run of final accuracy, rounds to target, upload per client and its ratio to B1,
+    analytic training OPs per client; accuracy curves (mean over seeds)."""
+    done = [v for v in variants if (suite_dir / v.label / "global.safetensors").is_file()]
+    if not done:
+        return _write(suite_dir, ["# Table 1 at the paper's scale", "", "No finished run yet."])
+    rows = [_enrich(_row(v.label, suite_dir / v.label)) for v in done]
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault(r["label"].rsplit("-s", 1)[0], []).append(r)
+    b1 = groups.get("B1-random-sel") or next(iter(groups.values()))
+    b1_kib = float(np.mean([r["kib_up"] for r in b1]))
+    table = [("| row | seeds | final acc | round at target | KiB up / client | vs B1 | "
+             "analytic GOPs / client |"), "|---|---|---|---|---|---|---|"]
+    for name, rs in groups.items():
+        reached = [r["round_at_target"] for r in rs if r["round_at_target"] is not None]
+        kib = float(np.mean([r["kib_up"] for r in rs]))
+        gops = [r["gops"] for r in rs if r["gops"] is not None]
+        table.append(f"| {name} | {len(rs)} | {mean_sd([r['final_accuracy'] for r in rs], '.4f')}"
+                     f" | {mean_sd(reached, '.1f')} ({len(reached)}/{len(rs)} reached) | "
+                     f"{kib:,.1f} | {b1_kib / kib:.2f}x | {mean_sd(gops, ',.2f')} |")
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, rs in groups.items():
+        curves = [[(r["round"], r["accuracy"]) for r in read_metrics(suite_dir / x["label"])
+                   if r.get("accuracy") is not None] for x in rs]
+        n = min(len(c) for c in curves)
+        ax.plot([c[0] for c in curves[0][:n]],
+                np.mean([[a for _, a in c[:n]] for c in curves], axis=0), marker=".", label=name)
+    ax.set(xlabel="round", ylabel="validation accuracy (mean over seeds)",
+           title="Table 1 at the paper's scale (Fig. 3)")
+    rounds_axis(ax)
+    ax.legend(fontsize=8)
+    save_figure(fig, suite_dir / "table1_curves.png")
+    text = [*_header("Table 1 at the paper's scale (configs/paper_table1.toml)", rows[:1]),
+            *table, "", "![accuracy curves](table1_curves.png)", "", _table(rows, COLUMNS), ""]
+    return _write(suite_dir, text)
+
+
+REPORTS["table1"] = table1_report

@@ -16,22 +16,30 @@ from fedprune.core.update import State
 CHECKPOINT = "checkpoint.safetensors"
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be written or read back; the message names the file."""
+
+
 def save_checkpoint(run_dir: Path, state: State, server: dict[str, Any]) -> Path:
-    """Write to a temp file, fsync, rename: a crash leaves the previous checkpoint intact."""
+    """Write to a temp file, fsync, rename: a crash leaves the previous checkpoint intact. A
+    failed write (disk full, folder gone) removes the temp file and raises CheckpointError:
+    the previous checkpoint is still the one a resume reads."""
     path = Path(run_dir) / CHECKPOINT
     tmp = path.with_suffix(".tmp")
     blob = save({k: v.contiguous() for k, v in state.items()},
                 metadata={"server": json.dumps(server)})
-    with open(tmp, "wb") as f:
-        f.write(blob)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(blob)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        kept = "the previous checkpoint is intact" if path.is_file() else "no checkpoint yet"
+        raise CheckpointError(f"could not write checkpoint {path} ({e.strerror or e}); "
+                              f"{kept}: free space and resume with --resume") from None
     return path
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read back; the message names the file."""
 
 
 def load_checkpoint(run_dir: Path) -> tuple[State, dict[str, Any]] | None:

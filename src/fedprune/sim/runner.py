@@ -26,6 +26,7 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from fedprune.client.faults import REASONS, injected_fault
 from fedprune.client.payload import decode, encode
 from fedprune.client.scaffold import SERVER as CONTROL_PREFIX
 from fedprune.client.scaffold import (
@@ -117,10 +118,22 @@ class InProcess:
         pass
 
     def train(self, rnd: int, downlinks: dict[int, bytes]) -> Exchange:
-        replies = {cid: self.method.encode(client_round(
-            self.method, decode(blob), cid, client_seed(self.seed, rnd, cid), rnd, self.store))
-            for cid, blob in sorted(downlinks.items())}
-        return Exchange(replies, sent=set(downlinks))
+        """Each client's update; clients with an injected fault (``[faults]``) are dropped
+        with their reason, as the Flower transport drops failed SuperNodes."""
+        faults = self.method.cfg.faults
+        replies, dropped = {}, {}
+        for cid, blob in sorted(downlinks.items()):
+            if fault := injected_fault(faults, self.seed, rnd, cid):
+                dropped[cid] = REASONS[fault]
+                log.warning("round %d: dropped client %d: %s", rnd, cid, dropped[cid])
+                continue
+            replies[cid] = self.method.encode(client_round(
+                self.method, decode(blob), cid, client_seed(self.seed, rnd, cid), rnd,
+                self.store))
+        record = ({"dropped": sorted(dropped),
+                   "dropped_reasons": {str(c): r for c, r in sorted(dropped.items())}}
+                  if faults.any else {})
+        return Exchange(replies, sent=set(downlinks), record=record)
 
     def report(self, record: dict[str, Any]) -> None:
         target = self.method.target
@@ -166,13 +179,20 @@ def prepare_run_dir(cfg: ExperimentConfig, run_dir: Path, resume: bool) -> None:
     elif (run_dir / "metrics.jsonl").exists():
         raise ConfigError(f"run directory {run_dir} already holds a run: pass --resume to "
                           f"continue it, or choose another `run.name` or --out")
-    else:
-        # a new run: clients' state (SCAFFOLD's c_i here, on SuperNodes by run id) from 0
-        shutil.rmtree(run_dir / "clients", ignore_errors=True)
-        (run_dir / "run_id").unlink(missing_ok=True)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config_path.write_text(json.dumps(cfg.to_dict(), indent=2))
-    (run_dir / "config.toml").write_text(tomli_w.dumps(cfg.to_dict()))
+    existed = run_dir.exists()
+    try:
+        if not resume:  # a new run: clients' state (SCAFFOLD's c_i here, on SuperNodes by
+            # run id) starts from 0
+            shutil.rmtree(run_dir / "clients", ignore_errors=True)
+            (run_dir / "run_id").unlink(missing_ok=True)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config_path.write_text(json.dumps(cfg.to_dict(), indent=2))
+        (run_dir / "config.toml").write_text(tomli_w.dumps(cfg.to_dict()))
+    except OSError as e:
+        if not existed:  # leave nothing half-written behind
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise ConfigError(f"cannot write the run directory {run_dir} ({e.strerror or e}); "
+                          f"choose another `run.out_dir` / `run.name` or --out") from None
 
 
 def write_environment(fed: Federation, run_dir: Path) -> None:
@@ -248,7 +268,8 @@ def decode_updates(method: Method, state: State, replies: dict[int, bytes],
     for cid, blob in sorted(replies.items()):
         try:
             update = method.decode(blob, cid)
-            validate_update(update, state, num_examples=int(sizes[cid]), control=scaffold)
+            validate_update(update, state, num_examples=int(sizes[cid]), control=scaffold,
+                            rnd=rnd)
             valid.append(update)
         except InvalidUpdate as e:
             log.warning("round %d: rejected update: %s", rnd, e)
@@ -307,7 +328,7 @@ def evaluate_global(method: Method, cfg: ExperimentConfig, state: State, rnd: in
     return scores
 
 
-def round_record(rnd: int, selected: list[int], rejected: list[int],
+def round_record(rnd: int, selected: list[int], rejected: dict[int, str],
                  valid: list[ClientUpdate], scores: dict, exchange: Exchange,
                  downlinks: dict[int, bytes]) -> dict:
     """One metrics.jsonl line (without wall time): train loss is the |D_c|-weighted mean L_c
@@ -316,7 +337,8 @@ def round_record(rnd: int, selected: list[int], rejected: list[int],
     trained = [u for u in valid if u.loss is not None]
     n = sum(u.num_examples for u in trained)
     return {
-        "round": rnd, "selected": selected, "rejected": rejected,
+        "round": rnd, "selected": selected, "rejected": sorted(rejected),
+        "rejected_reasons": {str(c): rejected[c] for c in sorted(rejected)},
         "train_loss": sum(u.loss * u.num_examples for u in trained) / n if n else None,
         **scores,
         "bytes_up": [len(exchange.replies.get(c, b"")) for c in selected],
@@ -401,7 +423,7 @@ def run(cfg: ExperimentConfig, run_dir: Path | None = None, *, resume: bool = Fa
             server = replace(server, global_loss=scores["eval_loss"])
 
         # --- RECORD and CHECKPOINT ---
-        record = round_record(rnd, selected, sorted(rejected), valid, scores, exchange,
+        record = round_record(rnd, selected, rejected, valid, scores, exchange,
                               downlinks)
         if fc.robust in FILTERS:
             record["aggregated"] = [u.client_id for u in aggregated]

@@ -47,6 +47,16 @@ def ablation() -> list[Variant]:
     ]
 
 
+def table1(seeds: tuple[int, ...] = (0, 1, 2)) -> list[Variant]:
+    """Paper Table 1 at the paper's scale (configs/paper_table1.toml): B1, B2 and AoH, each
+    with random and loss-based selection, per seed (labels ``<row>-<sel>-sel-s<seed>``)."""
+    rows = {"B1": ("method.name='fedavg'",), "B2": ("method.name='random_heads'",),
+            "AoH": ("method.name='aoh'",)}
+    return [Variant(f"{row}-{sel}-sel-s{seed}", (*extra, f"federation.selection='{sel}'",
+                                                 f"run.seed={seed}"))
+            for seed in seeds for row, extra in rows.items() for sel in ("random", "loss")]
+
+
 def sparsity() -> list[Variant]:
     """Paper Fig. 4: AoH (loss selection) at s = 0, 50, 70, 90, 95 %, both pruning modes."""
     return [Variant(f"AoH-{mode}-s{round(100 * s):02d}",
@@ -231,13 +241,15 @@ def prufed_smoke() -> list[Variant]:
 
 SUITES: dict[str, Callable[[], list[Variant]]] = {
     "ablation": ablation, "sparsity": sparsity, "noniid": noniid, "fedspallm": fedspallm,
-    "prufed": prufed, "optimizers": optimizers}
+    "prufed": prufed, "optimizers": optimizers, "table1": table1}
 BASES = {"ablation": Path("configs/suite.toml"), "sparsity": Path("configs/suite.toml"),
          "noniid": Path("configs/suite.toml"), "fedspallm": Path("configs/fedspallm.toml"),
-         "prufed": Path("configs/prufed_suite.toml"), "optimizers": Path("configs/suite.toml")}
+         "prufed": Path("configs/prufed_suite.toml"), "optimizers": Path("configs/suite.toml"),
+         "table1": Path("configs/paper_table1.toml")}
 SMOKES = {"fedspallm": FEDSPALLM_SMOKE, "prufed": PRUFED_SMOKE}
 SMOKE_VARIANTS: dict[str, Callable[[], list[Variant]]] = {
-    "prufed": prufed_smoke, "optimizers": lambda: optimizers(seeds=(0,))}
+    "prufed": prufed_smoke, "optimizers": lambda: optimizers(seeds=(0,)),
+    "table1": lambda: table1(seeds=(0,))}
 
 
 OBSERVED_CLIENTS = (0, 1)

@@ -71,8 +71,11 @@ _LORA_KEY = re.compile(
 )
 
 
-def head_units(params: Mapping[str, Tensor], structure: ModelStructure) -> list[HeadUnit]:
+def head_units(params: Mapping[str, Tensor], structure: ModelStructure,
+               parts: str = "AB") -> list[HeadUnit]:
     """Every head's slices of the LoRA tensors in `params` (keys as `trainable_parameters`).
+    ``parts`` = "B" maps LoRA B rows only (AoH's P = {B}, Sect. 3.1): o's LoRA A is then
+    shared by all heads like q/k/v's A.
 
     Only tensors present in `params` are mapped (LoRA on q and v only -> units hold only
     those). Order: attention modules as in `structure`, then query units 0..H-1, then KV units
@@ -83,7 +86,7 @@ def head_units(params: Mapping[str, Tensor], structure: ModelStructure) -> list[
     lora = _lora_index(params)
     units: list[HeadUnit] = []
     for attn in structure.attention:
-        units += _units_of(attn, lora)
+        units += _units_of(attn, lora, with_a=parts == "AB")
     _check_units(units, params)
     return units
 
@@ -121,8 +124,10 @@ def _lora_index(params: Mapping[str, Tensor]) -> dict[tuple[str, str], list[str]
     return index
 
 
-def _units_of(attn: AttentionModule, lora: dict[tuple[str, str], list[str]]) -> list[HeadUnit]:
-    """Query units then KV units of one attention module."""
+def _units_of(attn: AttentionModule, lora: dict[tuple[str, str], list[str]],
+              with_a: bool = True) -> list[HeadUnit]:
+    """Query units then KV units of one attention module (``with_a``: o's LoRA A columns
+    too)."""
     d = attn.head_dim
 
     def rows(name: str, head: int) -> list[HeadSlice]:  # LoRA B (and its bias) of q/k/v
@@ -132,7 +137,8 @@ def _units_of(attn: AttentionModule, lora: dict[tuple[str, str], list[str]]) -> 
         return [HeadSlice(key, 0, start, start + d) for key in keys]
 
     def cols(head: int) -> list[HeadSlice]:  # LoRA A of o: [r, in], in = H*d
-        keys = [k for k in lora.get((attn.o.module, "lora_A"), []) if k.endswith(".weight")]
+        keys = [k for k in lora.get((attn.o.module, "lora_A"), []) if k.endswith(".weight")
+                and with_a]
         return [HeadSlice(key, 1, head * d, (head + 1) * d) for key in keys]
 
     units = [

@@ -1,0 +1,146 @@
+"""Failure injection (client/faults.py, ``[faults]``): the draw, a real run that aggregates the
+survivors exactly as a clean run without the failed clients, and a round below
+``federation.min_valid_updates`` that leaves the global state unchanged byte for byte."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fedprune.client.faults import REASONS, injected_fault
+from fedprune.config import ConfigError, FaultsConfig, load_config
+from fedprune.sim import runner
+
+FAULTS = FaultsConfig(crash=0.2, hang=0.1, silent=0.15)
+
+
+def test_draw_is_seeded_and_has_the_configured_rates():
+    draws = [injected_fault(FAULTS, 3, r, c) for r in range(1, 201) for c in range(100)]
+    n = len(draws)
+    for kind, p in (("crash", 0.2), ("hang", 0.1), ("silent", 0.15), (None, 0.55)):
+        share = draws.count(kind) / n
+        assert abs(share - p) < 4 * np.sqrt(p * (1 - p) / n), (kind, share)
+    assert draws == [injected_fault(FAULTS, 3, r, c) for r in range(1, 201) for c in range(100)]
+    assert injected_fault(FaultsConfig(), 3, 1, 1) is None
+
+
+CLIENTS = 8
+
+
+def cfg_of(tmp_path, *extra):
+    return load_config(None, [
+        "data.max_samples=160", "data.max_length=32", f"federation.num_clients={CLIENTS}",
+        f"federation.clients_per_round={CLIENTS}", "federation.rounds=2",
+        "federation.batch_size=8", "method.name='fedavg'", "run.seed=1",
+        f"data.cache_dir='{tmp_path / 'cache'}'", *extra])
+
+
+def failed(rnd):
+    return {c: k for c in range(CLIENTS) if (k := injected_fault(FAULTS, 1, rnd, c))}
+
+
+class Without(runner.InProcess):
+    """The clean run: the same clients' replies simply removed."""
+
+    def train(self, rnd, downlinks):
+        ex = super().train(rnd, downlinks)
+        for cid in failed(rnd):
+            ex.replies.pop(cid)
+        return ex
+
+
+FAULTY = ("faults.crash=0.2", "faults.hang=0.1", "faults.silent=0.15")
+
+
+def test_survivors_are_aggregated_as_without_the_failed_clients(tmp_path):
+    assert all(0 < len(failed(r)) < CLIENTS for r in (1, 2))  # the seed makes both rounds mixed
+    cfg = cfg_of(tmp_path, *FAULTY)
+    fed = runner.METHODS["fedavg"].world(cfg)
+    faulty = runner.run(cfg, tmp_path / "f", progress=False, fed=fed)
+    clean = runner.run(cfg_of(tmp_path), tmp_path / "c", progress=False, fed=fed,
+                       transport=lambda m: Without(m, 1))
+    a, b = load_file(faulty / "global.safetensors"), load_file(clean / "global.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    for line in (faulty / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        want = failed(rec["round"])
+        assert rec["dropped"] == sorted(want) and rec["rejected"] == []
+        assert rec["dropped_reasons"] == {str(c): REASONS[k] for c, k in sorted(want.items())}
+        assert sorted(rec["client_metrics"]) == sorted(str(c) for c in range(CLIENTS)
+                                                       if c not in want)
+        assert [b for c, b in zip(rec["selected"], rec["bytes_up"], strict=True)
+                if c in want] == [0] * len(want)
+
+
+def test_below_min_valid_updates_the_state_is_unchanged(tmp_path):
+    cfg = cfg_of(tmp_path, *FAULTY, f"federation.min_valid_updates={CLIENTS}")
+    out = runner.run(cfg, tmp_path / "m", progress=False)
+    final = (out / "global.safetensors").read_bytes()
+    initial = runner.METHODS["fedavg"].world(cfg).initial
+    state = load_file(out / "global.safetensors")
+    assert all(torch.equal(state[k], initial[k]) for k in initial)
+    # byte for byte: the checkpoint of round 2 holds the very tensors of round 0
+    from safetensors.torch import save
+
+    assert final == save({k: v.contiguous() for k, v in initial.items()})
+
+
+@pytest.mark.parametrize("bad, pattern", [
+    ("faults.crash=1.5", r"`faults.crash`: must be in \[0, 1\]"),
+    ("faults.silent=-0.1", "`faults.silent`"),
+    ("faults.hang_s=-1", "`faults.hang_s`"),
+])
+def test_bad_fault_options_name_the_option(bad, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        load_config(None, [bad])
+
+
+def test_fault_rates_must_sum_to_at_most_one():
+    with pytest.raises(ConfigError, match="crash \\+ hang \\+ silent must be <= 1"):
+        load_config(None, ["faults.crash=0.6", "faults.hang=0.6"])
+
+
+def test_unwritable_run_directory_is_a_clear_error_and_leaves_nothing(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    cfg = cfg_of(tmp_path, "federation.rounds=1", f"run.out_dir='{blocker}'")
+    with pytest.raises(ConfigError, match="cannot write the run directory .*a-file"):
+        runner.run(cfg, progress=False)
+    assert blocker.read_text() == "not a folder"
+
+
+def test_disk_full_during_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
+    """ENOSPC while round 2's checkpoint is written: a CheckpointError naming the file, round
+    1's checkpoint intact and no temp file left; --resume then ends as an uninterrupted run."""
+    import errno
+    import os
+
+    from fedprune.sim import checkpoint
+
+    cfg = cfg_of(tmp_path, "federation.clients_per_round=2")
+    fed = runner.METHODS["fedavg"].world(cfg)
+    straight = runner.run(cfg, tmp_path / "s", progress=False, fed=fed)
+    real, calls = os.fsync, []
+
+    def fsync(fd):
+        calls.append(fd)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(fd)
+
+    monkeypatch.setattr(checkpoint.os, "fsync", fsync)
+    with pytest.raises(checkpoint.CheckpointError, match="could not write checkpoint .*No "
+                                                          "space left.*previous checkpoint"):
+        runner.run(cfg, tmp_path / "d", progress=False, fed=fed)
+    assert not (tmp_path / "d" / "checkpoint.tmp").exists()
+    assert checkpoint.load_checkpoint(tmp_path / "d")[1]["round"] == 1
+    monkeypatch.setattr(checkpoint.os, "fsync", real)
+    resumed = runner.run(cfg, tmp_path / "d", resume=True, progress=False, fed=fed)
+    a, b = load_file(straight / "global.safetensors"), load_file(resumed / "global.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    lines = (resumed / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["round"] for x in lines] == [1, 2]

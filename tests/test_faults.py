@@ -5,6 +5,7 @@ survivors exactly as a clean run without the failed clients, and a round below
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -144,3 +145,92 @@ def test_disk_full_during_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypa
     assert all(torch.equal(a[k], b[k]) for k in a)
     lines = (resumed / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["round"] for x in lines] == [1, 2]
+
+
+# --- crash and resume ---------------------------------------------------------------------
+
+def _records(run_dir):
+    return [{k: v for k, v in json.loads(x).items() if k not in ("wall_s", "eval_s",
+                                                                 "client_metrics", "bytes_up")}
+            for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+KILL = ["data.max_samples=96", "data.max_length=32", "federation.num_clients=4",
+        "federation.clients_per_round=2", "federation.rounds=6", "federation.batch_size=8",
+        "method.name='aoh'", "method.aoh.importance_samples=4", "run.num_threads=1"]
+
+
+def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(tmp_path):
+    """A real `fedprune run` process killed with SIGKILL twice at random moments (seeded),
+    resumed each time: the final global state and every per-round record equal an
+    uninterrupted run's."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import tomli_w
+
+    cfg = load_config(None, [*KILL, f"data.cache_dir='{tmp_path / 'cache'}'"])
+    reference = runner.run(cfg, tmp_path / "ref", progress=False)
+    toml = tmp_path / "experiment.toml"
+    toml.write_text(tomli_w.dumps(cfg.to_dict()))
+    exe = Path(sys.executable).parent / "fedprune"
+    run_dir, rng = tmp_path / "killed", np.random.default_rng(7)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    kills = 0
+    for attempt in range(3):
+        cmd = [str(exe), "run", str(toml), "--out", str(run_dir), "--quiet"]
+        if (run_dir / "config.json").is_file():
+            cmd.append("--resume")
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, env=env)
+        if attempt < 2:
+            # past start-up (imports, model): kill inside the rounds, wherever it is
+            while not (run_dir / "metrics.jsonl").is_file() and proc.poll() is None:
+                time.sleep(0.05)
+            time.sleep(float(rng.uniform(0.0, 2.0)))
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+                kills += 1
+        proc.wait(timeout=600)
+        if attempt == 2:
+            assert proc.returncode == 0, proc.stderr.read().decode()[-3000:]
+    assert kills >= 1  # the run really was interrupted
+    a = load_file(reference / "global.safetensors")
+    b = load_file(run_dir / "global.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert _records(run_dir) == _records(reference)
+
+
+def test_torn_truncated_or_tampered_checkpoints_fall_back_to_the_previous(tmp_path, caplog):
+    from fedprune.sim.checkpoint import CHECKPOINT, PREVIOUS, CheckpointError, load_checkpoint
+
+    cfg = load_config(None, [*KILL[:-1], "federation.rounds=2",
+                             f"data.cache_dir='{tmp_path / 'cache'}'"])
+    straight = runner.run(cfg, tmp_path / "s", progress=False)
+    good = (straight / CHECKPOINT).read_bytes()
+    assert load_checkpoint(straight)[1]["round"] == 2
+    assert load_checkpoint(straight) is not None and (straight / PREVIOUS).is_file()
+    final = load_file(straight / "global.safetensors")
+    for name, damage in (("truncated", lambda b: b[: len(b) // 2]),
+                         ("tampered", lambda b: b[:-1] + bytes([b[-1] ^ 1])),
+                         ("missing", None)):  # killed between the two renames
+        work = tmp_path / name
+        shutil.copytree(straight, work)
+        if damage is None:
+            (work / CHECKPOINT).unlink()
+            (work / "checkpoint.tmp").write_bytes(good[:100])  # a torn temp file: ignored
+        else:
+            (work / CHECKPOINT).write_bytes(damage(good))
+        assert load_checkpoint(work)[1]["round"] == 1, name  # the previous one
+        resumed = runner.run(cfg, work, resume=True, progress=False)  # redoes round 2
+        again = load_file(resumed / "global.safetensors")
+        assert all(torch.equal(final[k], again[k]) for k in final), name
+    assert "does not match its content hash" in caplog.text
+    (work / CHECKPOINT).write_bytes(b"junk")
+    (work / PREVIOUS).write_bytes(b"junk")
+    with pytest.raises(CheckpointError, match="no sound checkpoint is left"):
+        load_checkpoint(work)

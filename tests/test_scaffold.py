@@ -11,8 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fedprune.client.scaffold import ControlStore, client_round, control_step, local_steps
+from fedprune.client.scaffold import ControlStore, control_step, local_steps
 from fedprune.client.train import LocalTrainSpec, load_state, local_train, snapshot
+from fedprune.client.work import client_round
 from fedprune.config import ConfigError, load_config
 from fedprune.core.update import ClientUpdate, InvalidUpdate, validate_update
 from fedprune.methods import METHODS
@@ -53,6 +54,7 @@ class SumMethod:
     """The method surface client_round uses, on SumModel with SGD (lr 0.1, 2 steps)."""
 
     def __init__(self):
+        self.cfg = load_config(None)  # no attack
         self.model = SumModel()
         self.params = {"w": self.model.w}
         self.spec = LocalTrainSpec(epochs=1, batch_size=1, lr=0.1, optimizer="sgd")

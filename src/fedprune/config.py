@@ -370,10 +370,35 @@ class FaultsConfig(_Section):
         return self.crash + self.hang + self.silent > 0
 
 
+@dataclass
+class AttackConfig(_Section):
+    _name = "attack"
+    kind: str = opt("none", "What the malicious clients send (client/attacks.py): 'sign_flip' "
+                    "(-Δ), 'scaling' (scale·Δ), 'noise' (Δ + N(0, noise_std²)), 'alie' (mean - "
+                    "z·std of the honest updates), 'ipm' (-scale·mean of the honest updates), "
+                    "'label_flip' (trains on labels K-1-y), 'alpha_inflation' (AoH: head "
+                    "weight 1 on every kept head). alie / ipm: in-process simulator only.",
+                    ("none", "sign_flip", "scaling", "noise", "alie", "ipm", "label_flip",
+                     "alpha_inflation"))
+    fraction: float = opt(0.2, "Share of the clients that are malicious (drawn once per run "
+                          "seed).")
+    scale: float = opt(10.0, "scaling: factor on Δ; ipm: ε of -ε·mean.")
+    noise_std: float = opt(0.01, "noise: standard deviation of the added Gaussian noise.")
+    alie_z: float = opt(0.0, "alie: z; 0 = Baruch et al.'s z from the round's n and the "
+                        "number of attackers.")
+
+    def validate(self) -> None:
+        _check(0 <= self.fraction <= 1, "attack.fraction",
+               f"must be in [0, 1], got {self.fraction}")
+        _check(self.scale > 0, "attack.scale", f"must be > 0, got {self.scale}")
+        _check(self.noise_std >= 0, "attack.noise_std", f"must be >= 0, got {self.noise_std}")
+        _check(self.alie_z >= 0, "attack.alie_z", f"must be >= 0, got {self.alie_z}")
+
+
 SECTIONS: dict[str, type[_Section]] = {
     "model": ModelConfig, "peft": PeftConfig, "data": DataConfig, "partition": PartitionConfig,
     "federation": FederationConfig, "run": RunConfig, "tracking": TrackingConfig,
-    "faults": FaultsConfig,
+    "faults": FaultsConfig, "attack": AttackConfig,
 }
 
 
@@ -390,6 +415,7 @@ class ExperimentConfig:
     run: RunConfig = field(default_factory=RunConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return {f.name: (getattr(self, f.name).to_dict() if f.name == "method"

@@ -91,14 +91,10 @@ class ControlStore:
                 p.unlink(missing_ok=True)
 
 
-def client_round(method: Method, received: State, client_id: int, seed: int, rnd: int,
-                 store: ControlStore | None) -> LocalResult:
-    """One client's local work in round ``rnd`` on what it received: `Method.local`, with
-    SCAFFOLD's correction and control-variate update when the downlink carries c; the
-    result names its round (the server refuses stale updates)."""
-    start, control = split_control(received)
-    if not control:
-        return replace(method.local(start, client_id, seed), round=rnd)
+def scaffold_local(method: Method, start: State, control: State, client_id: int, seed: int,
+                   rnd: int, store: ControlStore | None) -> LocalResult:
+    """`Method.local` with SCAFFOLD's correction by c - c_i, then c_i's update: the result
+    carries Δc_i (``control``) and the store the new c_i."""
     if store is None:
         raise ValueError(f"client {client_id}: the downlink carries SCAFFOLD control variates "
                          f"but this client has no control-variate store")
@@ -116,7 +112,7 @@ def client_round(method: Method, received: State, client_id: int, seed: int, rnd
         dc = -c - result.delta[key] * scale          # c_i+ - c_i
         change[key] = dc * trained[key] if key in trained else dc
     store.save(client_id, rnd, {k: mine[k] + change[k] for k in control})
-    return replace(result, control=change, round=rnd)
+    return replace(result, control=change)
 
 
 def control_step(moments: State, state: State, valid: list[ClientUpdate],

@@ -89,7 +89,7 @@ def train(msg: Message, context: Context) -> Message:
     """One client's local round: `Method.local` from the received global state."""
     from fedprune.client.faults import ClientFault, injected_fault
     from fedprune.client.payload import decode
-    from fedprune.client.scaffold import client_round
+    from fedprune.client.work import client_round
     from fedprune.sim.runner import client_seed
 
     config = msg.content[CONFIG]

@@ -30,7 +30,8 @@ import tomli_w
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from fedprune.config import ExperimentConfig
+from fedprune.client.attacks import COLLUSIVE
+from fedprune.config import ConfigError, ExperimentConfig
 from fedprune.flower.settings import FlowerSettings
 from fedprune.flower.wire import CONFIG, UPDATE, train_content, unpack, wire_size
 from fedprune.sim import runner
@@ -165,6 +166,9 @@ class FedpruneStrategy:
     """Runs one fedprune experiment on the SuperNodes a Grid reaches (see module doc)."""
 
     def __init__(self, cfg: ExperimentConfig, settings: FlowerSettings) -> None:
+        if cfg.attack.kind in COLLUSIVE:
+            raise ConfigError(f"`attack.kind` = {cfg.attack.kind!r} reads every honest update "
+                              f"of a round: the in-process simulator only (`fedprune run`)")
         self.cfg = cfg
         self.settings = settings
         # every train message carries the resolved experiment: clients need no config file

@@ -94,6 +94,23 @@ class Method:
         if cfg.federation.scaffold and (why := cls.scaffold_unsupported(cfg.method.own)):
             raise ConfigError(f"`federation.scaffold` = true with `method.name` = "
                               f"{cls.name!r}: {why}")
+        kind = cfg.attack.kind
+        if kind != "none" and (why := cls.attack_unsupported(kind)):
+            raise ConfigError(f"`attack.kind` = {kind!r} with `method.name` = {cls.name!r}: "
+                              f"{why}")
+
+    head_weights: ClassVar[bool] = False  # clients send per-head weights (AoH, B2)
+
+    @classmethod
+    def attack_unsupported(cls, kind: str) -> str | None:
+        """Why the simulated attack ``kind`` cannot run with this method (None: it can)."""
+        if cls.adapter is None:
+            return "its clients send pruned weights, not trained updates to poison"
+        if kind == "label_flip" and cls.task != "classification":
+            return "label flipping needs a classification task"
+        if kind == "alpha_inflation" and not cls.head_weights:
+            return "its clients send no head weights to inflate"
+        return None
 
     @classmethod
     def scaffold_unsupported(cls, options: MethodOptions) -> str | None:

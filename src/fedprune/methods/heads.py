@@ -80,6 +80,7 @@ class HeadPruning(Method):
     weight of a head's slices)."""
 
     importance = "before"  # when scores are computed; AoH makes it an option
+    head_weights = True
     eps = 0.0  # of the head-mapped tensors' denominators (Eq. 8's epsilon for AoH)
 
     def __init__(self, cfg, fed) -> None:

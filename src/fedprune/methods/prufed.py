@@ -374,6 +374,13 @@ class PruFed(Method):
                 for s in range(0, len(order), bs)]
 
     @classmethod
+    def attack_unsupported(cls, kind: str) -> str | None:
+        if kind in ("alie", "ipm"):
+            return ("the tiers send different layers, so there is no common honest mean to "
+                    "collude around")
+        return super().attack_unsupported(kind)
+
+    @classmethod
     def scaffold_unsupported(cls, options) -> str | None:
         if options.aggregation == "heteagg_product":
             return ("`method.prufed.aggregation` = 'heteagg_product' re-bases every client's "

@@ -26,16 +26,12 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from fedprune.client.attacks import COLLUSIVE, collude, malicious
 from fedprune.client.faults import REASONS, injected_fault
 from fedprune.client.payload import decode, encode
 from fedprune.client.scaffold import SERVER as CONTROL_PREFIX
-from fedprune.client.scaffold import (
-    ControlStore,
-    client_round,
-    control_step,
-    server_control,
-    with_control,
-)
+from fedprune.client.scaffold import ControlStore, control_step, server_control, with_control
+from fedprune.client.work import client_round
 from fedprune.client.world import Federation
 from fedprune.config import ConfigError, ExperimentConfig, FederationConfig, from_dict
 from fedprune.core.aggregate import ownership
@@ -119,20 +115,25 @@ class InProcess:
 
     def train(self, rnd: int, downlinks: dict[int, bytes]) -> Exchange:
         """Each client's update; clients with an injected fault (``[faults]``) are dropped
-        with their reason, as the Flower transport drops failed SuperNodes."""
-        faults = self.method.cfg.faults
-        replies, dropped = {}, {}
+        with their reason, as the Flower transport drops failed SuperNodes; simulated
+        colluding attackers (``[attack]`` alie / ipm) answer last, from the honest updates."""
+        cfg = self.method.cfg
+        results, dropped = {}, {}
         for cid, blob in sorted(downlinks.items()):
-            if fault := injected_fault(faults, self.seed, rnd, cid):
+            if fault := injected_fault(cfg.faults, self.seed, rnd, cid):
                 dropped[cid] = REASONS[fault]
                 log.warning("round %d: dropped client %d: %s", rnd, cid, dropped[cid])
                 continue
-            replies[cid] = self.method.encode(client_round(
-                self.method, decode(blob), cid, client_seed(self.seed, rnd, cid), rnd,
-                self.store))
+            results[cid] = client_round(self.method, decode(blob), cid,
+                                        client_seed(self.seed, rnd, cid), rnd, self.store)
+        if cfg.attack.kind in COLLUSIVE:  # ALIE / IPM read the round's honest updates
+            bad = malicious(cfg.attack, cfg.federation.num_clients, self.seed) & set(results)
+            honest = [r for c, r in results.items() if c not in bad]
+            results |= {c: collude(cfg.attack, honest, results[c], len(bad)) for c in bad}
+        replies = {cid: self.method.encode(r) for cid, r in results.items()}
         record = ({"dropped": sorted(dropped),
                    "dropped_reasons": {str(c): r for c, r in sorted(dropped.items())}}
-                  if faults.any else {})
+                  if cfg.faults.any else {})
         return Exchange(replies, sent=set(downlinks), record=record)
 
     def report(self, record: dict[str, Any]) -> None:

@@ -2,6 +2,7 @@
 rejected updates, CLI errors."""
 
 import json
+from fnmatch import fnmatch
 
 import numpy as np
 import pytest
@@ -212,13 +213,16 @@ def test_cli_report(two_rounds):
 def test_suite_smoke(tmp_path, name):
     from fedprune.sim.suites import BASES, SMOKE_VARIANTS, SUITES, run_suite
 
+    only = {"table1": "B1-random-sel-s0,AoH-loss-sel-s0"}.get(name, "*")  # 2 of its 6 rows
     path = run_suite(name, ROOT / BASES[name],
                      [f"data.cache_dir='{tmp_path / 'cache'}'", "federation.rounds=1",
-                      "run.count_flops=false"], tmp_path / name, smoke=True, progress=False)
+                      "run.count_flops=false"], tmp_path / name, smoke=True, progress=False,
+                     only=only)
     text = path.read_text()
     for v in SMOKE_VARIANTS.get(name, SUITES[name])():
-        assert v.label in text
-        assert (tmp_path / name / v.label / "global.safetensors").is_file()
+        if any(fnmatch(v.label, g) for g in only.split(",")):
+            assert v.label in text
+            assert (tmp_path / name / v.label / "global.safetensors").is_file()
     figure = {"ablation": "accuracy_curves.png", "sparsity": "sparsity.png",
               "noniid": "importance.png", "table1": "table1_curves.png"}[name]
     assert (tmp_path / name / figure).stat().st_size > 10_000
@@ -228,20 +232,19 @@ def test_suite_smoke(tmp_path, name):
 
 
 def test_optimizers_suite_smoke_report(tmp_path):
-    """Every option of issue 18 on FedAvg-LoRA and AoH (Dirichlet 0.1, seed 0, tiny sizes):
-    one table row per method with a cell per option, the gain over FedAvg in points, curves."""
+    """Every option of issue 18 on AoH (Dirichlet 0.1, seed 0, tiny sizes): a table row
+    with a cell per option, the gain over FedAvg in points, curves."""
     from fedprune.sim.suites import OPTIMIZERS, run_suite
 
     out = tmp_path / "opt"
     path = run_suite("optimizers", None, [f"data.cache_dir='{tmp_path / 'cache'}'",
                                           "federation.rounds=1"], out, smoke=True,
-                     progress=False, only="*-dir0.1-*")
+                     progress=False, only="AoH-dir0.1-*")
     lines = path.read_text().splitlines()
     header = next(x for x in lines if x.startswith("| method | partition |"))
     assert header.split(" | ")[2:] == [*OPTIMIZERS][:-1] + ["scaffold |"]
-    for method in ("FedAvg", "AoH"):
-        row = next(x for x in lines if x.startswith(f"| {method} | dir0.1 |"))
-        assert row.count("(") == len(OPTIMIZERS) - 1  # a gain for every option but FedAvg
+    row = next(x for x in lines if x.startswith("| AoH | dir0.1 |"))
+    assert row.count("(") == len(OPTIMIZERS) - 1  # a gain for every option but FedAvg
     assert (out / "optimizer_curves.png").stat().st_size > 10_000
     up = {o: json.loads((out / f"AoH-dir0.1-s0-{o}" / "metrics.jsonl").read_text())["bytes_up"]
           for o in ("fedavg", "scaffold")}

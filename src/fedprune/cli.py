@@ -80,7 +80,8 @@ def run(
 
 @app.command()
 def suite(
-    name: Annotated[str, typer.Argument(help="ablation | sparsity | noniid | table1 | fedspallm | prufed | optimizers")],
+    name: Annotated[str, typer.Argument(help="ablation | sparsity | noniid | table1 | fedspallm | prufed | optimizers | "
+        "robustness")],
     overrides: Annotated[list[str] | None, typer.Argument(
         help="section.key=value overrides applied to every variant.")] = None,
     config: Annotated[Path | None, typer.Option(
@@ -117,6 +118,10 @@ def suite(
     optimizers: FedAvg-LoRA and AoH at 90 % with each server optimizer (FedAvgM, FedAdagrad,
               FedYogi, FedAdam), FedProx and SCAFFOLD against FedAvg, IID and Dirichlet
               0.5 / 0.1, 3 seeds (126 runs, ~2 min each on 2 cores).
+    robustness: FedAvg-LoRA, 20 clients / 10 per round, 20 % attackers: every [attack]
+              (sign flip, scaling, noise, ALIE, IPM, label flip) under every robust rule
+              (mean, median, trimmed mean, Krum, Multi-Krum), and AoH under importance
+              inflation with and without capped, normalised head weights.
     A finished variant is reused and an interrupted one resumed when the suite is re-run.
     """
     from fedprune.data import DataError

@@ -665,3 +665,49 @@ def table1_report(suite_dir: Path, variants) -> Path:
 
 
 REPORTS["table1"] = table1_report
+
+
+def robustness_report(suite_dir: Path, variants) -> Path:
+    """Issue 15's table: final accuracy of FedAvg under each attack (rows) and robust rule
+    (columns), points against the clean plain-mean run, and the two targets checked: scaling
+    and sign flip break plain FedAvg (> 10 points lost); some rule stays within 3 points of
+    clean under every attack."""
+    done = {v.label: _row(v.label, suite_dir / v.label) for v in variants
+            if (suite_dir / v.label / "global.safetensors").is_file()}
+    if not done:
+        return _write(suite_dir, ["# Robustness", "", "No finished run yet."])
+    keys = [tuple(label.split("-")) for label in done]
+    acc = {k: done["-".join(k)]["final_accuracy"] for k in keys}
+    attacks = list(dict.fromkeys(k[1] for k in keys if k[0] == "FedAvg"))
+    defences = list(dict.fromkeys(k[2] for k in keys if k[0] == "FedAvg"))
+    clean = acc.get(("FedAvg", "clean", "mean"))
+    table = ["| attack | " + " | ".join(defences) + " |", "|---|" + "---|" * len(defences)]
+    for a in attacks:
+        cells = []
+        for d in defences:
+            v = acc.get(("FedAvg", a, d))
+            cells.append("–" if v is None else f"{v:.3f}" if clean is None
+                         else f"{v:.3f} ({100 * (v - clean):+.1f})")
+        table.append(f"| {a} | " + " | ".join(cells) + " |")
+    lines = [*_header("Robustness: attacks against robust aggregation (issue 15)",
+                      [next(iter(done.values()))]),
+             "Cells: final accuracy, in brackets points against clean FedAvg (plain mean).", "",
+             *table, ""]
+    if clean is not None:
+        broken = {a: acc.get(("FedAvg", a, "mean")) for a in ("scaling", "sign_flip")}
+        lines.append("- scaling / sign flip break plain FedAvg (> 10 points): " + ", ".join(
+            f"{a} {'yes' if v is not None and clean - v > 0.10 else 'no'}"
+            for a, v in broken.items()))
+        holds = [d for d in defences if all(
+            acc.get(("FedAvg", a, d)) is not None and clean - acc[("FedAvg", a, d)] <= 0.03
+            for a in attacks)]
+        lines.append(f"- rules within 3 points of clean under every attack run: "
+                     f"{', '.join(holds) or 'none'}")
+    aoh = {k: v for k, v in acc.items() if k[0] == "AoH"}
+    if aoh:
+        lines += ["", "AoH (90 %) under importance inflation: " + ", ".join(
+            f"{a} / {d} {v:.3f}" for (_, a, d), v in sorted(aoh.items()))]
+    return _write(suite_dir, [*lines, ""])
+
+
+REPORTS["robustness"] = robustness_report

@@ -105,6 +105,33 @@ def optimizers(seeds: tuple[int, ...] = OPTIMIZER_SEEDS) -> list[Variant]:
             for m, extra in OPTIMIZER_METHODS.items() for o in OPTIMIZERS]
 
 
+# issue 15: FedAvg-LoRA on 20 clients / 10 per round with 20 % attackers, every attack under
+# every robust rule (f = 2 expected attackers per round; Multi-Krum keeps n - f = 8; trimmed
+# mean cuts 20 % at each end), against the clean run; AoH with importance inflation, plain
+# and with normalised, capped head weights.
+ATTACKS = ("clean", "sign_flip", "scaling", "noise", "alie", "ipm", "label_flip")
+DEFENCES = {"mean": (), "median": ("federation.robust='median'",),
+            "trimmed": ("federation.robust='trimmed_mean'", "federation.robust_trim=0.2"),
+            "krum": ("federation.robust='krum'", "federation.robust_f=2"),
+            "multikrum": ("federation.robust='multikrum'", "federation.robust_f=2")}
+ROBUST_BASE = ("federation.num_clients=20", "federation.clients_per_round=10",
+               "attack.fraction=0.2", "run.count_flops=false")
+
+
+def robustness() -> list[Variant]:
+    """Issue 15: labels ``<method>-<attack>-<defence>``."""
+    def attack(a: str) -> tuple[str, ...]:
+        return () if a == "clean" else (f"attack.kind='{a}'",)
+
+    out = [Variant(f"FedAvg-{a}-{d}", (*ROBUST_BASE, "method.name='fedavg'", *attack(a), *o))
+           for a in ATTACKS for d, o in DEFENCES.items()]
+    capped = ("method.aoh.normalize_alpha=true", "method.aoh.share_cap=0.5")
+    out += [Variant(f"AoH-{a}-{d}", (*ROBUST_BASE, *AOH, "method.aoh.sparsity=0.9",
+                                     *attack(a), *o))
+            for a in ("clean", "alpha_inflation") for d, o in (("mean", ()), ("capped", capped))]
+    return out
+
+
 FEDSPALLM_SMOKE = ("method.fedspallm.pruner='magnitude'", "method.fedspallm.samples=2",
                    "method.fedspallm.seq_len=32", "method.fedspallm.eval_samples=2")
 
@@ -241,11 +268,12 @@ def prufed_smoke() -> list[Variant]:
 
 SUITES: dict[str, Callable[[], list[Variant]]] = {
     "ablation": ablation, "sparsity": sparsity, "noniid": noniid, "fedspallm": fedspallm,
-    "prufed": prufed, "optimizers": optimizers, "table1": table1}
+    "prufed": prufed, "optimizers": optimizers, "table1": table1,
+    "robustness": robustness}
 BASES = {"ablation": Path("configs/suite.toml"), "sparsity": Path("configs/suite.toml"),
          "noniid": Path("configs/suite.toml"), "fedspallm": Path("configs/fedspallm.toml"),
          "prufed": Path("configs/prufed_suite.toml"), "optimizers": Path("configs/suite.toml"),
-         "table1": Path("configs/paper_table1.toml")}
+         "table1": Path("configs/paper_table1.toml"), "robustness": Path("configs/suite.toml")}
 SMOKES = {"fedspallm": FEDSPALLM_SMOKE, "prufed": PRUFED_SMOKE}
 SMOKE_VARIANTS: dict[str, Callable[[], list[Variant]]] = {
     "prufed": prufed_smoke, "optimizers": lambda: optimizers(seeds=(0,)),

@@ -59,6 +59,7 @@ class Method:
     Config: ClassVar[type[MethodOptions]]
     task: ClassVar[str] = "classification"  # what the backbone does: classification | ...
     adapter: ClassVar[str | None] = "lora"  # what clients train (None: nothing)
+    head_weights: ClassVar[bool] = False  # clients send per-head weights (AoH, B2)
     # metric -> higher is better; `target` is the one run.target_metric applies to
     metrics: ClassVar[dict[str, bool]] = {"eval_loss": False, "accuracy": True}
     target: ClassVar[str] = "accuracy"
@@ -98,8 +99,6 @@ class Method:
         if kind != "none" and (why := cls.attack_unsupported(kind)):
             raise ConfigError(f"`attack.kind` = {kind!r} with `method.name` = {cls.name!r}: "
                               f"{why}")
-
-    head_weights: ClassVar[bool] = False  # clients send per-head weights (AoH, B2)
 
     @classmethod
     def attack_unsupported(cls, kind: str) -> str | None:

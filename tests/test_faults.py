@@ -231,6 +231,15 @@ def test_torn_truncated_or_tampered_checkpoints_fall_back_to_the_previous(tmp_pa
             again = load_file(resumed / "global.safetensors")
             assert all(torch.equal(final[k], again[k]) for k in final), name
     assert "does not match its content hash" in caplog.text
+    # a checkpoint of an older fedprune (no hash in its metadata) is still resumed
+    from safetensors import safe_open
+    from safetensors.torch import save
+
+    with safe_open(str(straight / CHECKPOINT), "pt") as f:
+        old = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+        server = f.metadata()["server"]
+    (work / CHECKPOINT).write_bytes(save(old, metadata={"server": server}))
+    assert load_checkpoint(work)[1]["round"] == 2 and "loaded unverified" in caplog.text
     (work / CHECKPOINT).write_bytes(b"junk")
     (work / PREVIOUS).write_bytes(b"junk")
     with pytest.raises(CheckpointError, match="no sound checkpoint is left"):

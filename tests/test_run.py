@@ -214,7 +214,7 @@ def test_suite_smoke(tmp_path, name):
     from fedprune.sim.suites import BASES, SMOKE_VARIANTS, SUITES, run_suite
 
     only = {"table1": "B1-random-sel-s0,AoH-loss-sel-s0",  # 2 of its 6 rows
-            "robustness": "FedAvg-clean-mean,FedAvg-scaling-mean,AoH-alpha_inflation-capped",
+            "robustness": "FedAvg-clean-mean,FedAvg-scaling-mean",
             }.get(name, "*")
     path = run_suite(name, ROOT / BASES[name],
                      [f"data.cache_dir='{tmp_path / 'cache'}'", "federation.rounds=1",
@@ -237,19 +237,21 @@ def test_suite_smoke(tmp_path, name):
 
 
 def test_optimizers_suite_smoke_report(tmp_path):
-    """Every option of issue 18 on AoH (Dirichlet 0.1, seed 0, tiny sizes): a table row
-    with a cell per option, the gain over FedAvg in points, curves."""
+    """Three options of issue 18 on AoH (Dirichlet 0.1, seed 0, tiny sizes): a table row with
+    a cell per option, the gain over FedAvg in points, curves."""
     from fedprune.sim.suites import OPTIMIZERS, run_suite
 
     out = tmp_path / "opt"
     path = run_suite("optimizers", None, [f"data.cache_dir='{tmp_path / 'cache'}'",
                                           "federation.rounds=1"], out, smoke=True,
-                     progress=False, only="AoH-dir0.1-*")
+                     progress=False, only="AoH-dir0.1-s0-fedavg,AoH-dir0.1-s0-fedadam,"
+                                           "AoH-dir0.1-s0-scaffold")
     lines = path.read_text().splitlines()
     header = next(x for x in lines if x.startswith("| method | partition |"))
-    assert header.split(" | ")[2:] == [*OPTIMIZERS][:-1] + ["scaffold |"]
+    assert header.split(" | ")[2:] == ["fedavg", "fedadam", "scaffold |"]
+    assert {"fedadam", "scaffold"} < set(OPTIMIZERS)
     row = next(x for x in lines if x.startswith("| AoH | dir0.1 |"))
-    assert row.count("(") == len(OPTIMIZERS) - 1  # a gain for every option but FedAvg
+    assert row.count("(") == 2  # a gain for every option but FedAvg
     assert (out / "optimizer_curves.png").stat().st_size > 10_000
     up = {o: json.loads((out / f"AoH-dir0.1-s0-{o}" / "metrics.jsonl").read_text())["bytes_up"]
           for o in ("fedavg", "scaffold")}

@@ -75,7 +75,10 @@ def _read(path: Path) -> tuple[State, dict[str, Any]]:
     except Exception as e:  # noqa: BLE001 - whatever safetensors or json raise
         raise CheckpointError(f"checkpoint {path} is corrupt or not a fedprune checkpoint "
                               f"({type(e).__name__}: {e})") from None
-    if stored is None or stored != digest(state, text):
+    if stored is None:  # written by a fedprune before content hashes: cannot be verified
+        log.warning("checkpoint %s has no content hash (an older fedprune wrote it): loaded "
+                    "unverified", path)
+    elif stored != digest(state, text):
         raise CheckpointError(f"checkpoint {path} does not match its content hash (torn or "
                               f"tampered)")
     return state, server

@@ -568,7 +568,10 @@ def optimizers_report(suite_dir: Path, variants) -> Path:
         gains = [100 * (acc[(m, p, s, o)] - acc[(m, p, s, "fedavg")]) for s in seeds
                  if (m, p, s, o) in acc and (m, p, s, "fedavg") in acc]
         text = mean_sd(vals, ".3f")
-        return text if o == "fedavg" or not gains else f"{text} ({mean_sd(gains, '+.1f')})"
+        if o == "fedavg" or not gains:
+            return text
+        m, sd = _stats(gains)
+        return f"{text} ({m:+.1f}" + (f" ± {sd:.1f})" if len(gains) > 1 else ")")
 
     table = ["| method | partition | " + " | ".join(options) + " |",
              "|---|---|" + "---|" * len(options)]
@@ -589,13 +592,17 @@ def optimizers_report(suite_dir: Path, variants) -> Path:
         gains = {o: g for o, g in gains.items() if not np.isnan(g)}
         if gains:
             o = max(gains, key=gains.get)
-            best.append(f"- AoH on {p}: best option {o}, {gains[o]:+.1f} points over FedAvg")
+            best.append(f"- AoH on {p}: best option {o}, {gains[o]:+.1f} points over FedAvg"
+                        if gains[o] > 0 else
+                        f"- AoH on {p}: no option beats FedAvg (closest: {o}, "
+                        f"{gains[o]:+.1f} points)")
     _optimizer_curves(suite_dir, keys, done, methods, parts, options)
     first = next(iter(rows.values()))
     text = [*_header("Server optimizers and client corrections (issue 18)", [first]),
             (f"Seeds run: {', '.join(map(str, seeds))}. Cells: final validation accuracy "
              "(mean ± sd over seeds), in brackets the gain over FedAvg on the same method, "
-             "partition and seed, in points."), "", *table, "", *best, "",
+             "partition and seed, in points (mean ± sd of the paired differences)."), "",
+            *table, "", *best, "",
             f"Upload per client (KiB, measured payloads): {bytes_line}.", "",
             "![accuracy curves](optimizer_curves.png)", ""]
     return _write(suite_dir, text)

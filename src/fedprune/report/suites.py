@@ -615,13 +615,14 @@ def _optimizer_curves(suite_dir: Path, keys, done, methods, parts, options) -> N
         for j, p in enumerate(parts):
             ax = axes[i][j]
             for o in options:
-                curves = [[r["accuracy"] for r in read_metrics(suite_dir / v.label)
+                curves = [[(r["round"], r["accuracy"]) for r in read_metrics(suite_dir / v.label)
                            if r.get("accuracy") is not None]
                           for k, v in zip(keys, done, strict=True) if k[:2] == (m, p)
                           and k[3] == o]
-                if curves:
+                if curves:  # evaluated rounds (run.eval_every), mean over seeds
                     n = min(len(c) for c in curves)
-                    ax.plot(range(1, n + 1), np.mean([c[:n] for c in curves], axis=0),
+                    ax.plot([r for r, _ in curves[0][:n]],
+                            np.mean([[a for _, a in c[:n]] for c in curves], axis=0),
                             marker=".", label=o)
             ax.set(title=f"{m}, {p}", xlabel="round", ylabel="accuracy" if j == 0 else None)
             rounds_axis(ax)

@@ -156,13 +156,13 @@ def _records(run_dir):
 
 
 KILL = ["data.max_samples=96", "data.max_length=32", "federation.num_clients=4",
-        "federation.clients_per_round=2", "federation.rounds=6", "federation.batch_size=8",
+        "federation.clients_per_round=2", "federation.rounds=8", "federation.batch_size=8",
         "method.name='aoh'", "method.aoh.importance_samples=4", "run.num_threads=1"]
 
 
 def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(tmp_path):
-    """A real `fedprune run` process killed with SIGKILL twice at random moments (seeded),
-    resumed each time: the final global state and every per-round record equal an
+    """A real `fedprune run` process killed with SIGKILL at a random moment (seeded) inside
+    its rounds, then resumed: the final global state and every per-round record equal an
     uninterrupted run's."""
     import os
     import signal
@@ -181,22 +181,22 @@ def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(tmp_p
     run_dir, rng = tmp_path / "killed", np.random.default_rng(7)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     kills = 0
-    for attempt in range(3):
+    for attempt in range(2):
         cmd = [str(exe), "run", str(toml), "--out", str(run_dir), "--quiet"]
         if (run_dir / "config.json").is_file():
             cmd.append("--resume")
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE, env=env)
-        if attempt < 2:
+        if attempt < 1:
             # past start-up (imports, model): kill inside the rounds, wherever it is
             while not (run_dir / "metrics.jsonl").is_file() and proc.poll() is None:
                 time.sleep(0.05)
-            time.sleep(float(rng.uniform(0.0, 2.0)))
+            time.sleep(float(rng.uniform(0.0, 0.5)))  # rounds take longer than that
             if proc.poll() is None:
                 proc.send_signal(signal.SIGKILL)
                 kills += 1
         proc.wait(timeout=600)
-        if attempt == 2:
+        if attempt == 1:
             assert proc.returncode == 0, proc.stderr.read().decode()[-3000:]
     assert kills >= 1  # the run really was interrupted
     a = load_file(reference / "global.safetensors")

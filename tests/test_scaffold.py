@@ -10,6 +10,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_server_opt import SumModel  # loss = sum(w): every gradient is 1
 
 from fedprune.client.scaffold import ControlStore, control_step, local_steps
 from fedprune.client.train import LocalTrainSpec, load_state, local_train, snapshot
@@ -20,18 +21,6 @@ from fedprune.methods import METHODS
 from fedprune.methods.base import LocalResult
 from fedprune.sim import runner
 from fedprune.sim.checkpoint import CHECKPOINT
-
-
-class SumModel(torch.nn.Module):
-    """loss = sum(w) for every batch: every gradient is 1."""
-
-    def __init__(self):
-        super().__init__()
-        self.w = torch.nn.Parameter(torch.tensor([1.0, 2.0, 3.0]))
-
-    def forward(self, input_ids, attention_mask):
-        return type("Out", (), {"loss": self.w.sum() + 0 * input_ids.sum()})()
-
 
 ROWS = [{"input_ids": torch.tensor([1]), "attention_mask": torch.tensor([1])}] * 2
 FROZEN = {"w": torch.tensor([False, True, False])}

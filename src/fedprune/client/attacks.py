@@ -29,12 +29,12 @@ import numpy as np
 import torch
 
 from fedprune.config import AttackConfig
+from fedprune.methods.heads import ALPHA  # the head-weight wire suffix
 
 if TYPE_CHECKING:
     from fedprune.client.world import Federation
     from fedprune.methods.base import LocalResult
 
-ALPHA = "::head_weights"  # the head-weight wire suffix (methods/heads.py)
 COLLUSIVE = ("alie", "ipm")
 
 

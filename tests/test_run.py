@@ -209,7 +209,8 @@ def test_cli_report(two_rounds):
     assert res.exit_code == 0 and "final_accuracy" in res.output
 
 
-@pytest.mark.parametrize("name", ["ablation", "sparsity", "noniid", "table1", "robustness"])
+@pytest.mark.parametrize("name", ["ablation", "sparsity", "noniid", "table1", "robustness",
+                                  "privacy"])
 def test_suite_smoke(tmp_path, name):
     from fedprune.sim.suites import BASES, SMOKE_VARIANTS, SUITES, run_suite
 
@@ -226,11 +227,16 @@ def test_suite_smoke(tmp_path, name):
             assert name == "robustness" or v.label in text  # (robustness: a matrix)
             assert (tmp_path / name / v.label / "global.safetensors").is_file()
     figure = {"ablation": "accuracy_curves.png", "sparsity": "sparsity.png",
-              "noniid": "importance.png", "table1": "table1_curves.png"}.get(name)
+              "noniid": "importance.png", "table1": "table1_curves.png",
+              "privacy": "privacy.png"}.get(name)
     if figure:
         assert (tmp_path / name / figure).stat().st_size > 10_000
     if name == "robustness":  # the attack x rule table against the clean run
         assert "| scaling | " in text and "(+0.0)" in text.split("| clean |")[1].split("\n")[0]
+    if name == "privacy":  # epsilon of one Poisson-sampled round with z = 1, q = 10 / 20
+        from fedprune.core.privacy import epsilon
+        row = next(x for x in text.splitlines() if x.startswith("| AoH-z1.0-a0.05 |"))
+        assert f"| {epsilon(1.0, 0.5, 1, 1e-5):.2f} |" in row and "| 0.05 |" in row
     if name == "noniid":  # two clients' importance logged each round, one value per head
         rec = json.loads((tmp_path / name / "AoH-iid" / "metrics.jsonl").read_text())
         assert len(rec["observed"]["alpha"]["0"]) == 72

@@ -81,7 +81,7 @@ def run(
 @app.command()
 def suite(
     name: Annotated[str, typer.Argument(help="ablation | sparsity | noniid | table1 | fedspallm | prufed | optimizers | "
-        "robustness")],
+        "robustness | privacy")],
     overrides: Annotated[list[str] | None, typer.Argument(
         help="section.key=value overrides applied to every variant.")] = None,
     config: Annotated[Path | None, typer.Option(
@@ -122,6 +122,9 @@ def suite(
               (sign flip, scaling, noise, ALIE, IPM, label flip) under every robust rule
               (mean, median, trimmed mean, Krum, Multi-Krum), and AoH under importance
               inflation with and without capped, normalised head weights.
+    privacy:  DP-FedAvg's accuracy against epsilon: FedAvg-LoRA and AoH at 90 %, 20
+              clients, Poisson sampling of 10 per round, clipping 0.5, noise multipliers
+              0.3 / 0.6 / 1 / 2 against no DP; AoH also with noise on its head scores.
     A finished variant is reused and an interrupted one resumed when the suite is re-run.
     """
     from fedprune.data import DataError

@@ -196,14 +196,17 @@ class FederationConfig(_Section):
     robust_keep: int = opt(0, "multikrum: updates kept; 0 = n - f.")
     clip_norm: float = opt(0.0, "Server-side clipping of each client's update to this L2 norm "
                            "(before any robust rule); 0 = off.")
-    selection: str = opt("random", "Client selection: 'random'; 'loss' (AoH Eq. 9: top-K by "
-                         "last local loss minus global validation loss, never-seen clients "
-                         "first); 'pow-d' (Power-of-Choice, Cho et al. 2022, rpow-d variant: "
-                         "d candidates drawn by data size, the K with highest last loss).",
-                         ("random", "loss", "pow-d"))
+    selection: str = opt("random", "Client selection: 'random' (K distinct, uniformly); "
+                         "'poisson' (each client independently with probability K / C: "
+                         "DP-FedAvg's sampling, so K per round on average); 'loss' (AoH Eq. 9: "
+                         "top-K by last local loss minus global validation loss, never-seen "
+                         "clients first); 'pow-d' (Power-of-Choice, Cho et al. 2022, rpow-d "
+                         "variant: d candidates drawn by data size, the K with highest last "
+                         "loss).", ("random", "poisson", "loss", "pow-d"))
     pow_d: int = opt(0, "Candidates d of 'pow-d'; 0 = 2 * clients_per_round.")
     min_valid_updates: int = opt(1, "Fewer valid client updates than this leave the global "
-                                 "model unchanged for the round.")
+                                 "model unchanged for the round (0: never, e.g. DP-FedAvg's "
+                                 "noise-only rounds when poisson selection drew nobody).")
 
     def validate(self) -> None:
         _check(self.num_clients >= 1, "federation.num_clients",
@@ -238,9 +241,9 @@ class FederationConfig(_Section):
         _check(self.pow_d == 0 or self.clients_per_round <= self.pow_d <= self.num_clients,
                "federation.pow_d", f"must be 0 or in [federation.clients_per_round, "
                f"federation.num_clients], got {self.pow_d}")
-        _check(1 <= self.min_valid_updates <= self.clients_per_round,
+        _check(0 <= self.min_valid_updates <= self.clients_per_round,
                "federation.min_valid_updates",
-               f"must be in [1, federation.clients_per_round={self.clients_per_round}], "
+               f"must be in [0, federation.clients_per_round={self.clients_per_round}], "
                f"got {self.min_valid_updates}")
 
 
@@ -395,10 +398,39 @@ class AttackConfig(_Section):
         _check(self.alie_z >= 0, "attack.alie_z", f"must be >= 0, got {self.alie_z}")
 
 
+@dataclass
+class DPConfig(_Section):
+    _name = "dp"
+    noise_multiplier: float = opt(0.0, "Client-level DP (DP-FedAvg, McMahan et al. 2018; "
+                                  "core/privacy.py): Gaussian noise of std z·dp.clip_norm on "
+                                  "the sum of the clipped updates, divided by K; z = this, "
+                                  "0 = off. Needs federation.selection 'random' or 'poisson'; "
+                                  "(epsilon, delta) per round in metrics.jsonl (Opacus' RDP "
+                                  "accountant).")
+    clip_norm: float = opt(1.0, "L2 bound C on each client's whole update (server side, over "
+                           "the coordinates it owns); the sensitivity of the noised sum.")
+    delta: float = opt(1e-5, "delta of the reported (epsilon, delta).")
+    alpha_std: float = opt(0.0, "Std of Gaussian noise each client adds to its head scores "
+                           "(AoH's alpha, B2's draws) before pruning and sending, then "
+                           "clamped to [0, 1]: hides the importance fingerprint from the "
+                           "server; local, not part of the reported epsilon. 0 = off.")
+
+    def validate(self) -> None:
+        _check(self.noise_multiplier >= 0, "dp.noise_multiplier",
+               f"must be >= 0 (0 = off), got {self.noise_multiplier}")
+        _check(self.clip_norm > 0, "dp.clip_norm", f"must be > 0, got {self.clip_norm}")
+        _check(0 < self.delta < 1, "dp.delta", f"must be in (0, 1), got {self.delta}")
+        _check(self.alpha_std >= 0, "dp.alpha_std", f"must be >= 0, got {self.alpha_std}")
+
+    @property
+    def on(self) -> bool:
+        return self.noise_multiplier > 0
+
+
 SECTIONS: dict[str, type[_Section]] = {
     "model": ModelConfig, "peft": PeftConfig, "data": DataConfig, "partition": PartitionConfig,
     "federation": FederationConfig, "run": RunConfig, "tracking": TrackingConfig,
-    "faults": FaultsConfig, "attack": AttackConfig,
+    "faults": FaultsConfig, "attack": AttackConfig, "dp": DPConfig,
 }
 
 
@@ -416,6 +448,7 @@ class ExperimentConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
+    dp: DPConfig = field(default_factory=DPConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return {f.name: (getattr(self, f.name).to_dict() if f.name == "method"

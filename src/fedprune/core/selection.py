@@ -57,13 +57,26 @@ def _last_loss(history: History, ids: np.ndarray, offset: float) -> np.ndarray:
 @register("random")
 def random_selection(rnd: int, history: History, k: int, seed: int) -> list[int]:
     """K distinct clients uniformly at random (O(K) expected for K << C)."""
-    rng, c = round_rng(seed, rnd), history.num_clients
+    return _distinct(round_rng(seed, rnd), history.num_clients, k)
+
+
+def _distinct(rng: np.random.Generator, c: int, k: int) -> list[int]:
+    """k distinct ids of range(c), uniformly, sorted."""
     if k * 4 >= c:
         return sorted(rng.choice(c, size=k, replace=False).tolist())
     chosen: set[int] = set()
     while len(chosen) < k:  # rejection sampling
         chosen.add(int(rng.integers(c)))
     return sorted(chosen)
+
+
+@register("poisson")
+def poisson_selection(rnd: int, history: History, k: int, seed: int) -> list[int]:
+    """Every client independently with probability q = K / C (Poisson sampling, as DP-FedAvg's
+    accountant assumes): a Binomial(C, q) count, then that many distinct clients uniformly —
+    the same law, in O(K) expected."""
+    rng, c = round_rng(seed, rnd), history.num_clients
+    return _distinct(rng, c, int(rng.binomial(c, k / c)))
 
 
 @register("loss")

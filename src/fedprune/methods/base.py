@@ -99,6 +99,27 @@ class Method:
         if kind != "none" and (why := cls.attack_unsupported(kind)):
             raise ConfigError(f"`attack.kind` = {kind!r} with `method.name` = {cls.name!r}: "
                               f"{why}")
+        if cfg.dp.on:
+            cls.check_dp(cfg)
+
+    @classmethod
+    def check_dp(cls, cfg: ExperimentConfig) -> None:
+        """DP-FedAvg's guarantee needs data-independent sampling, one bounded contribution
+        per client and nothing else released (core/privacy.py)."""
+        fc = cfg.federation
+        why = ("its clients send pruned weights, not bounded-sensitivity updates"
+               if cls.adapter is None else
+               f"federation.selection = {fc.selection!r} reads the clients' private losses; "
+               "use 'random' or 'poisson'" if fc.selection not in ("random", "poisson") else
+               "SCAFFOLD's control variates would be released without noise"
+               if fc.scaffold else
+               f"federation.robust = {fc.robust!r} changes the sensitivity the noise is "
+               "sized for" if fc.robust != "none" else
+               "dp.clip_norm is DP's clipping; set federation.clip_norm = 0"
+               if fc.clip_norm else None)
+        if why:
+            raise ConfigError(f"`dp.noise_multiplier` = {cfg.dp.noise_multiplier} with "
+                              f"`method.name` = {cls.name!r}: {why}")
 
     @classmethod
     def attack_unsupported(cls, kind: str) -> str | None:

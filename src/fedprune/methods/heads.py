@@ -27,6 +27,7 @@ from fedprune.structure.headview import structural_view
 
 ALPHA_MAX = 1.0 + 1e-4  # head weights are mean max-softmax probabilities (B2: U(0, 1)):
 # above 1 (with float32 rounding slack) no honest client sends them
+ALPHA_NOISE_STREAM = 5  # np.random.default_rng([client seed, stream]) of dp.alpha_std
 ALPHA = "::head_weights"  # wire key suffix: "<attention path>::head_weights" -> [n_heads]
 
 
@@ -101,7 +102,8 @@ class HeadPruning(Method):
         indices = fed.client_indices[client_id]
         load_state(fed.params, start)
         t0 = time.perf_counter()
-        scores = self.scores(start, indices, seed) if self.importance == "before" else None
+        scores = (self.noised(self.scores(start, indices, seed), seed)
+                  if self.importance == "before" else None)
         score_s = time.perf_counter() - t0
         if m.mode == "structural":
             keep = structural_keep(self.structure, eq7_keep(scores, m.sparsity, m.scope))
@@ -120,7 +122,7 @@ class HeadPruning(Method):
                                 self.spec, seed, count_flops=self.count_flops)
             local = snapshot(fed.params)
             t0 = time.perf_counter()
-            scores = self.scores(local, indices, seed)
+            scores = self.noised(self.scores(local, indices, seed), seed)
             score_s = time.perf_counter() - t0
             keep = eq7_keep(scores, m.sparsity, m.scope)
         masks = unit_mask(self.units, keep, start)
@@ -134,6 +136,16 @@ class HeadPruning(Method):
         metrics = {"score_s": score_s, **self.ops(computing, stats),
                    "kept_heads": float(sum(int(k.sum()) for k in keep.values()))}
         return LocalResult(delta, stats.loss, len(indices), alpha, metrics)
+
+    def noised(self, scores: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
+        """The head scores plus N(0, dp.alpha_std^2) each, clamped to [0, 1] — before Eq. 7,
+        so that the kept set is as noisy as the weights sent (identity when 0)."""
+        std = self.cfg.dp.alpha_std
+        if not std:
+            return scores
+        rng = np.random.default_rng([seed, ALPHA_NOISE_STREAM])
+        return {p: (s.double() + torch.from_numpy(rng.normal(0.0, std, tuple(s.shape))))
+                .clamp(0.0, 1.0).to(s.dtype) for p, s in scores.items()}
 
     @classmethod
     def scaffold_unsupported(cls, options) -> str | None:

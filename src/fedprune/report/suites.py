@@ -615,14 +615,14 @@ def _optimizer_curves(suite_dir: Path, keys, done, methods, parts, options) -> N
         for j, p in enumerate(parts):
             ax = axes[i][j]
             for o in options:
-                curves = [[(r["round"], r["accuracy"]) for r in read_metrics(suite_dir / v.label)
-                           if r.get("accuracy") is not None]
+                curves = [{r["round"]: r["accuracy"] for r in read_metrics(suite_dir / v.label)
+                           if r.get("accuracy") is not None}
                           for k, v in zip(keys, done, strict=True) if k[:2] == (m, p)
                           and k[3] == o]
-                if curves:  # evaluated rounds (run.eval_every), mean over seeds
-                    n = min(len(c) for c in curves)
-                    ax.plot([r for r, _ in curves[0][:n]],
-                            np.mean([[a for _, a in c[:n]] for c in curves], axis=0),
+                # the rounds every seed evaluated (run.eval_every may differ), mean over seeds
+                common = sorted(set.intersection(*map(set, curves))) if curves else []
+                if common:
+                    ax.plot(common, [np.mean([c[r] for c in curves]) for r in common],
                             marker=".", label=o)
             ax.set(title=f"{m}, {p}", xlabel="round", ylabel="accuracy" if j == 0 else None)
             rounds_axis(ax)
@@ -719,3 +719,52 @@ def robustness_report(suite_dir: Path, variants) -> Path:
 
 
 REPORTS["robustness"] = robustness_report
+
+
+def privacy_report(suite_dir: Path, variants) -> Path:
+    """Issue 15 item 7: final accuracy of each method under DP-FedAvg against the (epsilon,
+    delta) spent, points against the same method without DP; accuracy-vs-epsilon figure."""
+    done = [_row(v.label, suite_dir / v.label) for v in variants
+            if (suite_dir / v.label / "global.safetensors").is_file()]
+    if not done:
+        return _write(suite_dir, ["# Client-level differential privacy", "",
+                                  "No finished run yet."])
+    base = {r["label"].split("-")[0]: r["final_accuracy"] for r in done
+            if r["label"].endswith("-nodp")}
+    for r in done:
+        dp = r["cfg"]["dp"]
+        r["z"] = dp["noise_multiplier"] or None
+        r["alpha_std"] = dp["alpha_std"] or None
+        clean = base.get(r["label"].split("-")[0])
+        r["points"] = (None if clean is None or r["final_accuracy"] is None
+                       else 100 * (r["final_accuracy"] - clean))
+    delta = done[0]["cfg"]["dp"]["delta"]
+    table = _table(done, [("run", "label", ""), ("z", "z", ".2f"),
+                          ("α noise std", "alpha_std", ".2f"),
+                          (f"ε (δ = {delta:g})", "dp_epsilon", ".2f"),
+                          ("final accuracy", "final_accuracy", ".3f"),
+                          ("points vs no DP", "points", "+.1f")])
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    for m in dict.fromkeys(r["label"].split("-")[0] for r in done):
+        pts = sorted((r["dp_epsilon"], r["final_accuracy"]) for r in done
+                     if r["label"].startswith(m + "-z") and "-a" not in r["label"]
+                     and r["final_accuracy"] is not None)
+        if pts:
+            ax.plot(*zip(*pts, strict=True), marker="o", label=m)
+        if base.get(m) is not None:
+            ax.axhline(base[m], linestyle=":", color=ax.lines[-1].get_color() if pts else None,
+                       label=f"{m}, no DP")
+    ax.set(xscale="log", xlabel=f"ε at δ = {delta:g}", ylabel="final accuracy")
+    ax.legend(fontsize=7)
+    save_figure(fig, suite_dir / "privacy.png")
+    f = done[0]["cfg"]["federation"]
+    return _write(suite_dir, [
+        *_header("Client-level differential privacy: DP-FedAvg (issue 15)", done),
+        (f"Poisson sampling q = {f['clients_per_round']}/{f['num_clients']} per round, "
+         f"clipping C = {done[0]['cfg']['dp']['clip_norm']}, noise std z·C on the sum, "
+         "divided by the expected K; ε from Opacus' RDP accountant after the last round. "
+         "AoH's α noise is local (clients add it to their head scores before pruning) and "
+         "is not in ε."), "", table, "", "![accuracy against epsilon](privacy.png)", ""])
+
+
+REPORTS["privacy"] = privacy_report

@@ -74,6 +74,8 @@ def summarize(run_dir: Path) -> dict[str, Any]:
         "eval_s": mean(r["eval_s"] for r in evaluated) if evaluated and "eval_s" in last
         else None,
         "pad_fraction": _client_mean(records, "pad_fraction"),
+        **({"dp_epsilon": records[-1]["dp_epsilon"], "dp_delta": config["dp"]["delta"]}
+           if "dp_epsilon" in records[-1] else {}),  # client-level DP spent (core/privacy)
     }
 
 
@@ -128,7 +130,9 @@ def write_report(run_dir: Path) -> Path:
         f"- seconds per round: {s['seconds_per_round']:.1f} ({_phases(s)})",
         (f"- compute: {s['compute_dtype'] or '?'} on {s['threads'] or '?'} threads of "
          f"{s['cpu'] or '?'}; peak RSS " + (f"{s['peak_rss_mb']:,.0f} MB" if s["peak_rss_mb"]
-                                            else "?")), "",
+                                            else "?")),
+        *([(f"- client-level DP (DP-FedAvg): (ε, δ) = ({s['dp_epsilon']:.3g}, {s['dp_delta']:g})"
+           " after the last round (Opacus RDP accountant)")] if "dp_epsilon" in s else []), "",
         f"![{metric} and loss]({metric}.png)", "",
         markdown_table(read_metrics(run_dir), metric), "",
     ])

@@ -17,6 +17,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -35,8 +36,9 @@ from fedprune.client.work import client_round
 from fedprune.client.world import Federation
 from fedprune.config import ConfigError, ExperimentConfig, FederationConfig, from_dict
 from fedprune.core.aggregate import ownership
+from fedprune.core.privacy import NOISE_STREAM, dp_mean, epsilon
 from fedprune.core.robust import FILTERS, clip, krum_select
-from fedprune.core.selection import SELECTORS, History
+from fedprune.core.selection import SELECTORS, History, round_rng
 from fedprune.core.server_opt import PREFIX as OPT_PREFIX
 from fedprune.core.server_opt import ServerOpt, server_step
 from fedprune.core.update import ClientUpdate, InvalidUpdate, State, validate_update
@@ -278,20 +280,28 @@ def decode_updates(method: Method, state: State, replies: dict[int, bytes],
     return valid, rejected
 
 
-def server_update(method: Method, fc: FederationConfig, state: State,
-                  valid: list[ClientUpdate], moments: State) -> tuple[State, State]:
+def server_update(method: Method, cfg: ExperimentConfig, state: State,
+                  valid: list[ClientUpdate], moments: State, rnd: int) -> tuple[State, State]:
     """The method's aggregate with ``server_lr`` (fedavg), or that aggregate with step 1 as
     the proposal of a server optimizer over the coordinates the updates own (its state
     ``moments`` keyed ``server_opt::{m,v,t}::<key>``); with SCAFFOLD, the server control
-    variate steps too (``scaffold::<key>``). Returns (global state, moments)."""
+    variate steps too (``scaffold::<key>``). With [dp], DP-FedAvg's noised mean
+    (`core.privacy`) takes the method's aggregate's place and every coordinate counts as
+    owned (the noise is everywhere). Returns (global state, moments)."""
+    fc, dp = cfg.federation, cfg.dp
     if fc.scaffold:
         moments = control_step(moments, state, valid, fc.num_clients)
+    aggregate = (partial(dp_mean, clip_norm=dp.clip_norm, noise_multiplier=dp.noise_multiplier,
+                         expected_clients=fc.clients_per_round,
+                         rng=round_rng(cfg.run.seed, rnd, NOISE_STREAM))
+                 if dp.on else method.aggregate)
     if fc.server_optimizer == "fedavg":
-        return method.aggregate(state, valid, fc.server_lr), moments
+        return aggregate(state, valid, server_lr=fc.server_lr), moments
     opt = ServerOpt(fc.server_optimizer, fc.server_lr, fc.server_beta1, fc.server_beta2,
                     fc.server_tau, fc.server_bias_correction)
-    owned = ownership(state, valid)  # before aggregate: some methods reuse the deltas
-    proposed = method.aggregate(state, valid, 1.0)
+    owned = ({k: torch.tensor(True) for k in state} if dp.on
+             else ownership(state, valid))  # before aggregate: some methods reuse the deltas
+    proposed = aggregate(state, valid, server_lr=1.0)
     inner = {k.removeprefix(OPT_PREFIX): v for k, v in moments.items()
              if k.startswith(OPT_PREFIX)}
     stepped, inner = server_step(opt, state, proposed, owned, inner)
@@ -412,7 +422,7 @@ def run(cfg: ExperimentConfig, run_dir: Path | None = None, *, resume: bool = Fa
                                          fc.scaffold)
         aggregated = robust_updates(fc, valid)
         if len(valid) >= fc.min_valid_updates:
-            state, moments = server_update(method, fc, state, aggregated, moments)
+            state, moments = server_update(method, cfg, state, aggregated, moments, rnd)
             server = after_training(server, valid)
         else:
             log.warning("round %d: %d valid updates < federation.min_valid_updates=%d; global "
@@ -428,6 +438,10 @@ def run(cfg: ExperimentConfig, run_dir: Path | None = None, *, resume: bool = Fa
                               downlinks)
         if fc.robust in FILTERS:
             record["aggregated"] = [u.client_id for u in aggregated]
+        if cfg.dp.on:  # privacy spent after this round's release
+            record["dp_epsilon"] = epsilon(cfg.dp.noise_multiplier,
+                                           fc.clients_per_round / fc.num_clients, rnd,
+                                           cfg.dp.delta)
         record.update(exchange.record)
         record["wall_s"] = time.perf_counter() - t0
         if observe is not None:

@@ -132,6 +132,30 @@ def robustness() -> list[Variant]:
     return out
 
 
+# issue 15 item 7: DP-FedAvg's accuracy against epsilon — FedAvg-LoRA and AoH (90 %) on 20
+# clients, Poisson sampling of 10 per round on average, clipping C = 0.5, noise multipliers
+# z; AoH also with noise on its head scores (dp.alpha_std). No-DP runs are the reference.
+PRIVACY_BASE = ("federation.num_clients=20", "federation.clients_per_round=10",
+                "federation.selection='poisson'", "federation.min_valid_updates=0",
+                "dp.clip_norm=0.5", "run.count_flops=false")
+PRIVACY_Z = (0.3, 0.6, 1.0, 2.0)
+
+
+def privacy() -> list[Variant]:
+    """Labels ``<method>-nodp`` and ``<method>-z<z>[-a<alpha_std>]``."""
+    methods = {"FedAvg": ("method.name='fedavg'",),
+               "AoH": ("method.name='aoh'", "method.aoh.sparsity=0.9")}
+    out = []
+    for m, extra in methods.items():
+        out.append(Variant(f"{m}-nodp", (*PRIVACY_BASE, *extra)))
+        out += [Variant(f"{m}-z{z}", (*PRIVACY_BASE, *extra, f"dp.noise_multiplier={z}"))
+                for z in PRIVACY_Z]
+    out += [Variant(f"AoH-z1.0-a{a}", (*PRIVACY_BASE, *methods["AoH"],
+                                       "dp.noise_multiplier=1.0", f"dp.alpha_std={a}"))
+            for a in (0.05, 0.2)]
+    return out
+
+
 FEDSPALLM_SMOKE = ("method.fedspallm.pruner='magnitude'", "method.fedspallm.samples=2",
                    "method.fedspallm.seq_len=32", "method.fedspallm.eval_samples=2")
 
@@ -269,15 +293,17 @@ def prufed_smoke() -> list[Variant]:
 SUITES: dict[str, Callable[[], list[Variant]]] = {
     "ablation": ablation, "sparsity": sparsity, "noniid": noniid, "fedspallm": fedspallm,
     "prufed": prufed, "optimizers": optimizers, "table1": table1,
-    "robustness": robustness}
+    "robustness": robustness, "privacy": privacy}
 BASES = {"ablation": Path("configs/suite.toml"), "sparsity": Path("configs/suite.toml"),
          "noniid": Path("configs/suite.toml"), "fedspallm": Path("configs/fedspallm.toml"),
          "prufed": Path("configs/prufed_suite.toml"), "optimizers": Path("configs/suite.toml"),
-         "table1": Path("configs/paper_table1.toml"), "robustness": Path("configs/suite.toml")}
+         "table1": Path("configs/paper_table1.toml"), "robustness": Path("configs/suite.toml"),
+         "privacy": Path("configs/suite.toml")}
 SMOKES = {"fedspallm": FEDSPALLM_SMOKE, "prufed": PRUFED_SMOKE}
 SMOKE_VARIANTS: dict[str, Callable[[], list[Variant]]] = {
     "prufed": prufed_smoke, "optimizers": lambda: optimizers(seeds=(0,)),
-    "table1": lambda: table1(seeds=(0,))}
+    "table1": lambda: table1(seeds=(0,)),
+    "privacy": lambda: [v for v in privacy() if v.label in ("FedAvg-nodp", "AoH-z1.0-a0.05")]}
 
 
 OBSERVED_CLIENTS = (0, 1)

@@ -16,13 +16,14 @@ from fedprune.client.faults import REASONS, injected_fault
 from fedprune.config import ConfigError, FaultsConfig, load_config
 from fedprune.sim import runner
 
-FAULTS = FaultsConfig(crash=0.2, hang=0.1, silent=0.15)
+FAULTS = FaultsConfig(crash=0.2, hang=0.1, silent=0.15, garbled=0.1)
 
 
 def test_draw_is_seeded_and_has_the_configured_rates():
     draws = [injected_fault(FAULTS, 3, r, c) for r in range(1, 201) for c in range(100)]
     n = len(draws)
-    for kind, p in (("crash", 0.2), ("hang", 0.1), ("silent", 0.15), (None, 0.55)):
+    for kind, p in (("crash", 0.2), ("hang", 0.1), ("silent", 0.15), ("garbled", 0.1),
+                    (None, 0.45)):
         share = draws.count(kind) / n
         assert abs(share - p) < 4 * np.sqrt(p * (1 - p) / n), (kind, share)
     assert draws == [injected_fault(FAULTS, 3, r, c) for r in range(1, 201) for c in range(100)]
@@ -54,7 +55,7 @@ class Without(runner.InProcess):
         return ex
 
 
-FAULTY = ("faults.crash=0.2", "faults.hang=0.1", "faults.silent=0.15")
+FAULTY = ("faults.crash=0.2", "faults.hang=0.1", "faults.silent=0.15", "faults.garbled=0.1")
 
 
 def test_survivors_are_aggregated_as_without_the_failed_clients(tmp_path):
@@ -66,15 +67,21 @@ def test_survivors_are_aggregated_as_without_the_failed_clients(tmp_path):
                        transport=lambda m: Without(m, 1))
     a, b = load_file(faulty / "global.safetensors"), load_file(clean / "global.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+    kinds = set()
     for line in (faulty / "metrics.jsonl").read_text().splitlines():
         rec = json.loads(line)
         want = failed(rec["round"])
-        assert rec["dropped"] == sorted(want) and rec["rejected"] == []
-        assert rec["dropped_reasons"] == {str(c): REASONS[k] for c, k in sorted(want.items())}
+        kinds |= set(want.values())
+        lost = {c: k for c, k in want.items() if k != "garbled"}   # dropped: nothing came
+        garbled = sorted(c for c, k in want.items() if k == "garbled")  # rejected by the server
+        assert rec["dropped"] == sorted(lost) and rec["rejected"] == garbled
+        assert rec["dropped_reasons"] == {str(c): REASONS[k] for c, k in sorted(lost.items())}
+        assert all("payload" in rec["rejected_reasons"][str(c)] for c in garbled)
         assert sorted(rec["client_metrics"]) == sorted(str(c) for c in range(CLIENTS)
                                                        if c not in want)
         assert [b for c, b in zip(rec["selected"], rec["bytes_up"], strict=True)
-                if c in want] == [0] * len(want)
+                if c in lost] == [0] * len(lost)
+    assert kinds == {"crash", "hang", "silent", "garbled"}  # every kind was exercised
 
 
 def test_below_min_valid_updates_the_state_is_unchanged(tmp_path):
@@ -101,7 +108,7 @@ def test_bad_fault_options_name_the_option(bad, pattern):
 
 
 def test_fault_rates_must_sum_to_at_most_one():
-    with pytest.raises(ConfigError, match="crash \\+ hang \\+ silent must be <= 1"):
+    with pytest.raises(ConfigError, match="crash \\+ hang \\+ silent \\+ garbled must be <= 1"):
         load_config(None, ["faults.crash=0.6", "faults.hang=0.6"])
 
 

@@ -31,6 +31,7 @@ pytest.importorskip("flwr")
 
 from flwr.app import ConfigRecord, RecordDict
 
+from fedprune.client.faults import injected_fault
 from fedprune.config import ConfigError, load_config
 from fedprune.flower import client_app, strategy
 from fedprune.flower.client_app import partition_id
@@ -467,7 +468,14 @@ def test_run_simulation_python_api_and_resume_equal_the_in_process_run(reference
 # --- --insecure, 3 SuperNodes, one killed mid-round ------------------------------------------
 
 def test_supernode_killed_mid_round_is_dropped_and_the_run_goes_on(tmp_path):
-    overrides = tiny(tmp_path, 3)
+    """Client 2's SuperNode is killed in round 1; in round 2 client 0's SuperNode sends a
+    garbled payload (faults.garbled: its draw for (seed 0, round 2, client 0) is 0.029, every
+    other draw of these rounds is above 0.1). Each is dropped / rejected alone, with its
+    reason; the run goes on."""
+    overrides = [*tiny(tmp_path, 3), "faults.garbled=0.1"]
+    faults = load_config(AOH, overrides).faults
+    assert [injected_fault(faults, 0, r, c) for r in (1, 2) for c in range(3)] == \
+        [None, None, None, "garbled", None, None]
     run_dir = tmp_path / "flower-run"
     (tmp_path / "run-config.toml").write_text(tomli_w.dumps({
         "experiment": str(AOH), "overrides": "; ".join(overrides), "run-dir": str(run_dir),
@@ -489,12 +497,41 @@ def test_supernode_killed_mid_round_is_dropped_and_the_run_goes_on(tmp_path):
     assert r1["selected"] == [0, 1, 2] and r1["dropped"] == [2] and r1["rejected"] == []
     assert r1["bytes_up"][2] == 0 and r1["bytes_down"][2] > 0 and r1["accuracy"] is not None
     assert set(r1["client_metrics"]) == {"0", "1"}
-    # the next round runs with the survivors; the dead node gets nothing
-    assert r2["dropped"] == [2] and set(r2["client_metrics"]) == {"0", "1"}
+    # the next round runs with the survivors; the dead node gets nothing, the garbled
+    # update of client 0 is rejected by the ServerApp, client 1's is aggregated
+    assert r2["dropped"] == [2] and set(r2["client_metrics"]) == {"1"}
+    assert r2["rejected"] == [0] and "payload" in r2["rejected_reasons"]["0"]
     assert r2["bytes_down"][2] == 0 and r2["accuracy"] is not None
     assert "dropped client 2" in log
     final = load_file(run_dir / "global.safetensors")
     assert all(torch.isfinite(v).all() for v in final.values())
+
+
+def test_unregistered_key_and_wrong_ca_are_refused(tmp_path):
+    """Under TLS + SuperNode authentication, a SuperNode whose key was never registered and one
+    that trusts another CA both exit with Flower's connection error (code 305) and a message
+    saying why; only the registered SuperNode is listed by the SuperLink."""
+    with federation(tmp_path, 1, tls=True) as fed:
+        other, mine = make_tls(tmp_path / "other", 1), tmp_path / "tls"  # another CA and key
+        port = tomllib.loads((Path(fed.env["FLWR_HOME"]) / "config.toml").read_text())[
+            "superlink"]["test"]["address"].rsplit(":", 1)[1]
+        for name, ca, key in (("unregistered", mine / "ca.crt", other["node0"]),
+                              ("wrong-ca", other["ca"], mine / "node0")):
+            fed.procs.start(name, "flower-supernode", "--root-certificates", str(ca),
+                            "--auth-supernode-private-key", str(key), "--superlink",
+                            f"127.0.0.1:{port}", "--port", str(free_port()),
+                            "--node-config", "partition-id=0 num-partitions=1")
+        for name in ("unregistered", "wrong-ca"):
+            wait_for(lambda n=name: fed.procs.roots[n].poll() is not None, f"{name} to exit")
+        listed = flwr(fed.env, tmp_path, "supernode", "ls", "test")
+        logs = {n: fed.procs.log(n) for n in ("unregistered", "wrong-ca", "supernode0")}
+    assert fed.procs.roots["unregistered"].returncode == 1
+    assert "Exit Code: 305" in logs["unregistered"]
+    assert "Failed to activate SuperNode" in logs["unregistered"]
+    assert fed.procs.roots["wrong-ca"].returncode == 1
+    assert "CERTIFICATE_VERIFY_FAILED" in logs["wrong-ca"]
+    node_id = logs["supernode0"].split("SuperNode ID: ")[1].split()[0]
+    assert listed.count("online") == 1 and node_id in listed
 
 
 # --- pieces without processes -----------------------------------------------------------------

@@ -357,20 +357,22 @@ class FaultsConfig(_Section):
                       "deadline: dropped (in process at once; on a SuperNode it sleeps "
                       "faults.hang_s, so the ServerApp's reply-timeout drops it).")
     silent: float = opt(0.0, "Probability that a selected client returns nothing.")
+    garbled: float = opt(0.0, "Probability that a selected client trains but sends its "
+                         "payload cut in half: the server rejects it, with the reason in "
+                         "metrics.jsonl.")
     hang_s: float = opt(0.0, "Seconds a hanging SuperNode sleeps before replying nothing.")
 
     def validate(self) -> None:
-        for key in ("crash", "hang", "silent"):
+        for key in ("crash", "hang", "silent", "garbled"):
             _check(0 <= getattr(self, key) <= 1, f"faults.{key}",
                    f"must be in [0, 1], got {getattr(self, key)}")
-        _check(self.crash + self.hang + self.silent <= 1, "faults",
-               f"crash + hang + silent must be <= 1, got "
-               f"{self.crash + self.hang + self.silent}")
+        total = self.crash + self.hang + self.silent + self.garbled
+        _check(total <= 1, "faults", f"crash + hang + silent + garbled must be <= 1, got {total}")
         _check(self.hang_s >= 0, "faults.hang_s", f"must be >= 0, got {self.hang_s}")
 
     @property
     def any(self) -> bool:
-        return self.crash + self.hang + self.silent > 0
+        return self.crash + self.hang + self.silent + self.garbled > 0
 
 
 @dataclass

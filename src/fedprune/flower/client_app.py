@@ -87,7 +87,7 @@ def query(msg: Message, context: Context) -> Message:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """One client's local round: `Method.local` from the received global state."""
-    from fedprune.client.faults import ClientFault, injected_fault
+    from fedprune.client.faults import ClientFault, garble, injected_fault
     from fedprune.client.payload import decode
     from fedprune.client.work import client_round
     from fedprune.sim.runner import client_seed
@@ -100,10 +100,12 @@ def train(msg: Message, context: Context) -> Message:
     fault = injected_fault(cfg.faults, cfg.run.seed, rnd, cid)
     if fault == "crash":
         raise ClientFault(f"client {cid}: injected crash in round {rnd}")
-    if fault is not None:  # hang (past the ServerApp's reply-timeout) or silent: no update
+    if fault in ("hang", "silent"):  # hang: past the ServerApp's reply-timeout; no update
         time.sleep(cfg.faults.hang_s if fault == "hang" else 0.0)
         return Message(RecordDict({}), reply_to=msg)
     received = decode(unpack(msg.content[STATE]))
     result = client_round(method, received, cid, client_seed(cfg.run.seed, rnd, cid), rnd,
                           control_store(context, cfg, str(config.get("run-id", ""))))
-    return Message(reply_content(method.encode(result)), reply_to=msg)
+    payload = method.encode(result)
+    return Message(reply_content(garble(payload) if fault == "garbled" else payload),
+                   reply_to=msg)

@@ -28,7 +28,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from fedprune.client.attacks import COLLUSIVE, collude, malicious
-from fedprune.client.faults import REASONS, injected_fault
+from fedprune.client.faults import REASONS, garble, injected_fault
 from fedprune.client.payload import decode, encode
 from fedprune.client.scaffold import SERVER as CONTROL_PREFIX
 from fedprune.client.scaffold import ControlStore, control_step, server_control, with_control
@@ -122,7 +122,8 @@ class InProcess:
         cfg = self.method.cfg
         results, dropped = {}, {}
         for cid, blob in sorted(downlinks.items()):
-            if fault := injected_fault(cfg.faults, self.seed, rnd, cid):
+            fault = injected_fault(cfg.faults, self.seed, rnd, cid)
+            if fault in REASONS:
                 dropped[cid] = REASONS[fault]
                 log.warning("round %d: dropped client %d: %s", rnd, cid, dropped[cid])
                 continue
@@ -133,6 +134,8 @@ class InProcess:
             honest = [r for c, r in results.items() if c not in bad]
             results |= {c: collude(cfg.attack, honest, results[c], len(bad)) for c in bad}
         replies = {cid: self.method.encode(r) for cid, r in results.items()}
+        replies |= {cid: garble(replies[cid]) for cid in replies
+                    if injected_fault(cfg.faults, self.seed, rnd, cid) == "garbled"}
         record = ({"dropped": sorted(dropped),
                    "dropped_reasons": {str(c): r for c, r in sorted(dropped.items())}}
                   if cfg.faults.any else {})

@@ -241,14 +241,21 @@ def flwr(env: dict, tmp: Path, *args: str, timeout: float = 60) -> str:
     return res.stdout
 
 
-def flwr_run(fed, run_config: list[str], *args: str, name: str = "flwr-run",
-             timeout: float = 400) -> str:
-    """`flwr run <repo> test --stream --run-config ... *args`: blocks until the ServerApp ends."""
+def start_flwr_run(fed, run_config: list[str], *args: str, name: str = "flwr-run"
+                   ) -> subprocess.Popen:
+    """`flwr run <repo> test --stream --run-config ... *args`, logging to <name>.log."""
     with open(fed.tmp / f"{name}.log", "w") as out:
         proc = subprocess.Popen([str(BIN / "flwr"), "run", str(ROOT), "test", "--stream",
                                  *[a for c in run_config for a in ("--run-config", c)], *args],
                                 env=fed.env, cwd=fed.tmp, stdout=out, stderr=subprocess.STDOUT)
     fed.procs.roots[name] = proc
+    return proc
+
+
+def flwr_run(fed, run_config: list[str], *args: str, name: str = "flwr-run",
+             timeout: float = 400) -> str:
+    """`start_flwr_run`, blocking until the ServerApp ends."""
+    proc = start_flwr_run(fed, run_config, *args, name=name)
     try:
         proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -462,6 +469,42 @@ def test_run_simulation_python_api_and_resume_equal_the_in_process_run(reference
         if not resume:
             first = records(run_dir)
     assert records(run_dir)[:1] == first  # round 1 was continued from, not redone
+    assert_same_run(reference, run_dir)
+
+
+def _serverapps() -> list[int]:
+    """pids of the running ServerApp processes (`flwr-serverapp`, started by the SuperExec)."""
+    out = []
+    for d in Path("/proc").iterdir():
+        try:
+            if d.name.isdigit() and b"flwr-serverapp" in (d / "cmdline").read_bytes():
+                out.append(int(d.name))
+        except OSError:
+            continue
+    return out
+
+
+def test_serverapp_killed_after_round_1_then_resumed_equals_the_in_process_run(reference,
+                                                                              tmp_path):
+    """A real deployment (2 SuperNodes, --insecure): the ServerApp process is SIGKILLed as soon
+    as round 1 is checkpointed; a second `flwr run` with `resume=true` continues the run
+    directory on the same SuperNodes and ends with the uninterrupted in-process result."""
+    run_dir = tmp_path / "flower-run"
+    with federation(tmp_path, 2, tls=False) as fed:
+        first = start_flwr_run(fed, [run_config(reference.overrides, run_dir)], name="first")
+        wait_for(lambda: (run_dir / "metrics.jsonl").is_file()
+                 and (run_dir / "metrics.jsonl").read_text().count("\n") >= 1,
+                 "round 1 to be checkpointed", timeout=300)
+        killed = _serverapps()
+        for pid in killed:
+            os.kill(pid, signal.SIGKILL)
+        first.kill()  # the log stream would wait for the SuperLink to notice (~1 min)
+        first.wait()
+        assert killed and len(records(run_dir)) == 1, "the ServerApp was not killed in round 2"
+        assert not (run_dir / "global.safetensors").is_file()
+        log = flwr_run(fed, [run_config(reference.overrides, run_dir) + " resume=true"],
+                       name="second")
+    assert (run_dir / "global.safetensors").is_file(), log[-4000:]
     assert_same_run(reference, run_dir)
 
 

@@ -160,7 +160,7 @@ def test_head_score_noise():
     (["method.name='fedspallm'"], "pruned weights"),
 ])
 def test_dp_refuses_what_it_cannot_cover(extra, pattern):
-    cfg = load_config(None, ["dp.noise_multiplier=1.0", *extra])
+    cfg = load_config(None, ["dp.noise_multiplier=1.0", "dp.clip_norm=1.0", *extra])
     with pytest.raises(ConfigError, match=r"`dp.noise_multiplier` = 1.0 with `method.name`"):
         METHODS[cfg.method.name].check(cfg)
     with pytest.raises(ConfigError, match=pattern):
@@ -168,7 +168,9 @@ def test_dp_refuses_what_it_cannot_cover(extra, pattern):
 
 
 @pytest.mark.parametrize("bad, option", [
-    ("dp.noise_multiplier=-1", "dp.noise_multiplier"), ("dp.clip_norm=0", "dp.clip_norm"),
+    ("dp.noise_multiplier=-1", "dp.noise_multiplier"), ("dp.clip_norm=-1", "dp.clip_norm"),
+    ("dp.noise_multiplier=1", "dp.clip_norm`: set it"),
+    ("dp.clip_norm=1", "dp.clip_norm`: does nothing without dp.noise_multiplier"),
     ("dp.delta=1", "dp.delta"), ("dp.alpha_std=-0.1", "dp.alpha_std"),
     ("federation.min_valid_updates=-1", "federation.min_valid_updates"),
 ])

@@ -409,8 +409,9 @@ class DPConfig(_Section):
                                   "0 = off. Needs federation.selection 'random' or 'poisson'; "
                                   "(epsilon, delta) per round in metrics.jsonl (Opacus' RDP "
                                   "accountant).")
-    clip_norm: float = opt(1.0, "L2 bound C on each client's whole update (server side, over "
-                           "the coordinates it owns); the sensitivity of the noised sum.")
+    clip_norm: float = opt(0.0, "L2 bound C on each client's whole update (server side, over "
+                           "the coordinates it owns): the sensitivity of the noised sum; "
+                           "required with dp.noise_multiplier, meaningless without.")
     delta: float = opt(1e-5, "delta of the reported (epsilon, delta).")
     alpha_std: float = opt(0.0, "Std of Gaussian noise each client adds to its head scores "
                            "(AoH's alpha, B2's draws) before pruning and sending, then "
@@ -420,7 +421,10 @@ class DPConfig(_Section):
     def validate(self) -> None:
         _check(self.noise_multiplier >= 0, "dp.noise_multiplier",
                f"must be >= 0 (0 = off), got {self.noise_multiplier}")
-        _check(self.clip_norm > 0, "dp.clip_norm", f"must be > 0, got {self.clip_norm}")
+        _check(self.clip_norm >= 0, "dp.clip_norm", f"must be > 0, got {self.clip_norm}")
+        _check(self.on == (self.clip_norm > 0), "dp.clip_norm",
+               "set it (> 0) together with dp.noise_multiplier" if self.on else
+               "does nothing without dp.noise_multiplier (clipping alone: federation.clip_norm)")
         _check(0 < self.delta < 1, "dp.delta", f"must be in (0, 1), got {self.delta}")
         _check(self.alpha_std >= 0, "dp.alpha_std", f"must be >= 0, got {self.alpha_std}")
 

@@ -137,7 +137,8 @@ def robustness() -> list[Variant]:
 # z; AoH also with noise on its head scores (dp.alpha_std). No-DP runs are the reference.
 PRIVACY_BASE = ("federation.num_clients=20", "federation.clients_per_round=10",
                 "federation.selection='poisson'", "federation.min_valid_updates=0",
-                "dp.clip_norm=0.5", "run.count_flops=false")
+                "run.count_flops=false")
+PRIVACY_CLIP = "dp.clip_norm=0.5"
 PRIVACY_Z = (0.3, 0.6, 1.0, 2.0)
 
 
@@ -148,9 +149,9 @@ def privacy() -> list[Variant]:
     out = []
     for m, extra in methods.items():
         out.append(Variant(f"{m}-nodp", (*PRIVACY_BASE, *extra)))
-        out += [Variant(f"{m}-z{z}", (*PRIVACY_BASE, *extra, f"dp.noise_multiplier={z}"))
-                for z in PRIVACY_Z]
-    out += [Variant(f"AoH-z1.0-a{a}", (*PRIVACY_BASE, *methods["AoH"],
+        out += [Variant(f"{m}-z{z}", (*PRIVACY_BASE, *extra, PRIVACY_CLIP,
+                                      f"dp.noise_multiplier={z}")) for z in PRIVACY_Z]
+    out += [Variant(f"AoH-z1.0-a{a}", (*PRIVACY_BASE, *methods["AoH"], PRIVACY_CLIP,
                                        "dp.noise_multiplier=1.0", f"dp.alpha_std={a}"))
             for a in (0.05, 0.2)]
     return out

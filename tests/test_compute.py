@@ -17,6 +17,7 @@ from fedprune.structure.compute import (
     keep_mask,
     lean_attention,
     prepare_compute,
+    resolve_device,
     resolve_dtype,
 )
 from fedprune.structure.model import apply_lora, load_backbone, trainable_parameters
@@ -126,6 +127,29 @@ def test_resolve_dtype_follows_the_cpu_flags() -> None:
     assert resolve_dtype("auto") == (torch.bfloat16 if fast else torch.float32)
     assert resolve_dtype("float32") == torch.float32
     assert resolve_dtype("bfloat16") == torch.bfloat16
+
+
+def test_resolve_device() -> None:
+    """'auto' is CUDA exactly when torch sees a GPU; a CUDA device that is not there is a
+    ConfigError naming run.device; a bad name is refused by the config."""
+    from fedprune.config import ConfigError, load_config
+
+    cuda = torch.cuda.is_available()
+    assert resolve_device("auto") == torch.device("cuda" if cuda else "cpu")
+    assert resolve_device("cpu") == torch.device("cpu")
+    if not cuda:
+        with pytest.raises(ConfigError, match=r"`run.device` = 'cuda': torch .* sees no CUDA"):
+            resolve_device("cuda")
+    with pytest.raises(ConfigError, match=r"`run.device` = 'cuda:99': only \d+ CUDA"
+                       if cuda else "sees no CUDA"):
+        resolve_device("cuda:99")
+    with pytest.raises(ConfigError, match="run.device"):
+        load_config(None, ["run.device='gpu'"])
+    for name in ("fedspallm", "prufed"):  # their worlds compute on the CPU only
+        from fedprune.methods import METHODS
+        with pytest.raises(ConfigError, match="computes on the CPU so far"):
+            METHODS[name].check(load_config(None, [f"method.name='{name}'",
+                                                   "run.device='cuda'"]))
 
 
 @pytest.fixture(scope="module")

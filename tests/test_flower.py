@@ -654,3 +654,12 @@ def test_client_checks_its_partition_against_the_experiment():
         partition_id(SimpleNamespace(node_config={}), 3)
     with pytest.raises(ValueError, match="partition-id=5"):
         partition_id(SimpleNamespace(node_config={"partition-id": 5, "num-partitions": 3}), 3)
+
+
+def test_supernode_device_overrides_run_device_and_is_checked():
+    """A SuperNode's node config `device` replaces `run.device` before anything is built; a
+    bad one names the node config and the option."""
+    experiment = tomli_w.dumps(load_config(AOH).to_dict())
+    client_app.federation.cache_clear()
+    with pytest.raises(ConfigError, match=r"node config device='gpu0': `run.device`"):
+        client_app.federation(experiment, "gpu0")

@@ -17,7 +17,7 @@ from fedprune.core.selection import History
 from fedprune.methods import METHODS
 from fedprune.sim import runner
 from fedprune.sim.checkpoint import CheckpointError
-from fedprune.structure.compute import resolve_dtype
+from fedprune.structure.compute import resolve_device, resolve_dtype
 
 ROOT = __import__("pathlib").Path(__file__).parents[1]
 SMALL = ["data.max_samples=160", "data.max_length=48", "federation.num_clients=4",
@@ -85,6 +85,7 @@ def test_end_to_end_artifacts(two_rounds):
     assert sum(part["sizes"]) == 128 and len(part["label_histograms"]) == 4
     env = json.loads((run_dir / "environment.json").read_text())
     assert env["compute_dtype"] == str(resolve_dtype("auto")).removeprefix("torch.")
+    assert env["device"] == str(resolve_device("auto"))
     for r in records:  # each phase timed; every BBC article is longer than max_length 48: no padding
         assert r["eval_s"] > 0
         assert all(m["train_s"] > 0 and m["pad_fraction"] == 0.0

@@ -13,6 +13,7 @@ Validation errors name the option (``federation.clients_per_round``) and the all
 from __future__ import annotations
 
 import dataclasses
+import re
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -322,9 +323,16 @@ class RunConfig(_Section):
     eval_every: int = opt(1, "Evaluate the global model every N rounds (and after the last).")
     count_flops: bool = opt(False, "Measure every local step's FLOPs with torch's "
                             "FlopCounterMode (next to the analytic count).")
+    device: str = opt("auto", "Where the backbone computes (training, importance pass, "
+                      "evaluation): 'auto' (CUDA when torch sees a GPU, else the CPU), 'cpu', "
+                      "'cuda' or 'cuda:<i>'. Trainable tensors, updates, aggregation and "
+                      "checkpoints stay float32 on the CPU, so a run started on a GPU resumes "
+                      "on a CPU. FedSpaLLM and PruFed compute on the CPU so far.")
 
     def validate(self) -> None:
         _check(self.num_threads >= 0, "run.num_threads", f"must be >= 0, got {self.num_threads}")
+        _check(re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None, "run.device",
+               f"must be 'auto', 'cpu', 'cuda' or 'cuda:<index>', got {self.device!r}")
         _check(self.eval_every >= 1, "run.eval_every", f"must be >= 1, got {self.eval_every}")
 
 

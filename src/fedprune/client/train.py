@@ -42,8 +42,9 @@ def load_state(params: dict[str, torch.nn.Parameter], state: State) -> None:
 
 
 def snapshot(params: dict[str, torch.nn.Parameter]) -> State:
-    """Detached float copies of the live trainable tensors."""
-    return {k: p.detach().clone() for k, p in params.items()}
+    """Detached copies of the live trainable tensors, on the CPU (where updates, payloads
+    and aggregation live, whatever device the backbone computes on)."""
+    return {k: p.detach().to("cpu", copy=True) for k, p in params.items()}
 
 
 def _optimizer(params: Sequence[torch.nn.Parameter], spec: LocalTrainSpec) -> torch.optim.Optimizer:
@@ -123,11 +124,14 @@ def local_train(model: torch.nn.Module, params: dict[str, torch.nn.Parameter],
     """
     model.train()
     gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)  # dropout masks
-    hooks = [params[k].register_hook(lambda g, keep=~m: g * keep)
-             for k, m in (frozen or {}).items()]
+    torch.manual_seed(seed)  # dropout masks (every device's generator)
+    # masks, anchor and correction on the parameters' device (a no-op on the CPU)
+    frozen = {k: m.to(params[k].device) for k, m in (frozen or {}).items()}
+    correction = (None if spec.correction is None else
+                  {k: c.to(params[k].device) for k, c in spec.correction.items()})
+    hooks = [params[k].register_hook(lambda g, keep=~m: g * keep) for k, m in frozen.items()]
     opt = _optimizer(list(params.values()), spec)
-    anchor = snapshot(params) if spec.prox_mu else {}
+    anchor = {k: p.detach().clone() for k, p in params.items()} if spec.prox_mu else {}
     idx = torch.as_tensor(list(indices), dtype=torch.long)
     loss_sum, seen, tokens, shapes = 0.0, 0, 0, []
     counter = FlopCounterMode(display=False) if count_flops else nullcontext()
@@ -140,10 +144,10 @@ def local_train(model: torch.nn.Module, params: dict[str, torch.nn.Parameter],
                     loss = model(**batch).loss
                     loss.backward()
                     if anchor:
-                        _add_proximal(params, anchor, spec.prox_mu, frozen or {})
+                        _add_proximal(params, anchor, spec.prox_mu, frozen)
                     opt.step()
-                    if spec.correction is not None:
-                        _correct(params, spec.correction, spec.lr, frozen or {})
+                    if correction is not None:
+                        _correct(params, correction, spec.lr, frozen)
                     opt.zero_grad(set_to_none=True)
                     loss_sum += loss.item() * len(batch_idx)
                     seen += len(batch_idx)

@@ -14,7 +14,12 @@ import torch
 from fedprune.config import ExperimentConfig
 from fedprune.core.update import State
 from fedprune.data import load_source, pad_batch, partition, tokenize_cached, train_val_split
-from fedprune.structure.compute import attn_implementation, prepare_compute, resolve_dtype
+from fedprune.structure.compute import (
+    attn_implementation,
+    prepare_compute,
+    resolve_device,
+    resolve_dtype,
+)
 from fedprune.structure.model import (
     apply_lora,
     load_backbone,
@@ -91,12 +96,20 @@ def build(cfg: ExperimentConfig, task: str = "classification", adapter: str | No
     pc = cfg.peft
     model = apply_lora(model, task="classification", r=pc.r, alpha=pc.alpha, dropout=pc.dropout,
                        target_modules=pc.target_modules, seed=cfg.run.seed)
-    dtype = resolve_dtype(cfg.model.compute_dtype)
+    device = resolve_device(cfg.run.device)
+    model.to(device)  # before prepare_compute: autocast follows the parameters' device
+    dtype = resolve_dtype(cfg.model.compute_dtype, device)
     prepare_compute(model, dtype, cfg.model.attn_implementation)
     params = trainable_parameters(model)
-    initial = {k: v.detach().clone() for k, v in params.items()}
+    initial = {k: v.detach().to("cpu", copy=True) for k, v in params.items()}  # round 0
     special = {tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id,
                tokenizer.bos_token_id, tokenizer.eos_token_id} - {None}
     exclude_keys = {tokenizer.sep_token_id, tokenizer.eos_token_id} - {None}
     return Federation(model, params, initial, train_rows, val_rows, parts, names,
-                      partial(pad_batch, tokenizer), special, exclude_keys, dtype)
+                      partial(on_device, partial(pad_batch, tokenizer), device), special,
+                      exclude_keys, dtype)
+
+
+def on_device(collate, device: torch.device, rows: list[dict]) -> dict[str, torch.Tensor]:
+    """``collate(rows)`` with every tensor on ``device`` (a no-op on the CPU)."""
+    return {k: v.to(device) for k, v in collate(rows).items()}

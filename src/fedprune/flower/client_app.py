@@ -1,7 +1,8 @@
 """The ClientApp: a SuperNode is one fedprune client, its partition id is the client id.
 
 Start a SuperNode with ``--node-config 'partition-id=<c> num-partitions=<C>'`` (and
-optionally ``state-dir=<folder>`` for its SCAFFOLD control variate); Flower's simulation
+optionally ``state-dir=<folder>`` for its SCAFFOLD control variate, ``device=cuda:<i>`` for
+the device its backbone computes on, overriding ``run.device``); Flower's simulation
 engine sets the first two for its virtual SuperNodes. Each train message carries the
 experiment the ServerApp resolved (fedprune TOML text), the round and the client id; the
 handler builds the run's Federation (data partition, backbone, method) once per process (per
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import time
 import tomllib
+from dataclasses import replace
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -31,15 +33,22 @@ app = ClientApp()
 
 
 @lru_cache(maxsize=1)
-def federation(experiment: str) -> tuple[ExperimentConfig, Federation, Method]:
-    """Config, Federation and method of a run, built once per process (one backbone).
+def federation(experiment: str, device: str = "") -> tuple[ExperimentConfig, Federation, Method]:
+    """Config, Federation and method of a run, built once per process (one backbone), on
+    ``device`` (the SuperNode's node config ``device``) when given, else ``run.device``.
 
     torch / transformers are imported here, not at module level: under subprocess isolation
     every message is a fresh ClientApp process, and the query before round 1 needs none of
     them (it saves seconds per SuperNode)."""
+    from fedprune.config import ConfigError
     from fedprune.methods import METHODS
 
     cfg = from_dict(tomllib.loads(experiment), source="experiment sent by the ServerApp")
+    if device:
+        try:
+            cfg = replace(cfg, run=replace(cfg.run, device=device))
+        except ConfigError as e:
+            raise ConfigError(f"SuperNode node config device={device!r}: {e}") from None
     kind = METHODS[cfg.method.name]
     kind.check(cfg)
     fed = kind.world(cfg)
@@ -93,7 +102,8 @@ def train(msg: Message, context: Context) -> Message:
     from fedprune.sim.runner import client_seed
 
     config = msg.content[CONFIG]
-    cfg, _, method = federation(str(config["experiment"]))
+    cfg, _, method = federation(str(config["experiment"]),
+                                str(context.node_config.get("device", "")))
     cid, rnd = partition_id(context, cfg.federation.num_clients), int(config["round"])
     if cid != int(config["client-id"]):
         raise ValueError(f"message for client {config['client-id']} reached partition {cid}")

@@ -59,6 +59,7 @@ class Method:
     Config: ClassVar[type[MethodOptions]]
     task: ClassVar[str] = "classification"  # what the backbone does: classification | ...
     adapter: ClassVar[str | None] = "lora"  # what clients train (None: nothing)
+    gpu: ClassVar[bool] = True  # its world honours run.device (else: the CPU, always)
     head_weights: ClassVar[bool] = False  # clients send per-head weights (AoH, B2)
     # metric -> higher is better; `target` is the one run.target_metric applies to
     metrics: ClassVar[dict[str, bool]] = {"eval_loss": False, "accuracy": True}
@@ -101,6 +102,10 @@ class Method:
                               f"{why}")
         if cfg.dp.on:
             cls.check_dp(cfg)
+        if cfg.run.device.startswith("cuda") and not cls.gpu:
+            raise ConfigError(f"`run.device` = {cfg.run.device!r} with `method.name` = "
+                              f"{cls.name!r}: it computes on the CPU so far; use 'cpu' or "
+                              f"'auto'")
 
     @classmethod
     def check_dp(cls, cfg: ExperimentConfig) -> None:

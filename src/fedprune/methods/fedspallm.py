@@ -162,6 +162,7 @@ class FedSpaLLM(Method):
     task = "causal_lm"
     adapter = None
     metrics: ClassVar[dict[str, bool]] = {"perplexity": False}
+    gpu: ClassVar[bool] = False  # its pruners and world run on the CPU (run.device)
     target = "perplexity"
 
     @classmethod

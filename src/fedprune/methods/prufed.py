@@ -233,6 +233,7 @@ class PruFed(Method):
     name = "prufed"
     Config = PruFedConfig
     task = "causal_lm"
+    gpu: ClassVar[bool] = False  # its tier views and world run on the CPU (run.device)
     metrics: ClassVar[dict[str, bool]] = {"perplexity": False, "eval_loss": False,
                                           "rougeL": True, "exact_match": True}
     target = "perplexity"

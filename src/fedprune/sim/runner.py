@@ -203,11 +203,14 @@ def prepare_run_dir(cfg: ExperimentConfig, run_dir: Path, resume: bool) -> None:
 
 def write_environment(fed: Federation, run_dir: Path) -> None:
     """environment.json: versions, the CPU and what 'auto' settings resolved to here."""
+    device = next(fed.model.parameters()).device
     env = {**environment(), "threads": torch.get_num_threads(),
-           "compute_dtype": str(fed.compute_dtype).removeprefix("torch.")}
+           "compute_dtype": str(fed.compute_dtype).removeprefix("torch."),
+           "device": str(device),
+           **({"gpu": torch.cuda.get_device_name(device)} if device.type == "cuda" else {})}
     (run_dir / "environment.json").write_text(json.dumps(env, indent=1))
-    log.info("compute: %s, %d threads on %s", env["compute_dtype"], env["threads"],
-             env["cpu"]["model"])
+    log.info("compute: %s on %s, %d threads on %s", env["compute_dtype"],
+             env.get("gpu", "the CPU"), env["threads"], env["cpu"]["model"])
 
 
 def write_partition(fed: Federation, run_dir: Path) -> None:

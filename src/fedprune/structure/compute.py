@@ -36,11 +36,33 @@ _WORD = 1 << 16
 _UNSUPPORTED = ("softcap", "sliding_window", "s_aux")  # attention variants we do not compute
 
 
-def resolve_dtype(name: str) -> torch.dtype:
-    """'auto' -> bfloat16 where the CPU runs it fast (AVX512-BF16 or AMX), else float32;
-    'float32' / 'bfloat16' as named. (The backbone runs on the CPU.)"""
+def resolve_device(name: str) -> torch.device:
+    """``run.device``: 'auto' -> the first CUDA device when torch sees one, else the CPU;
+    'cpu', 'cuda', 'cuda:<i>' as named, once checked to exist."""
     if name == "auto":
-        fast = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        from fedprune.config import ConfigError
+
+        if not torch.cuda.is_available():
+            raise ConfigError(f"`run.device` = {name!r}: torch {torch.__version__} sees no CUDA "
+                              f"device (built with CUDA: {torch.version.cuda or 'no'}); use "
+                              f"'auto' or 'cpu'")
+        if (device.index or 0) >= torch.cuda.device_count():
+            raise ConfigError(f"`run.device` = {name!r}: only {torch.cuda.device_count()} CUDA "
+                              f"device(s) here")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device | None = None) -> torch.dtype:
+    """'auto' -> bfloat16 where ``device`` runs it fast (a CPU with AVX512-BF16 or AMX, a GPU
+    with bf16 support; default: the CPU), else float32; 'float32' / 'bfloat16' as named."""
+    if name == "auto":
+        if device is not None and device.type == "cuda":
+            fast = torch.cuda.is_bf16_supported()
+        else:
+            fast = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
         return torch.bfloat16 if fast else torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
 

@@ -274,13 +274,14 @@ class StructuralView:
             if key in self.kept:
                 dim, index = self.kept[key]
                 merged = target.clone()
-                merged.index_copy_(dim, index.to(target.device), value.detach().to(target.dtype))
+                merged.index_copy_(dim, index.to(target.device),
+                                   value.detach().to(target.device, target.dtype))
                 out[key] = merged
             elif value.shape != target.shape:
                 raise ValueError(f"scatter: {key!r} has shape {tuple(target.shape)} in `full`, "
                                  f"{tuple(value.shape)} in the view")
             else:
-                out[key] = value.detach().clone()
+                out[key] = value.detach().to(target.device, copy=True)
         return out
 
 

@@ -1,8 +1,9 @@
 """fedprune on a real Flower federation: a SuperLink and SuperNodes as processes on 127.0.0.1
 (TLS with certificates made here + SuperNode authentication, and --insecure), AoH on the real
-MiniLM with a tiny BBC subset. Parity with the in-process runner (also on Flower's simulation
-engine, via `flwr run` and via `run_simulation`), a SuperNode killed mid-round, and the pieces
-that need no processes."""
+MiniLM with a tiny BBC subset. Parity with the in-process runner (after a killed and resumed
+ServerApp; also on Flower's simulation engine, via `flwr run` and via `run_simulation`), a
+SuperNode killed mid-round and one sending garbage, refused keys and CAs, and the pieces that
+need no processes."""
 
 from __future__ import annotations
 
@@ -309,13 +310,40 @@ def assert_same_run(reference, run_dir: Path) -> None:
 
 # --- TLS + SuperNode auth, 2 SuperNodes: parity with the in-process runner --------------------
 
+def _serverapps() -> list[int]:
+    """pids of the running ServerApp processes (`flwr-serverapp`, started by the SuperExec)."""
+    out = []
+    for d in Path("/proc").iterdir():
+        try:
+            if d.name.isdigit() and b"flwr-serverapp" in (d / "cmdline").read_bytes():
+                out.append(int(d.name))
+        except OSError:
+            continue
+    return out
+
+
 @pytest.fixture(scope="module")
 def flower_run(tmp_path_factory, reference):
+    """The 2-client experiment on a TLS + SuperNode-auth federation, with a crash: the
+    ServerApp process is SIGKILLed as soon as round 1 is checkpointed, and a second `flwr run`
+    with `resume=true` continues the run directory on the same SuperNodes (issue 15 item 3 on
+    Flower). The tests below check that the result is the uninterrupted in-process run's."""
     tmp = tmp_path_factory.mktemp("flower-tls")
     run_dir = tmp / "flower-run"
     t0 = time.perf_counter()
     with federation(tmp, 2, tls=True) as fed:
-        log = flwr_run(fed, [run_config(reference.overrides, run_dir)])
+        first = start_flwr_run(fed, [run_config(reference.overrides, run_dir)], name="first")
+        # the checkpoint is written (atomically) after round 1's metrics line
+        wait_for(lambda: (run_dir / "checkpoint.safetensors").is_file(),
+                 "round 1 to be checkpointed", timeout=300)
+        killed = _serverapps()
+        for pid in killed:
+            os.kill(pid, signal.SIGKILL)
+        first.kill()  # its log stream would wait for the SuperLink to notice (~1 min)
+        first.wait()
+        assert killed and len(records(run_dir)) == 1, "the ServerApp was not killed in round 2"
+        assert not (run_dir / "global.safetensors").is_file()
+        log = flwr_run(fed, [run_config(reference.overrides, run_dir) + " resume=true"])
     assert (run_dir / "global.safetensors").is_file(), log[-4000:]
     return SimpleNamespace(run_dir=run_dir, log=log, seconds=time.perf_counter() - t0)
 
@@ -336,7 +364,8 @@ def test_flower_run_writes_the_runner_artifacts(flower_run):
     for name in ("config.json", "config.toml", "partition.json", "metrics.csv", "accuracy.png",
                  "report.md", "checkpoint.safetensors"):
         assert (flower_run.run_dir / name).is_file(), name
-    assert "fedprune INFO: round 2:" in flower_run.log
+    assert "fedprune INFO: round 2:" in flower_run.log  # the resumed ServerApp's
+    assert "fedprune INFO: round 1:" not in flower_run.log  # round 1 was not redone
 
 
 def test_flower_run_equals_the_in_process_run(flower_run, reference):
@@ -469,42 +498,6 @@ def test_run_simulation_python_api_and_resume_equal_the_in_process_run(reference
         if not resume:
             first = records(run_dir)
     assert records(run_dir)[:1] == first  # round 1 was continued from, not redone
-    assert_same_run(reference, run_dir)
-
-
-def _serverapps() -> list[int]:
-    """pids of the running ServerApp processes (`flwr-serverapp`, started by the SuperExec)."""
-    out = []
-    for d in Path("/proc").iterdir():
-        try:
-            if d.name.isdigit() and b"flwr-serverapp" in (d / "cmdline").read_bytes():
-                out.append(int(d.name))
-        except OSError:
-            continue
-    return out
-
-
-def test_serverapp_killed_after_round_1_then_resumed_equals_the_in_process_run(reference,
-                                                                              tmp_path):
-    """A real deployment (2 SuperNodes, --insecure): the ServerApp process is SIGKILLed as soon
-    as round 1 is checkpointed; a second `flwr run` with `resume=true` continues the run
-    directory on the same SuperNodes and ends with the uninterrupted in-process result."""
-    run_dir = tmp_path / "flower-run"
-    with federation(tmp_path, 2, tls=False) as fed:
-        first = start_flwr_run(fed, [run_config(reference.overrides, run_dir)], name="first")
-        wait_for(lambda: (run_dir / "metrics.jsonl").is_file()
-                 and (run_dir / "metrics.jsonl").read_text().count("\n") >= 1,
-                 "round 1 to be checkpointed", timeout=300)
-        killed = _serverapps()
-        for pid in killed:
-            os.kill(pid, signal.SIGKILL)
-        first.kill()  # the log stream would wait for the SuperLink to notice (~1 min)
-        first.wait()
-        assert killed and len(records(run_dir)) == 1, "the ServerApp was not killed in round 2"
-        assert not (run_dir / "global.safetensors").is_file()
-        log = flwr_run(fed, [run_config(reference.overrides, run_dir) + " resume=true"],
-                       name="second")
-    assert (run_dir / "global.safetensors").is_file(), log[-4000:]
     assert_same_run(reference, run_dir)
 
 

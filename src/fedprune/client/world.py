@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fedprune.client.train import snapshot
 from fedprune.config import ExperimentConfig
 from fedprune.core.update import State
 from fedprune.data import load_source, pad_batch, partition, tokenize_cached, train_val_split
@@ -101,7 +102,7 @@ def build(cfg: ExperimentConfig, task: str = "classification", adapter: str | No
     dtype = resolve_dtype(cfg.model.compute_dtype, device)
     prepare_compute(model, dtype, cfg.model.attn_implementation)
     params = trainable_parameters(model)
-    initial = {k: v.detach().to("cpu", copy=True) for k, v in params.items()}  # round 0
+    initial = snapshot(params)  # round 0, on the CPU
     special = {tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id,
                tokenizer.bos_token_id, tokenizer.eos_token_id} - {None}
     exclude_keys = {tokenizer.sep_token_id, tokenizer.eos_token_id} - {None}

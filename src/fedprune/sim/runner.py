@@ -120,10 +120,12 @@ class InProcess:
         with their reason, as the Flower transport drops failed SuperNodes; simulated
         colluding attackers (``[attack]`` alie / ipm) answer last, from the honest updates."""
         cfg = self.method.cfg
-        results, dropped = {}, {}
+        results, dropped, garbled = {}, {}, set()
         for cid, blob in sorted(downlinks.items()):
             fault = injected_fault(cfg.faults, self.seed, rnd, cid)
-            if fault in REASONS:
+            if fault == "garbled":  # trains; its payload is cut below
+                garbled.add(cid)
+            elif fault in REASONS:
                 dropped[cid] = REASONS[fault]
                 log.warning("round %d: dropped client %d: %s", rnd, cid, dropped[cid])
                 continue
@@ -134,8 +136,7 @@ class InProcess:
             honest = [r for c, r in results.items() if c not in bad]
             results |= {c: collude(cfg.attack, honest, results[c], len(bad)) for c in bad}
         replies = {cid: self.method.encode(r) for cid, r in results.items()}
-        replies |= {cid: garble(replies[cid]) for cid in replies
-                    if injected_fault(cfg.faults, self.seed, rnd, cid) == "garbled"}
+        replies |= {cid: garble(replies[cid]) for cid in garbled}
         record = ({"dropped": sorted(dropped),
                    "dropped_reasons": {str(c): r for c, r in sorted(dropped.items())}}
                   if cfg.faults.any else {})

@@ -13,7 +13,8 @@ One run measures, each in its own process (so that peak RSS is its own):
   against ``fedprune.sim.runner.run`` with its defaults; seconds per round, each phase's
   GFLOP/s and share of the ceiling of its dtype (MFU), peak RSS, accuracy after the rounds;
 - smollm2: one LoRA instruction-tuning round on SmolLM2-135M-Instruct (article -> headline,
-  chat template, loss on the answer only), plain float32 loop against fedprune's client code;
+  chat template, loss on the answer only), plain float32 loop against fedprune's client code,
+  then greedy generation of one batch of headlines (tokens/s, and whether both wrote the same);
 - sweep: per-round time and peak RSS of fedprune at K = 10 for C = 10 ... 10,000 clients,
   each client holding the same number of examples (a seeded sample of the training set, so
   that only C changes); evaluation only after the last round, which is not timed;
@@ -347,8 +348,9 @@ def child_plain(c: int, k: int, rounds: int, eval_flops: int = 0) -> dict:
 # --- SmolLM2: one LoRA instruction-tuning round -------------------------------------------
 
 def child_smollm2(mode: str, clients: int = 2, examples: int = 16, batch: int = 4,
-                  max_length: int = 256) -> dict:
-    """``clients`` clients each train one epoch on ``examples`` article -> headline pairs."""
+                  max_length: int = 256, max_new_tokens: int = 16) -> dict:
+    """``clients`` clients each train one epoch on ``examples`` article -> headline pairs;
+    then the trained model writes headlines for one batch of them (`smollm2_generation`)."""
     from transformers import AutoTokenizer, DataCollatorForSeq2Seq
 
     from fedprune.client.train import LocalTrainSpec, load_state, local_train, snapshot
@@ -369,13 +371,13 @@ def child_smollm2(mode: str, clients: int = 2, examples: int = 16, batch: int = 
     params = trainable_parameters(model)
     start = snapshot(params)
     ds = load_source("bbc_news", text_column="text", label_column="label").shuffle(seed=0)
-    rows = []
+    rows, questions = [], []
     for ex in ds.select(range(clients * examples)):
         article = ex["text"].split("\n", 1)[1].strip()
         article = tok.decode(tok(article, add_special_tokens=False)["input_ids"][:max_length - 80])
-        prompt = tok.apply_chat_template(
-            [{"role": "user", "content": f"Write a headline for this article.\n\n{article}"}],
-            tokenize=False, add_generation_prompt=True)
+        questions.append(f"Write a headline for this article.\n\n{article}")
+        prompt = tok.apply_chat_template([{"role": "user", "content": questions[-1]}],
+                                         tokenize=False, add_generation_prompt=True)
         p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
         a_ids = tok(ex["headline"] + tok.eos_token, add_special_tokens=False)["input_ids"]
         rows.append({"input_ids": p_ids + a_ids, "labels": [-100] * len(p_ids) + a_ids})
@@ -398,10 +400,45 @@ def child_smollm2(mode: str, clients: int = 2, examples: int = 16, batch: int = 
         idx = list(range(cid * examples, (cid + 1) * examples))
         flops += local_train(model, params, rows, idx, collate, spec, seed=cid,
                              count_flops=True).flops
+    gen = smollm2_generation(mode, model, tok, questions[:batch], max_new_tokens)
     return {"round_s": round_s, "train_gflops": flops / train_s / 1e9,
             "mean_loss": float(np.mean(losses)), "tokens_per_client": sum(
                 len(r["input_ids"]) for r in rows) / clients,
-            "compute_dtype": str(dtype).removeprefix("torch.")}
+            "compute_dtype": str(dtype).removeprefix("torch."), **gen}
+
+
+def smollm2_generation(mode: str, model, tok, questions: list[str], max_new_tokens: int
+                       ) -> dict:
+    """Greedy headlines for one batch of ``questions`` (a warm-up batch first): plain =
+    transformers' ``generate`` on the chat-templated, left-padded batch; fedprune =
+    `fedprune.data.tasks.generate` on the model as fedprune prepared it. New tokens are
+    counted the same way in both (the answer's tokens + its end-of-turn token), so that
+    tokens/s compare."""
+    from fedprune.data.tasks import generate
+
+    def plain() -> list[str]:
+        ids = [tok.apply_chat_template([{"role": "user", "content": q}],
+                                       add_generation_prompt=True) for q in questions]
+        ids = [x["input_ids"] if not isinstance(x, list) else x for x in ids]
+        enc = tok.pad([{"input_ids": x} for x in ids], return_tensors="pt", padding_side="left")
+        with torch.no_grad():
+            out = model.eval().generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                        num_beams=1, pad_token_id=tok.pad_token_id)
+        texts = tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        return [t.strip() for t in texts]
+
+    def ours() -> list[str]:
+        return generate(model, tok, questions, max_new_tokens, len(questions))
+
+    answer = plain if mode == "plain" else ours
+    answer()  # warm-up
+    t0 = time.perf_counter()
+    texts = answer()
+    seconds = time.perf_counter() - t0
+    tokens = sum(min(len(tok(t, add_special_tokens=False)["input_ids"]) + 1, max_new_tokens)
+                 for t in texts)
+    return {"generate_s": seconds, "generated_tokens": tokens,
+            "generate_tokens_per_s": tokens / seconds, "answers": texts}
 
 
 # --- sweep over C ---------------------------------------------------------------------------
@@ -798,10 +835,17 @@ def main() -> None:
         for r in res.values():
             r["train_mfu"] = mfu(r, "train_gflops")
         res["speedup"] = res["plain"]["round_s"] / res["fedprune"]["round_s"]
+        res["generate_speedup"] = (res["fedprune"]["generate_tokens_per_s"]
+                                   / res["plain"]["generate_tokens_per_s"])
+        res["same_answers"] = res["plain"]["answers"] == res["fedprune"]["answers"]
         results["smollm2"] = res
         print(f"SmolLM2 round: plain {res['plain']['round_s']:.1f} s, fedprune "
               f"{res['fedprune']['round_s']:.1f} s ({res['fedprune']['compute_dtype']}, "
-              f"{res['speedup']:.2f}x)", flush=True)
+              f"{res['speedup']:.2f}x); generation plain "
+              f"{res['plain']['generate_tokens_per_s']:.1f} tokens/s, fedprune "
+              f"{res['fedprune']['generate_tokens_per_s']:.1f} tokens/s "
+              f"({res['generate_speedup']:.2f}x, same answers: {res['same_answers']})",
+              flush=True)
         save("smollm2", t0)
     if "sweep" in args.only:
         t0 = time.perf_counter()

@@ -80,6 +80,40 @@ def test_peft_adapter_loads_and_computes_the_global_model(aoh_run, tmp_path):
         assert text in card, text
 
 
+@pytest.mark.parametrize("peft", ["ia3", "prompt", "full"])
+def test_other_peft_methods_export_and_load(peft, tmp_path):
+    """One FedAvg round with IA3 / prompt tuning (a peft adapter folder) and full fine-tuning
+    (a whole transformers model): loaded by peft / transformers, the logits are fedprune's."""
+    from fedprune.methods.fedavg import FedAvg
+
+    cfg = load_config(None, [f"peft.method='{peft}'", "peft.num_virtual_tokens=4",
+                             "data.max_samples=48", "data.max_length=32",
+                             "federation.num_clients=2", "federation.clients_per_round=2",
+                             "federation.rounds=1", f"data.cache_dir='{tmp_path / 'cache'}'",
+                             FLOAT32])
+    run_dir = runner.run(cfg, tmp_path / "run", progress=False)
+    (out,) = export_run(run_dir, tmp_path / "out")
+    fed = FedAvg.world(cfg)
+    load_state(fed.params, load_file(run_dir / "global.safetensors"))
+    fed.model.eval()
+    if peft == "full":
+        model = AutoModelForSequenceClassification.from_pretrained(out).eval()
+        assert model.config.id2label[0] == fed.label_names[0]
+    else:
+        base = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=5)
+        model = PeftModel.from_pretrained(base, out).eval()
+        assert json.loads((out / "adapter_config.json").read_text())["peft_type"] == \
+            {"ia3": "IA3", "prompt": "PROMPT_TUNING"}[peft]
+    batch = fed.collate(fed.val_rows[:8])
+    batch.pop("labels")
+    with torch.no_grad():
+        got, want = model(**batch).logits, fed.model(**batch).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    load_state(fed.params, fed.initial)  # not the untrained model
+    with torch.no_grad():
+        assert not torch.allclose(fed.model(**batch).logits, want, atol=1e-5)
+
+
 def test_fedspallm_full_model_keeps_sparsity_and_logits(tiny_llama, tmp_path):
     cfg = load_config(None, [
         f"model.name='{tiny_llama}'", "method.name=fedspallm", "federation.num_clients=2",

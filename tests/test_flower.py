@@ -322,15 +322,33 @@ def _serverapps() -> list[int]:
     return out
 
 
+def refuse_strangers(fed, tmp: Path) -> dict[str, tuple[int, str]]:
+    """On a TLS + SuperNode-auth federation, start a SuperNode whose key was never registered
+    and one that trusts another CA; wait for both to exit. name -> (exit code, log)."""
+    other, mine = make_tls(tmp / "other", 1), tmp / "tls"  # another CA and key
+    port = tomllib.loads((Path(fed.env["FLWR_HOME"]) / "config.toml").read_text())[
+        "superlink"]["test"]["address"].rsplit(":", 1)[1]
+    for name, ca, key in (("unregistered", mine / "ca.crt", other["node0"]),
+                          ("wrong-ca", other["ca"], mine / "node0")):
+        fed.procs.start(name, "flower-supernode", "--root-certificates", str(ca),
+                        "--auth-supernode-private-key", str(key), "--superlink",
+                        f"127.0.0.1:{port}", "--port", str(free_port()),
+                        "--node-config", "partition-id=0 num-partitions=1")
+    for name in ("unregistered", "wrong-ca"):
+        wait_for(lambda n=name: fed.procs.roots[n].poll() is not None, f"{name} to exit")
+    return {n: (fed.procs.roots[n].returncode, fed.procs.log(n))
+            for n in ("unregistered", "wrong-ca")}
+
+
 @pytest.fixture(scope="module")
 def flower_run(tmp_path_factory, reference):
     """The 2-client experiment on a TLS + SuperNode-auth federation, with a crash: the
     ServerApp process is SIGKILLed as soon as round 1 is checkpointed, and a second `flwr run`
     with `resume=true` continues the run directory on the same SuperNodes (issue 15 item 3 on
-    Flower). The tests below check that the result is the uninterrupted in-process run's."""
+    Flower). The tests below check that the result is the uninterrupted in-process run's.
+    Then, on the same federation, two SuperNodes that must be refused try to join."""
     tmp = tmp_path_factory.mktemp("flower-tls")
     run_dir = tmp / "flower-run"
-    t0 = time.perf_counter()
     with federation(tmp, 2, tls=True) as fed:
         first = start_flwr_run(fed, [run_config(reference.overrides, run_dir)], name="first")
         # the checkpoint is written (atomically) after round 1's metrics line
@@ -344,8 +362,12 @@ def flower_run(tmp_path_factory, reference):
         assert killed and len(records(run_dir)) == 1, "the ServerApp was not killed in round 2"
         assert not (run_dir / "global.safetensors").is_file()
         log = flwr_run(fed, [run_config(reference.overrides, run_dir) + " resume=true"])
+        refused = refuse_strangers(fed, tmp)
+        listed = flwr(fed.env, tmp, "supernode", "ls", "test")
+        nodes = [fed.procs.log(f"supernode{i}") for i in range(2)]
     assert (run_dir / "global.safetensors").is_file(), log[-4000:]
-    return SimpleNamespace(run_dir=run_dir, log=log, seconds=time.perf_counter() - t0)
+    return SimpleNamespace(run_dir=run_dir, log=log, refused=refused, listed=listed,
+                           nodes=nodes)
 
 
 def test_flower_run_writes_the_runner_artifacts(flower_run):
@@ -370,6 +392,18 @@ def test_flower_run_writes_the_runner_artifacts(flower_run):
 
 def test_flower_run_equals_the_in_process_run(flower_run, reference):
     assert_same_run(reference, flower_run.run_dir)
+
+
+def test_unregistered_key_and_wrong_ca_are_refused(flower_run):
+    """Under TLS + SuperNode authentication, a SuperNode whose key was never registered and one
+    that trusts another CA both exit with Flower's connection error (code 305) and a message
+    saying why; only the two registered SuperNodes are listed by the SuperLink."""
+    code, log = flower_run.refused["unregistered"]
+    assert code == 1 and "Exit Code: 305" in log and "Failed to activate SuperNode" in log
+    code, log = flower_run.refused["wrong-ca"]
+    assert code == 1 and "CERTIFICATE_VERIFY_FAILED" in log
+    ids = [node.split("SuperNode ID: ")[1].split()[0] for node in flower_run.nodes]
+    assert flower_run.listed.count("online") == 2 and all(i in flower_run.listed for i in ids)
 
 
 # --- FedSpaLLM on real SuperLink / SuperNodes (tiny Llama, 2 clients) ------------------------
@@ -476,10 +510,9 @@ def test_flwr_run_on_the_simulation_engine_equals_the_in_process_run(reference, 
     assert_same_run(reference, run_dir)
 
 
-def test_run_simulation_python_api_and_resume_equal_the_in_process_run(reference, tmp_path,
-                                                                      monkeypatch):
-    """`flwr.simulation.run_simulation` in this process (it starts Ray and shuts it down):
-    round 1, then `resume=true` continues the run directory's checkpoint to round 2."""
+def test_run_simulation_python_api_equals_the_in_process_run(reference, tmp_path, monkeypatch):
+    """`flwr.simulation.run_simulation` in this process (it starts Ray and shuts it down);
+    the ServerApp gets its run config from `server_app` (resume on Flower: `flower_run`)."""
     ray = pytest.importorskip("ray")
     from flwr.simulation import run_simulation
 
@@ -488,16 +521,11 @@ def test_run_simulation_python_api_and_resume_equal_the_in_process_run(reference
     monkeypatch.setattr(log, "handlers", [])
     monkeypatch.setattr(log, "level", log.level)
     run_dir = tmp_path / "sim-run"
-    for rounds, resume in ((1, False), (2, True)):
-        overrides = "; ".join([*reference.overrides, f"federation.rounds={rounds}"])
-        app = server_app({"experiment": str(AOH), "overrides": overrides,
-                          "run-dir": str(run_dir), "resume": resume})
-        run_simulation(server_app=app, client_app=client_app.app, num_supernodes=2,
-                       backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
-        assert not ray.is_initialized()
-        if not resume:
-            first = records(run_dir)
-    assert records(run_dir)[:1] == first  # round 1 was continued from, not redone
+    app = server_app({"experiment": str(AOH), "overrides": "; ".join(reference.overrides),
+                      "run-dir": str(run_dir)})
+    run_simulation(server_app=app, client_app=client_app.app, num_supernodes=2,
+                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
+    assert not ray.is_initialized()
     assert_same_run(reference, run_dir)
 
 
@@ -541,33 +569,6 @@ def test_supernode_killed_mid_round_is_dropped_and_the_run_goes_on(tmp_path):
     assert "dropped client 2" in log
     final = load_file(run_dir / "global.safetensors")
     assert all(torch.isfinite(v).all() for v in final.values())
-
-
-def test_unregistered_key_and_wrong_ca_are_refused(tmp_path):
-    """Under TLS + SuperNode authentication, a SuperNode whose key was never registered and one
-    that trusts another CA both exit with Flower's connection error (code 305) and a message
-    saying why; only the registered SuperNode is listed by the SuperLink."""
-    with federation(tmp_path, 1, tls=True) as fed:
-        other, mine = make_tls(tmp_path / "other", 1), tmp_path / "tls"  # another CA and key
-        port = tomllib.loads((Path(fed.env["FLWR_HOME"]) / "config.toml").read_text())[
-            "superlink"]["test"]["address"].rsplit(":", 1)[1]
-        for name, ca, key in (("unregistered", mine / "ca.crt", other["node0"]),
-                              ("wrong-ca", other["ca"], mine / "node0")):
-            fed.procs.start(name, "flower-supernode", "--root-certificates", str(ca),
-                            "--auth-supernode-private-key", str(key), "--superlink",
-                            f"127.0.0.1:{port}", "--port", str(free_port()),
-                            "--node-config", "partition-id=0 num-partitions=1")
-        for name in ("unregistered", "wrong-ca"):
-            wait_for(lambda n=name: fed.procs.roots[n].poll() is not None, f"{name} to exit")
-        listed = flwr(fed.env, tmp_path, "supernode", "ls", "test")
-        logs = {n: fed.procs.log(n) for n in ("unregistered", "wrong-ca", "supernode0")}
-    assert fed.procs.roots["unregistered"].returncode == 1
-    assert "Exit Code: 305" in logs["unregistered"]
-    assert "Failed to activate SuperNode" in logs["unregistered"]
-    assert fed.procs.roots["wrong-ca"].returncode == 1
-    assert "CERTIFICATE_VERIFY_FAILED" in logs["wrong-ca"]
-    node_id = logs["supernode0"].split("SuperNode ID: ")[1].split()[0]
-    assert listed.count("online") == 1 and node_id in listed
 
 
 # --- pieces without processes -----------------------------------------------------------------

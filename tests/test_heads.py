@@ -52,67 +52,93 @@ def with_lora(model: torch.nn.Module, which: str = "qkvo", fan_in_fan_out: bool 
     return model.eval()
 
 
-def bert(attn: str = "eager") -> torch.nn.Module:
+# tiny random models of every family, without adapters (`RAW`), and with LoRA
+def raw_bert(attn: str = "eager") -> torch.nn.Module:
     # MiniLM-shaped: 12 heads; hidden 48 -> head_dim 4; 2 layers
     torch.manual_seed(0)
-    return with_lora(tf.BertForSequenceClassification(tf.BertConfig(
+    return tf.BertForSequenceClassification(tf.BertConfig(
         hidden_size=48, num_hidden_layers=2, num_attention_heads=12, intermediate_size=64,
-        vocab_size=100, num_labels=3, attn_implementation=attn,
-    )))
+        vocab_size=100, num_labels=3, attn_implementation=attn))
+
+
+def raw_gpt2() -> torch.nn.Module:
+    # n_embd 32, 4 heads -> head_dim 8; 2 layers, each with self- and cross-attention
+    torch.manual_seed(0)
+    return tf.GPT2LMHeadModel(tf.GPT2Config(
+        n_embd=32, n_layer=2, n_head=4, vocab_size=100, n_positions=32,
+        add_cross_attention=True, bos_token_id=0, eos_token_id=0))
+
+
+def raw_llama(attn: str = "sdpa") -> torch.nn.Module:
+    # hidden 48, 6 query heads, 2 KV heads -> head_dim 8, groups of 3; 2 layers
+    torch.manual_seed(0)
+    return tf.LlamaForCausalLM(tf.LlamaConfig(
+        hidden_size=48, num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=2,
+        intermediate_size=64, vocab_size=100, attn_implementation=attn))
+
+
+def raw_t5() -> torch.nn.Module:
+    # d_model 32, 6 heads of d_kv 4 (inner width 24); 2 encoder, 2 decoder blocks
+    torch.manual_seed(0)
+    return tf.T5ForConditionalGeneration(tf.T5Config(
+        d_model=32, d_kv=4, num_heads=6, num_layers=2, num_decoder_layers=2, d_ff=64,
+        vocab_size=100))
+
+
+def raw_bart() -> torch.nn.Module:
+    # d_model 32; encoder 4 heads (d 8) x 2 layers; decoder 2 heads (d 16) x 1 layer
+    torch.manual_seed(0)
+    return tf.BartForConditionalGeneration(tf.BartConfig(
+        d_model=32, encoder_layers=2, decoder_layers=1, encoder_attention_heads=4,
+        decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, vocab_size=100,
+        max_position_embeddings=40))
+
+
+def raw_distilbert() -> torch.nn.Module:
+    # dim 48, 6 heads -> head_dim 8; 2 layers
+    torch.manual_seed(0)
+    return tf.DistilBertForSequenceClassification(tf.DistilBertConfig(
+        dim=48, n_layers=2, n_heads=6, hidden_dim=64, vocab_size=100))
+
+
+def raw_roberta() -> torch.nn.Module:
+    # hidden 32, 2 heads -> head_dim 16; 3 layers
+    torch.manual_seed(0)
+    return tf.RobertaForSequenceClassification(tf.RobertaConfig(
+        hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64,
+        vocab_size=100, max_position_embeddings=40))
+
+
+RAW = {"bert": raw_bert, "distilbert": raw_distilbert, "roberta": raw_roberta,
+       "gpt2": raw_gpt2, "llama": raw_llama, "t5": raw_t5, "bart": raw_bart}
+
+
+def bert(attn: str = "eager") -> torch.nn.Module:
+    return with_lora(raw_bert(attn))
 
 
 def gpt2() -> torch.nn.Module:
-    # n_embd 32, 4 heads -> head_dim 8; 2 layers, each with self- and cross-attention
-    torch.manual_seed(0)
-    return with_lora(tf.GPT2LMHeadModel(tf.GPT2Config(
-        n_embd=32, n_layer=2, n_head=4, vocab_size=100, n_positions=32,
-        add_cross_attention=True, bos_token_id=0, eos_token_id=0,
-    )), fan_in_fan_out=True)
+    return with_lora(raw_gpt2(), fan_in_fan_out=True)
 
 
 def llama(attn: str = "sdpa") -> torch.nn.Module:
-    # hidden 48, 6 query heads, 2 KV heads -> head_dim 8, groups of 3; 2 layers
-    torch.manual_seed(0)
-    return with_lora(tf.LlamaForCausalLM(tf.LlamaConfig(
-        hidden_size=48, num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=2,
-        intermediate_size=64, vocab_size=100, attn_implementation=attn,
-    )))
+    return with_lora(raw_llama(attn))
 
 
 def t5() -> torch.nn.Module:
-    # d_model 32, 6 heads of d_kv 4 (inner width 24); 2 encoder, 2 decoder blocks
-    torch.manual_seed(0)
-    return with_lora(tf.T5ForConditionalGeneration(tf.T5Config(
-        d_model=32, d_kv=4, num_heads=6, num_layers=2, num_decoder_layers=2, d_ff=64,
-        vocab_size=100,
-    )))
+    return with_lora(raw_t5())
 
 
 def bart() -> torch.nn.Module:
-    # d_model 32; encoder 4 heads (d 8) x 2 layers; decoder 2 heads (d 16) x 1 layer
-    torch.manual_seed(0)
-    return with_lora(tf.BartForConditionalGeneration(tf.BartConfig(
-        d_model=32, encoder_layers=2, decoder_layers=1, encoder_attention_heads=4,
-        decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, vocab_size=100,
-        max_position_embeddings=40,
-    )))
+    return with_lora(raw_bart())
 
 
 def distilbert() -> torch.nn.Module:
-    # dim 48, 6 heads -> head_dim 8; 2 layers
-    torch.manual_seed(0)
-    return with_lora(tf.DistilBertForSequenceClassification(tf.DistilBertConfig(
-        dim=48, n_layers=2, n_heads=6, hidden_dim=64, vocab_size=100,
-    )))
+    return with_lora(raw_distilbert())
 
 
 def roberta() -> torch.nn.Module:
-    # hidden 32, 2 heads -> head_dim 16; 3 layers
-    torch.manual_seed(0)
-    return with_lora(tf.RobertaForSequenceClassification(tf.RobertaConfig(
-        hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64,
-        vocab_size=100, max_position_embeddings=40,
-    )))
+    return with_lora(raw_roberta())
 
 
 IDS = torch.randint(3, 100, (2, 7), generator=torch.Generator().manual_seed(0))

@@ -211,7 +211,7 @@ def test_cli_report(two_rounds):
 
 
 @pytest.mark.parametrize("name", ["ablation", "sparsity", "noniid", "table1", "robustness",
-                                  "privacy"])
+                                  "privacy", "peft"])
 def test_suite_smoke(tmp_path, name):
     from fedprune.sim.suites import BASES, SMOKE_VARIANTS, SUITES, run_suite
 
@@ -225,15 +225,20 @@ def test_suite_smoke(tmp_path, name):
     text = path.read_text()
     for v in SMOKE_VARIANTS.get(name, SUITES[name])():
         if any(fnmatch(v.label, g) for g in only.split(",")):
-            assert name == "robustness" or v.label in text  # (robustness: a matrix)
+            assert name in ("robustness", "peft") or v.label in text  # (those: matrices)
             assert (tmp_path / name / v.label / "global.safetensors").is_file()
     figure = {"ablation": "accuracy_curves.png", "sparsity": "sparsity.png",
               "noniid": "importance.png", "table1": "table1_curves.png",
-              "privacy": "privacy.png"}.get(name)
+              "privacy": "privacy.png", "peft": "peft.png"}.get(name)
     if figure:
         assert (tmp_path / name / figure).stat().st_size > 10_000
     if name == "robustness":  # the attack x rule table against the clean run
         assert "| scaling | " in text and "(+0.0)" in text.split("| clean |")[1].split("\n")[0]
+    if name == "peft":  # a row per PEFT method: FedAvg's figures, AoH's sparsity (or none)
+        ia3 = next(x for x in text.splitlines() if x.startswith("| ia3 |")).split(" | ")
+        prompt = next(x for x in text.splitlines() if x.startswith("| prompt |")).split(" | ")
+        assert ia3[4] != "–" and prompt[1:5] == ["–"] * 4  # prompt: no FedAvg run here
+        assert ia3[5] in ("–", "50 %") and float(ia3[3]) > 0  # GOPs
     if name == "privacy":  # epsilon of one Poisson-sampled round with z = 1, q = 10 / 20
         from fedprune.core.privacy import epsilon
         row = next(x for x in text.splitlines() if x.startswith("| AoH-z1.0-a0.05 |"))

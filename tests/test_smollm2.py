@@ -11,9 +11,11 @@ from fedprune.structure.model import SMOLLM2_GGUF, _package_dir, smollm2_path
 TEXT = " ".join((Path(__file__).parent / "data" / "emma_excerpt.txt").read_text().split())
 
 
-def test_smollm2_converts_exactly_and_describes_as_gqa_llama(tmp_path):
-    path = smollm2_path(tmp_path)
-    assert smollm2_path(tmp_path) == path  # second call: the cache
+def test_smollm2_converts_exactly_and_describes_as_gqa_llama():
+    # the cache the other tests share (converted at most once per machine: ~20 s)
+    cache = Path.home() / ".cache" / "fedprune"
+    path = smollm2_path(cache)
+    assert smollm2_path(cache) == path and (path / "model.safetensors").is_file()
     model = AutoModelForCausalLM.from_pretrained(path)
     s = describe(model)
     assert s.family == "llama" and len(s.layers["decoder"]) == 30

@@ -125,6 +125,9 @@ def suite(
     privacy:  DP-FedAvg's accuracy against epsilon: FedAvg-LoRA and AoH at 90 %, 20
               clients, Poisson sampling of 10 per round, clipping 0.5, noise multipliers
               0.3 / 0.6 / 1 / 2 against no DP; AoH also with noise on its head scores.
+    peft:     AoH Table 3: LoRA r = 4 / 8 / 16, IA3, prompt tuning (head chunks) and full
+              fine-tuning, each with FedAvg and AoH at 50 / 70 / 90 % sparsity: seconds per
+              local epoch, upload, OPs, accuracy and the largest sparsity above chance.
     A finished variant is reused and an interrupted one resumed when the suite is re-run.
     """
     from fedprune.data import DataError

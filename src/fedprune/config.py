@@ -90,22 +90,45 @@ class ModelConfig(_Section):
                                    "transformers' own.", ("auto", "eager", "sdpa"))
 
 
+PEFT_METHODS = ("lora", "ia3", "prompt", "full")
+
+
 @dataclass
 class PeftConfig(_Section):
     _name = "peft"
-    method: str = opt("lora", "Parameter-efficient method (via the peft library).", ("lora",))
+    method: str = opt("lora", "What clients train, via the peft library: 'lora' (low-rank "
+                      "adapters on `peft.target_modules`), 'ia3' (learned scalings of keys, "
+                      "values and the FFN's intermediate activations, Liu et al. 2022), "
+                      "'prompt' (`peft.num_virtual_tokens` soft-prompt embeddings, Lester et "
+                      "al. 2021), 'full' (every backbone weight: full fine-tuning). The task "
+                      "head is trained with each. Prefix / P-tuning v2 is not offered: peft "
+                      "0.21 refuses it for transformers 5's sequence classifiers, whose forward "
+                      "does not declare past_key_values.", PEFT_METHODS)
     r: int = opt(16, "LoRA rank.")
     alpha: float = opt(32.0, "LoRA scaling alpha (the update is scaled by alpha / r).")
     dropout: float = opt(0.0, "Dropout on the LoRA input.")
     target_modules: list[str] = opt(["q", "k", "v", "o"], "Modules that get LoRA: 'q', 'k', "
                                     "'v', 'o' name the attention projections of any supported "
                                     "family; other names are passed to peft as they are.")
+    num_virtual_tokens: int = opt(20, "Prompt tuning: number of soft-prompt tokens prepended "
+                                  "to every input (initialised from random vocabulary "
+                                  "embeddings).")
+    prompt_head_chunks: bool = opt(False, "Prompt tuning has no head map (its embeddings feed "
+                                   "every head). true = the AoH paper's reading: the prompt's "
+                                   "hidden dimension d is split into H chunks of d/H columns, "
+                                   "chunk h owned by head h of the first attention layer (its "
+                                   "importance, its pruning). Needed for head-pruned methods "
+                                   "with peft.method = 'prompt'.")
 
     def validate(self) -> None:
         _check(self.r >= 1, "peft.r", f"must be >= 1, got {self.r}")
         _check(self.alpha > 0, "peft.alpha", f"must be > 0, got {self.alpha}")
         _check(0 <= self.dropout < 1, "peft.dropout", f"must be in [0, 1), got {self.dropout}")
         _check(len(self.target_modules) > 0, "peft.target_modules", "must not be empty")
+        _check(self.num_virtual_tokens >= 1, "peft.num_virtual_tokens",
+               f"must be >= 1, got {self.num_virtual_tokens}")
+        _check(not self.prompt_head_chunks or self.method == "prompt", "peft.prompt_head_chunks",
+               f"splits prompt-tuning embeddings; peft.method is {self.method!r}")
 
 
 @dataclass

@@ -156,31 +156,49 @@ CAUSAL_LM = ("from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
              "tokenizer = AutoTokenizer.from_pretrained(FOLDER)")
 
 
+PEFT_KINDS = {"lora": "LoRA tensors", "ia3": "IA3 scaling vectors",
+              "prompt": "prompt-tuning embeddings"}
+
+
 def export_peft(run: Run, out: Path) -> list[Card]:
-    """LoRA runs: the rebuilt peft model with the global state loaded writes its adapter."""
+    """Classification runs: the rebuilt model with the global state loaded writes itself —
+    a peft adapter folder (LoRA, IA3, prompt tuning), or under full fine-tuning a whole
+    transformers model."""
     cfg = export_config(run.cfg)
     fed = METHODS[cfg.method.name].world(cfg)
     load_into(fed.params, run.state, run)
-    fed.model.save_pretrained(out)  # adapter_config.json + adapter_model.safetensors
-    load_tokenizer(resolve(cfg.model.name, cache_dir(cfg))).save_pretrained(out)
-    base = json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"]
     labels = dict(enumerate(fed.label_names))
+    full = cfg.peft.method == "full"
+    if full:  # the folder is the model: its config names the labels
+        fed.model.config.id2label = labels
+        fed.model.config.label2id = {v: k for k, v in labels.items()}
+    fed.model.save_pretrained(out)  # peft: adapter_config.json + adapter_model.safetensors
+    load_tokenizer(resolve(cfg.model.name, cache_dir(cfg))).save_pretrained(out)
     notes = [f"Labels (id -> name): {labels}.",
-             ("LoRA tensors and the trained classification head (peft modules_to_save) of the "
-             "final global model, float32.")]
+             "Every weight of the final global model (full fine-tuning), float32." if full else
+             f"{PEFT_KINDS[cfg.peft.method]} and the trained classification head (peft "
+             f"modules_to_save) of the final global model, float32."]
     if cfg.method.name in ("aoh", "random_heads"):
         o = cfg.method.own
         notes.append(f"Head pruning (sparsity {o.sparsity}, mode {o.mode}) acted per client and "
                      f"round during local training only; the server's global model, evaluated "
                      f"by fedprune with every attention head, is exported whole (no slices "
                      f"zeroed): it computes what the run's metrics measured.")
-    load = (f"from peft import PeftModel\n"
-            f"from transformers import AutoModelForSequenceClassification, AutoTokenizer\n\n"
-            f"base = AutoModelForSequenceClassification.from_pretrained(\n"
-            f"    {base!r}, num_labels={len(labels)}, id2label={labels})\n"
-            f"model = PeftModel.from_pretrained(base, FOLDER).eval()\n"
-            f"tokenizer = AutoTokenizer.from_pretrained(FOLDER)")
-    return [Card(out, "peft LoRA adapter", scalar_metrics(final_record(run)), notes, load)]
+    if full:
+        load = ("from transformers import AutoModelForSequenceClassification, AutoTokenizer\n\n"
+                "model = AutoModelForSequenceClassification.from_pretrained(FOLDER).eval()\n"
+                "tokenizer = AutoTokenizer.from_pretrained(FOLDER)")
+        kind = "transformers model (full fine-tuning)"
+    else:
+        base = json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"]
+        load = (f"from peft import PeftModel\n"
+                f"from transformers import AutoModelForSequenceClassification, AutoTokenizer\n\n"
+                f"base = AutoModelForSequenceClassification.from_pretrained(\n"
+                f"    {base!r}, num_labels={len(labels)}, id2label={labels})\n"
+                f"model = PeftModel.from_pretrained(base, FOLDER).eval()\n"
+                f"tokenizer = AutoTokenizer.from_pretrained(FOLDER)")
+        kind = f"peft {cfg.peft.method} adapter".replace("lora", "LoRA").replace("ia3", "IA3")
+    return [Card(out, kind, scalar_metrics(final_record(run)), notes, load)]
 
 
 def export_pruned(run: Run, out: Path) -> list[Card]:

@@ -22,7 +22,7 @@ from fedprune.structure.compute import (
     resolve_dtype,
 )
 from fedprune.structure.model import (
-    apply_lora,
+    apply_peft,
     load_backbone,
     load_tokenizer,
     resolve,
@@ -72,15 +72,12 @@ def set_threads(cfg: ExperimentConfig) -> None:
     torch.set_num_threads(cfg.run.num_threads or os.cpu_count() or 1)
 
 
-WORLDS = {("classification", "lora")}  # (task, adapter) pairs `build` makes so far
-
-
-def build(cfg: ExperimentConfig, task: str = "classification", adapter: str | None = "lora"
-          ) -> Federation:
-    """The world of a method that does ``task`` and trains ``adapter`` (its class says)."""
-    if (task, adapter) not in WORLDS:
-        raise NotImplementedError(f"`method.name` = {cfg.method.name!r} needs task {task!r} "
-                                  f"with adapter {adapter!r}, which fedprune cannot build yet")
+def build(cfg: ExperimentConfig, task: str = "classification") -> Federation:
+    """The world of a method that does ``task`` (its class says) and trains what
+    `peft.method` names."""
+    if task != "classification":
+        raise NotImplementedError(f"`method.name` = {cfg.method.name!r} needs a {task!r} world, "
+                                  "which its own class builds")
     set_threads(cfg)
     cache = cache_dir(cfg)
     path = resolve(cfg.model.name, cache)
@@ -95,8 +92,9 @@ def build(cfg: ExperimentConfig, task: str = "classification", adapter: str | No
                           attn_implementation=attn_implementation(cfg.model.attn_implementation),
                           seed=cfg.run.seed, cache_dir=cache)
     pc = cfg.peft
-    model = apply_lora(model, task="classification", r=pc.r, alpha=pc.alpha, dropout=pc.dropout,
-                       target_modules=pc.target_modules, seed=cfg.run.seed)
+    model = apply_peft(model, method=pc.method, task="classification", r=pc.r, alpha=pc.alpha,
+                       dropout=pc.dropout, target_modules=pc.target_modules,
+                       num_virtual_tokens=pc.num_virtual_tokens, seed=cfg.run.seed)
     device = resolve_device(cfg.run.device)
     model.to(device)  # before prepare_compute: autocast follows the parameters' device
     dtype = resolve_dtype(cfg.model.compute_dtype, device)

@@ -36,7 +36,7 @@ def owned_mean(global_state: State, updates: Sequence[ClientUpdate], server_lr: 
     ``trim``) in place of A / (S + eps). Inputs are never mutated.
     """
     ordered = sorted(updates, key=lambda u: u.client_id)
-    held = [{u.global_key(k): k for k in u.delta} for u in ordered]  # global -> local key
+    held = [u.local_keys() for u in ordered]  # global -> local key
     new = {}
     for key, value in global_state.items():
         acc = total = None

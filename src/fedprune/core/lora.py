@@ -123,7 +123,7 @@ def product_mean(state: State, updates: Sequence[ClientUpdate], server_lr: float
     paired = {*pairs, *pairs.values()}
     views = []
     for u in updates:
-        local_of = {u.global_key(k): k for k in u.delta}
+        local_of = u.local_keys()
         local_pairs = {}
         for ga, gb in pairs.items():
             if (ga in local_of) != (gb in local_of):

@@ -49,7 +49,7 @@ def dp_mean(global_state: State, updates: Sequence[ClientUpdate], clip_norm: flo
     dtype); the noise is drawn key by key in sorted key order from ``rng``, so a seeded
     generator makes a round reproducible. Inputs are never mutated."""
     ordered = [bounded(clip(u, clip_norm)) for u in sorted(updates, key=lambda u: u.client_id)]
-    held = [{u.global_key(k): k for k in u.delta} for u in ordered]
+    held = [u.local_keys() for u in ordered]
     new = {}
     std = noise_multiplier * clip_norm
     for key in sorted(global_state):  # a fixed order: a resumed state's may differ

@@ -61,7 +61,7 @@ def krum_scores(updates: Sequence[ClientUpdate], f: int) -> list[float]:
     """Each update's Krum score: the sum of its n - f - 2 (at least 1) smallest squared
     distances to the others, over the coordinates both own (global keys)."""
     n = len(updates)
-    held = [{u.global_key(k): k for k in u.delta} for u in updates]
+    held = [u.local_keys() for u in updates]
     dist = torch.zeros(n, n, dtype=torch.float64)
     for i in range(n):
         for j in range(i + 1, n):

@@ -43,6 +43,10 @@ class ClientUpdate:
     def global_key(self, key: str) -> str:
         return self.keymap.get(key, key)
 
+    def local_keys(self) -> dict[str, str]:
+        """global key -> local key of every tensor the update holds."""
+        return {self.global_key(k): k for k in self.delta}
+
 
 class InvalidUpdate(ValueError):
     """A client update that must not be aggregated; the message names client and reason."""

@@ -20,7 +20,7 @@ from safetensors.torch import load, save
 from fedprune.client.scaffold import WIRE as CONTROL
 from fedprune.client.train import LocalTrainSpec, TrainStats, evaluate, load_state
 from fedprune.client.world import Federation, build
-from fedprune.config import ConfigError, MethodOptions
+from fedprune.config import PEFT_METHODS, ConfigError, MethodOptions
 from fedprune.core.accounting import train_ops
 from fedprune.core.robust import COMBINE
 from fedprune.core.update import ClientUpdate, InvalidUpdate, State
@@ -59,6 +59,7 @@ class Method:
     Config: ClassVar[type[MethodOptions]]
     task: ClassVar[str] = "classification"  # what the backbone does: classification | ...
     adapter: ClassVar[str | None] = "lora"  # what clients train (None: nothing)
+    peft_methods: ClassVar[tuple[str, ...]] = PEFT_METHODS  # the `peft.method`s it can train
     gpu: ClassVar[bool] = True  # its world honours run.device (else: the CPU, always)
     head_weights: ClassVar[bool] = False  # clients send per-head weights (AoH, B2)
     # metric -> higher is better; `target` is the one run.target_metric applies to
@@ -72,8 +73,8 @@ class Method:
     @classmethod
     def world(cls, cfg: ExperimentConfig) -> Federation:
         """The data and the one backbone this method's clients compute on, built once per
-        process (here: the task and adapter the class declares)."""
-        return build(cfg, task=cls.task, adapter=cls.adapter)
+        process (here: the task the class declares, what `peft.method` names)."""
+        return build(cfg, task=cls.task)
 
     def __init__(self, cfg: ExperimentConfig, fed: Federation) -> None:
         self.cfg = cfg
@@ -83,7 +84,7 @@ class Method:
         self.spec = LocalTrainSpec(f.local_epochs, f.batch_size, f.lr, f.optimizer,
                                    f.weight_decay, f.group_by_length, f.prox_mu)
         self.structure = describe(fed.model)
-        self.arch = encoder_arch(fed.model, r=cfg.peft.r, target_modules=cfg.peft.target_modules)
+        self.arch = encoder_arch(fed.model, cfg.peft)
         self.count_flops = cfg.run.count_flops
         # a robust combine rule in place of the weighted mean (core.robust), or "mean"
         self.combine = f.robust if f.robust in COMBINE else "mean"
@@ -100,6 +101,9 @@ class Method:
         if kind != "none" and (why := cls.attack_unsupported(kind)):
             raise ConfigError(f"`attack.kind` = {kind!r} with `method.name` = {cls.name!r}: "
                               f"{why}")
+        if cls.adapter is not None and cfg.peft.method not in cls.peft_methods:
+            raise ConfigError(f"`peft.method` = {cfg.peft.method!r} with `method.name` = "
+                              f"{cls.name!r}: it trains {', '.join(cls.peft_methods)} only")
         if cfg.dp.on:
             cls.check_dp(cfg)
         if cfg.run.device.startswith("cuda") and not cls.gpu:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from fedprune.client.train import load_state, local_train, snapshot
-from fedprune.config import MethodOptions, opt
+from fedprune.config import ConfigError, MethodOptions, opt
 from fedprune.core.aggregate import owned_mean
 from fedprune.core.robust import cap_shares
 from fedprune.core.update import ClientUpdate, InvalidUpdate, State, Weight
@@ -40,11 +40,13 @@ class HeadPruningConfig(MethodOptions):
     mode: str = opt("adapter", "'adapter': pruned heads' PEFT slices frozen and not sent; "
                     "'structural': pruned heads removed from the local forward and backward.",
                     ("adapter", "structural"))
-    head_params: str = opt("AB", "Which LoRA tensors are split by head (pruned, sent and "
-                           "aggregated per head): 'AB' = LoRA B rows of q/k/v and LoRA A "
-                           "columns of o; 'B' = B rows only (the paper's P = {B}, Sect. 3.1; "
-                           "o's A is then shared like q/k/v's A). Same thing when LoRA is on "
-                           "q and v only.", ("AB", "B"))
+    head_params: str = opt("AB", "Which trainable coordinates are split by head (pruned, "
+                           "sent and aggregated per head): 'AB' = q/k/v's output rows and o's "
+                           "input columns (LoRA: B rows of q/k/v, A columns of o; full "
+                           "fine-tuning: the weights' own); 'B' = the rows only (LoRA: the "
+                           "paper's P = {B}, Sect. 3.1; o's A is then shared like q/k/v's A). "
+                           "Same thing when nothing on o trains (LoRA on q and v, IA3).",
+                           ("AB", "B"))
     share_cap: float = opt(1.0, "No client's share of any head's aggregation weight exceeds "
                            "this (water-filling over the head's owners each round, "
                            "core.robust.cap_shares; fewer than 1/cap owners weigh equally); "
@@ -72,8 +74,10 @@ def eq7_keep(scores: dict[str, torch.Tensor], sparsity: float, scope: str
 
 
 def kept_index(mask: torch.Tensor, dim: int) -> torch.Tensor:
-    """Indices along ``dim`` of a row (dim 0) or column (dim 1) mask that are kept."""
-    return mask.any(dim=1 - dim).nonzero().flatten()
+    """Indices along ``dim`` of a mask (rows or columns of a matrix, or a vector's entries)
+    that are kept."""
+    other = [i for i in range(mask.dim()) if i != dim]
+    return (mask.any(dim=other) if other else mask).nonzero().flatten()
 
 
 class HeadPruning(Method):
@@ -86,7 +90,8 @@ class HeadPruning(Method):
 
     def __init__(self, cfg, fed) -> None:
         super().__init__(cfg, fed)
-        self.units = head_units(fed.initial, self.structure, self.options.head_params)
+        self.units = head_units(fed.initial, self.structure, self.options.head_params,
+                                prompt_chunks=cfg.peft.prompt_head_chunks)
         self.key_dim = {s.key: s.dim for u in self.units for s in u.slices}
         # a head-mapped key's slice-weight shape: [out, 1] (rows) or [1, in] (columns)
         self.key_shape = {k: tuple(n if i == d else 1 for i, n in enumerate(fed.initial[k].shape))
@@ -146,6 +151,22 @@ class HeadPruning(Method):
         rng = np.random.default_rng([seed, ALPHA_NOISE_STREAM])
         return {p: (s.double() + torch.from_numpy(rng.normal(0.0, std, tuple(s.shape))))
                 .clamp(0.0, 1.0).to(s.dtype) for p, s in scores.items()}
+
+    @classmethod
+    def check(cls, cfg) -> None:
+        """A head map for what `peft.method` trains (DESIGN.md "Head map"), and the structural
+        view only for LoRA."""
+        super().check(cfg)
+        pm, mode = cfg.peft.method, cfg.method.own.mode
+        if pm == "prompt" and not cfg.peft.prompt_head_chunks:
+            raise ConfigError(f"`method.name` = {cls.name!r} with `peft.method` = 'prompt': "
+                              "prompt tuning has no head map to prune; set "
+                              "`peft.prompt_head_chunks` = true for the AoH paper's d/H column "
+                              "chunks, or choose another peft.method")
+        if mode == "structural" and pm != "lora":
+            raise ConfigError(f"`method.{cls.name}.mode` = 'structural' with `peft.method` = "
+                              f"{pm!r}: the structural view slices LoRA tensors only so far; "
+                              "use mode 'adapter'")
 
     @classmethod
     def scaffold_unsupported(cls, options) -> str | None:

@@ -234,6 +234,7 @@ class PruFed(Method):
     Config = PruFedConfig
     task = "causal_lm"
     gpu: ClassVar[bool] = False  # its tier views and world run on the CPU (run.device)
+    peft_methods: ClassVar[tuple[str, ...]] = ("lora",)  # HeteAgg renames LoRA per layer
     metrics: ClassVar[dict[str, bool]] = {"perplexity": False, "eval_loss": False,
                                           "rougeL": True, "exact_match": True}
     target = "perplexity"

@@ -58,13 +58,16 @@ def _rows(suite_dir: Path, variants) -> list[dict[str, Any]]:
     return [_enrich(_row(v.label, suite_dir / v.label)) for v in variants]
 
 
-def _header(title: str, rows: list[dict[str, Any]]) -> list[str]:
+def _header(title: str, rows: list[dict[str, Any]], peft: str | None = None) -> list[str]:
+    """Title and set-up line (``peft``: what clients train, if not the first row's)."""
     cfg = rows[0]["cfg"]
-    f, d = cfg["federation"], cfg["data"]
+    f, d, pc = cfg["federation"], cfg["data"], cfg["peft"]
+    peft = peft or (f"LoRA r={pc['r']}" if pc.get("method", "lora") == "lora" else
+                    f"peft.method {pc['method']}")
     setup = (f"Model `{cfg['model']['name']}`, data `{d['dataset']}` (max_samples "
              f"{d['max_samples'] or 'all'}, max_length {d['max_length']}), {f['num_clients']} "
-             f"clients, {f['clients_per_round']} per round, {f['rounds']} rounds, LoRA r="
-             f"{cfg['peft']['r']}, seed {cfg['run']['seed']}. Target accuracy "
+             f"clients, {f['clients_per_round']} per round, {f['rounds']} rounds, {peft}, "
+             f"seed {cfg['run']['seed']}. Target accuracy "
              f"{rows[0]['target']}. Bytes are measured on the serialized payloads; analytic "
              f"OPs from core/accounting.py, measured FLOPs by torch FlopCounterMode.")
     return [f"# {title}", "", setup, ""]
@@ -768,3 +771,61 @@ def privacy_report(suite_dir: Path, variants) -> Path:
 
 
 REPORTS["privacy"] = privacy_report
+
+
+CHANCE_MARGIN = 0.05  # "fallen to chance": final accuracy within 5 points of 1 / classes
+
+
+def peft_report(suite_dir: Path, variants) -> Path:
+    """AoH Table 3: per PEFT method, FedAvg's seconds per local epoch, upload, OPs and
+    accuracy; AoH's largest sparsity whose final accuracy stays more than CHANCE_MARGIN above
+    chance, with its upload, OPs and accuracy; and accuracy against sparsity."""
+    done = [v for v in variants if (suite_dir / v.label / "global.safetensors").is_file()]
+    if not done:
+        return _write(suite_dir, ["# PEFT methods", "", "No finished run yet."])
+    rows = {v.label: _enrich(_row(v.label, suite_dir / v.label)) for v in done}
+    first = next(iter(rows.values()))
+    names = json.loads((suite_dir / first["label"] / "partition.json").read_text())[
+        "label_names"]
+    chance = 1 / len(names)
+    methods = list(dict.fromkeys(v.label.split("-FedAvg")[0].split("-AoH")[0]
+                                 for v in variants))
+    table = [("| PEFT | FedAvg s / local epoch | FedAvg KiB up | FedAvg GOPs | FedAvg acc | "
+              "AoH max sparsity | AoH KiB up | AoH GOPs | AoH acc |"), "|" + "---|" * 9]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for m in methods:
+        fed = rows.get(f"{m}-FedAvg")
+        sweep = sorted(((r["cfg"]["method"]["aoh"]["sparsity"], r) for label, r in rows.items()
+                        if label.startswith(f"{m}-AoH-")), key=lambda x: x[0])
+        alive = [(s, r) for s, r in sweep if r["final_accuracy"] > chance + CHANCE_MARGIN]
+        best = alive[-1] if alive else None
+        cells = [_fmt(fed and fed["train_s_per_client"], ".2f"),
+                 _fmt(fed and fed["kib_up"], ",.1f"), _fmt(fed and fed["gops"], ",.2f"),
+                 _fmt(fed and fed["final_accuracy"], ".3f"),
+                 "–" if best is None else f"{100 * best[0]:.0f} %",
+                 *(_fmt(best and best[1][k], f) for k, f in
+                   (("kib_up", ",.1f"), ("gops", ",.2f"), ("final_accuracy", ".3f")))]
+        table.append(f"| {m} | " + " | ".join(cells) + " |")
+        if sweep:
+            xs = [0.0, *(s for s, _ in sweep)] if fed else [s for s, _ in sweep]
+            ys = ([fed["final_accuracy"]] if fed else []) + [r["final_accuracy"] for _, r in sweep]
+            ax.plot([100 * x for x in xs], ys, marker="o", label=m)
+    tried = sorted({r["cfg"]["method"]["aoh"]["sparsity"] for r in rows.values()
+                    if r["cfg"]["method"]["name"] == "aoh"})
+    ax.axhline(chance, color="grey", linestyle=":", label="chance")
+    ax.set(xlabel="AoH head sparsity (%) (0 = FedAvg)", ylabel="final validation accuracy",
+           title="PEFT methods under head pruning (AoH Table 3)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    save_figure(fig, suite_dir / "peft.png")
+    lines = [*_header("PEFT methods with FedAvg and AoH (paper Table 3)", [first],
+                      peft="each PEFT method of the table"),
+             (f"AoH max sparsity: the largest of {', '.join(f'{100 * s:.0f} %' for s in tried)}"
+              f" whose final accuracy is more than {100 * CHANCE_MARGIN:.0f} points above "
+              f"chance ({chance:.2f}); KiB up and GOPs are per client and round, GOPs analytic "
+              f"(core/accounting.py). Learning rates per method: sim/suites.py."), "",
+             *table, "", "![accuracy against sparsity](peft.png)", ""]
+    return _write(suite_dir, lines)
+
+
+REPORTS["peft"] = peft_report

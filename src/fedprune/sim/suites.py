@@ -157,6 +157,31 @@ def privacy() -> list[Variant]:
     return out
 
 
+# issue 13 item 6 (AoH Table 3): each PEFT method with FedAvg and with AoH at rising sparsity.
+# Learning rates are the methods' usual ones, not tuned here: LoRA 1e-3 (the base), IA3 3e-3
+# (Liu et al. 2022), prompt tuning 3e-2 (AdamW; Lester et al. used 0.3 with Adafactor), full
+# fine-tuning 5e-5 (BERT's fine-tuning range).
+PEFT_VARIANTS = {"lora-r4": ("peft.r=4", "peft.alpha=8.0"),
+                 "lora-r8": ("peft.r=8", "peft.alpha=16.0"),
+                 "lora-r16": ("peft.r=16", "peft.alpha=32.0"),
+                 "ia3": ("peft.method='ia3'", "federation.lr=3e-3"),
+                 "prompt": ("peft.method='prompt'", "peft.prompt_head_chunks=true",
+                            "federation.lr=3e-2"),
+                 "full": ("peft.method='full'", "federation.lr=5e-5")}
+PEFT_SPARSITY = (0.5, 0.7, 0.9)
+
+
+def peft(methods: tuple[str, ...] = tuple(PEFT_VARIANTS)) -> list[Variant]:
+    """Labels ``<peft>-FedAvg`` and ``<peft>-AoH-s<percent>``."""
+    out = []
+    for m in methods:
+        out.append(Variant(f"{m}-FedAvg", (*PEFT_VARIANTS[m], "method.name='fedavg'")))
+        out += [Variant(f"{m}-AoH-s{round(100 * s)}", (*PEFT_VARIANTS[m], *AOH,
+                                                      f"method.aoh.sparsity={s}"))
+                for s in PEFT_SPARSITY]
+    return out
+
+
 FEDSPALLM_SMOKE = ("method.fedspallm.pruner='magnitude'", "method.fedspallm.samples=2",
                    "method.fedspallm.seq_len=32", "method.fedspallm.eval_samples=2")
 
@@ -294,16 +319,18 @@ def prufed_smoke() -> list[Variant]:
 SUITES: dict[str, Callable[[], list[Variant]]] = {
     "ablation": ablation, "sparsity": sparsity, "noniid": noniid, "fedspallm": fedspallm,
     "prufed": prufed, "optimizers": optimizers, "table1": table1,
-    "robustness": robustness, "privacy": privacy}
+    "robustness": robustness, "privacy": privacy, "peft": peft}
 BASES = {"ablation": Path("configs/suite.toml"), "sparsity": Path("configs/suite.toml"),
          "noniid": Path("configs/suite.toml"), "fedspallm": Path("configs/fedspallm.toml"),
          "prufed": Path("configs/prufed_suite.toml"), "optimizers": Path("configs/suite.toml"),
          "table1": Path("configs/paper_table1.toml"), "robustness": Path("configs/suite.toml"),
-         "privacy": Path("configs/suite.toml")}
+         "privacy": Path("configs/suite.toml"), "peft": Path("configs/suite.toml")}
 SMOKES = {"fedspallm": FEDSPALLM_SMOKE, "prufed": PRUFED_SMOKE}
 SMOKE_VARIANTS: dict[str, Callable[[], list[Variant]]] = {
     "prufed": prufed_smoke, "optimizers": lambda: optimizers(seeds=(0,)),
     "table1": lambda: table1(seeds=(0,)),
+    "peft": lambda: [v for v in peft(("ia3", "prompt"))
+                     if v.label in ("ia3-FedAvg", "ia3-AoH-s50", "prompt-AoH-s50")],
     "privacy": lambda: [v for v in privacy() if v.label in ("FedAvg-nodp", "AoH-z1.0-a0.05")]}
 
 

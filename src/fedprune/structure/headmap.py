@@ -1,14 +1,20 @@
-"""Head map: which coordinates of the trainable LoRA tensors belong to which attention head.
+"""Head map: which coordinates of the trainable PEFT tensors belong to which attention head.
 
 AoH (Venkatesha, Kundu, Panda: *Assortment of Attention Heads*) prunes attention heads per
 client (Eq. 7) and aggregates head slices with importance weights (Eq. 8). Both need to know
 which coordinates of the trainable tensors Φ belong to which head:
 
-* `head_units` maps every head of every attention module to its slices of the LoRA tensors:
-  rows `offset + h*d : offset + (h+1)*d` of LoRA **B** of q/k/v (B is [out, r]) and columns
-  `h*d : (h+1)*d` of LoRA **A** of o (A is [r, in]). LoRA A of q/k/v and LoRA B of o are shared
-  by all heads and not head-mapped. Under GQA a query unit holds q rows + o columns of query
-  head h and a KV unit holds k and v rows of KV head g.
+* `head_units` maps every head of every attention module to its slices of the trainable
+  tensors (DESIGN.md "Head map"): the *output rows* `offset + h*d : offset + (h+1)*d` of q/k/v
+  and the *input columns* `h*d : (h+1)*d` of o. Per PEFT method (`fedprune.structure.model.
+  apply_peft`): LoRA — rows of **B** of q/k/v (B is [out, r], and its bias), columns of **A**
+  of o (A is [r, in]); IA3 — rows of the [out, 1] scalings of k/v; full fine-tuning — rows of
+  the q/k/v weights and biases, columns of the o weight (GPT-2's Conv1D stores [in, out]: the
+  other dim); prompt tuning — only on request (`prompt_chunks`), column chunk h of the [T_p, d]
+  prompt embeddings to query head h of the first attention module. Everything else (LoRA A of
+  q/k/v, B of o, biases of o, FFN scalings, embeddings, the task head) is shared by all heads
+  and not head-mapped. Under GQA a query unit holds q rows + o columns of query head h and a
+  KV unit holds k and v rows of KV head g.
 * `unit_mask` turns per-client kept query heads into boolean masks over those tensors.
 * `structural_keep` says which query heads the structural view (headview.py) really keeps
   under GQA (whole KV groups).
@@ -36,10 +42,8 @@ __all__ = ["HeadSlice", "HeadUnit", "head_units", "structural_keep", "unit_mask"
 
 @dataclass(frozen=True)
 class HeadSlice:
-    """Coordinates `start:stop` along `dim` of trainable tensor `key` (a parameter path).
-
-    dim 0: rows (LoRA B of q/k/v, [out, r]); dim 1: columns (LoRA A of o, [r, in]).
-    """
+    """Coordinates `start:stop` along `dim` of trainable tensor `key` (a parameter path):
+    e.g. dim 0 of LoRA B of q/k/v ([out, r]), dim 1 of LoRA A of o ([r, in])."""
 
     key: str
     dim: int
@@ -51,8 +55,8 @@ class HeadSlice:
 class HeadUnit:
     """The trainable coordinates owned by one head of one attention module.
 
-    kind "query": rows of q's LoRA B and columns of o's LoRA A of query head `index`.
-    kind "kv": rows of k's and v's LoRA B of KV head `index` (MHA: one per query head; GQA:
+    kind "query": q's output rows and o's input columns of query head `index` (and its
+    prompt chunk, when mapped). kind "kv": k's and v's output rows of KV head `index` (MHA: one per query head; GQA:
     one per group). `query_heads` are the query heads the unit serves: `(index,)` for a query
     unit, the group `g*G .. (g+1)*G - 1` for a KV unit (G = group size); a KV unit is kept
     when any of them is kept, and its importance is their max (DESIGN "Head map").
@@ -65,28 +69,31 @@ class HeadUnit:
     query_heads: tuple[int, ...]
 
 
-# parameter path -> (module path, "lora_A" | "lora_B", adapter name, "weight" | "bias")
-_LORA_KEY = re.compile(
-    r"(?P<module>.+)\.(?P<part>lora_[AB])\.(?P<adapter>[^.]+)\.(?P<leaf>weight|bias)"
-)
+_TRANSPOSED = frozenset({"gpt2"})  # families whose projection weights are [in, out] (Conv1D)
+_LORA_PART = re.compile(r"(?P<part>lora_[AB])\.[^.]+\.(?P<leaf>weight|bias)")
+_IA3 = re.compile(r"ia3_l\.[^.]+")
+_PROMPT = re.compile(r"prompt_encoder\.[^.]+\.embedding\.weight")
 
 
 def head_units(params: Mapping[str, Tensor], structure: ModelStructure,
-               parts: str = "AB") -> list[HeadUnit]:
-    """Every head's slices of the LoRA tensors in `params` (keys as `trainable_parameters`).
-    ``parts`` = "B" maps LoRA B rows only (AoH's P = {B}, Sect. 3.1): o's LoRA A is then
-    shared by all heads like q/k/v's A.
+               parts: str = "AB", prompt_chunks: bool = False) -> list[HeadUnit]:
+    """Every head's slices of the trainable tensors in `params` (keys as
+    `trainable_parameters`). ``parts`` = "B" maps output rows only (LoRA: AoH's P = {B},
+    Sect. 3.1): o's input columns are then shared by all heads. ``prompt_chunks``: map prompt
+    tuning's embeddings by column chunks (module docstring); without it they are shared.
 
     Only tensors present in `params` are mapped (LoRA on q and v only -> units hold only
     those). Order: attention modules as in `structure`, then query units 0..H-1, then KV units
     0..KV-1; units with no slice are left out. Asserts that every slice is in bounds, that no
     two units overlap, and that the units tile the mapped dimension of every tensor exactly
-    (each LoRA B row of q/k/v and each LoRA A column of o belongs to exactly one head).
+    (each mapped row of q/k/v and each mapped column of o belongs to exactly one head).
     """
-    lora = _lora_index(params)
+    index = _projection_index(params, structure)
     units: list[HeadUnit] = []
     for attn in structure.attention:
-        units += _units_of(attn, lora, with_a=parts == "AB")
+        units += _units_of(attn, index, with_cols=parts == "AB")
+    if prompt_chunks:
+        units = _with_prompt_chunks(units, params, structure)
     _check_units(units, params)
     return units
 
@@ -114,32 +121,52 @@ def unit_mask(
     return masks
 
 
-def _lora_index(params: Mapping[str, Tensor]) -> dict[tuple[str, str], list[str]]:
-    """(module path, "lora_A" | "lora_B") -> LoRA parameter paths in `params`, in order."""
-    index: dict[tuple[str, str], list[str]] = {}
-    for key in params:
-        match = _LORA_KEY.fullmatch(key)
-        if match is not None:
-            index.setdefault((match["module"], match["part"]), []).append(key)
+def _projection_index(params: Mapping[str, Tensor], structure: ModelStructure
+                      ) -> dict[tuple[str, str], list[tuple[str, int]]]:
+    """(projection module path, "rows" | "cols") -> [(parameter path, dim)] of the trainable
+    tensors indexed by that projection's output features (rows) or input features (cols)."""
+    modules = {getattr(a, p).module for a in structure.attention for p in "qkvo"}
+    weight_dims = (1, 0) if structure.family in _TRANSPOSED else (0, 1)  # (rows, cols)
+    index: dict[tuple[str, str], list[tuple[str, int]]] = {}
+    for key, tensor in params.items():
+        module, _, leaf = key.rpartition(".")
+        while module and module not in modules:  # the longest projection path that is a prefix
+            module, _, rest = module.rpartition(".")
+            leaf = f"{rest}.{leaf}"
+        if not module:
+            continue
+        if lora := _LORA_PART.fullmatch(leaf):
+            role, dim = ("rows", 0) if lora["part"] == "lora_B" else ("cols", 1)
+            if lora["part"] == "lora_A" and lora["leaf"] == "bias":
+                continue
+        elif _IA3.fullmatch(leaf):  # [out, 1] scales the output, [1, in] the input
+            role, dim = ("rows", 0) if tensor.shape[-1] == 1 else ("cols", 1)
+        elif leaf == "weight":  # full fine-tuning
+            index.setdefault((module, "cols"), []).append((key, weight_dims[1]))
+            role, dim = "rows", weight_dims[0]
+        elif leaf == "bias":
+            role, dim = "rows", 0
+        else:
+            continue
+        index.setdefault((module, role), []).append((key, dim))
     return index
 
 
-def _units_of(attn: AttentionModule, lora: dict[tuple[str, str], list[str]],
-              with_a: bool = True) -> list[HeadUnit]:
-    """Query units then KV units of one attention module (``with_a``: o's LoRA A columns
+def _units_of(attn: AttentionModule, index: dict[tuple[str, str], list[tuple[str, int]]],
+              with_cols: bool = True) -> list[HeadUnit]:
+    """Query units then KV units of one attention module (``with_cols``: o's input columns
     too)."""
     d = attn.head_dim
 
-    def rows(name: str, head: int) -> list[HeadSlice]:  # LoRA B (and its bias) of q/k/v
+    def rows(name: str, head: int) -> list[HeadSlice]:  # output rows of q/k/v
         proj = getattr(attn, name)
         start = proj.offset + head * d
-        keys = lora.get((proj.module, "lora_B"), [])
-        return [HeadSlice(key, 0, start, start + d) for key in keys]
+        return [HeadSlice(key, dim, start, start + d)
+                for key, dim in index.get((proj.module, "rows"), [])]
 
-    def cols(head: int) -> list[HeadSlice]:  # LoRA A of o: [r, in], in = H*d
-        keys = [k for k in lora.get((attn.o.module, "lora_A"), []) if k.endswith(".weight")
-                and with_a]
-        return [HeadSlice(key, 1, head * d, (head + 1) * d) for key in keys]
+    def cols(head: int) -> list[HeadSlice]:  # input columns of o: in = H*d
+        keys = index.get((attn.o.module, "cols"), []) if with_cols else []
+        return [HeadSlice(key, dim, head * d, (head + 1) * d) for key, dim in keys]
 
     units = [
         HeadUnit(attn.path, h, "query", tuple(rows("q", h) + cols(h)), (h,))
@@ -152,6 +179,32 @@ def _units_of(attn: AttentionModule, lora: dict[tuple[str, str], list[str]],
         for g in range(attn.n_kv_heads)
     ]
     return [u for u in units if u.slices]
+
+
+def _with_prompt_chunks(units: list[HeadUnit], params: Mapping[str, Tensor],
+                        structure: ModelStructure) -> list[HeadUnit]:
+    """Column chunk h of each prompt-embedding tensor [T_p, d] added to query head h of the
+    first attention module (d = H * head_dim there); a query unit is made if it has none."""
+    first = structure.attention[0]
+    keys = [k for k in params if _PROMPT.fullmatch(k)]
+    if not keys:
+        raise ValueError("prompt_chunks: no prompt-tuning embeddings among the trainables")
+    d = first.head_dim
+    for key in keys:
+        assert params[key].shape[1] == first.n_heads * d, \
+            f"{key}: width {params[key].shape[1]} != {first.n_heads} heads x {d}"
+    chunks = {h: tuple(HeadSlice(k, 1, h * d, (h + 1) * d) for k in keys)
+              for h in range(first.n_heads)}
+    out, done = [], set()
+    for u in units:
+        if u.path == first.path and u.kind == "query":
+            u = HeadUnit(u.path, u.index, u.kind, u.slices + chunks[u.index], u.query_heads)
+            done.add(u.index)
+        out.append(u)
+    missing = [HeadUnit(first.path, h, "query", chunks[h], (h,))
+               for h in range(first.n_heads) if h not in done]
+    at = next((i for i, u in enumerate(out) if u.path == first.path), 0)
+    return out[:at] + missing + out[at:]
 
 
 def _check_units(units: list[HeadUnit], params: Mapping[str, Tensor]) -> None:

@@ -170,11 +170,19 @@ def _is_encoder_decoder(structure: ModelStructure) -> bool:
 
 
 def _module_masks(
-    attn: AttentionModule, streams: Mapping[str, _Masks]
+    attn: AttentionModule, streams: Mapping[str, _Masks], n_query: int, n_key: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(query_valid, key_valid) of one module: cross-attention keys are the encoder's tokens."""
+    """(query_valid, key_valid) of one module: cross-attention keys are the encoder's tokens.
+    Positions beyond the input tokens are peft's virtual tokens (prompt tuning's soft prompt),
+    which peft prepends: never queries (they are not the client's text), always keys (every
+    token attends to them)."""
     keys = streams[attn.stack] if attn.kind == "self" else streams["encoder"]
-    return streams[attn.stack].query, keys.key
+    query, key = streams[attn.stack].query, keys.key
+    if n_query > query.shape[1]:
+        query = torch.nn.functional.pad(query, (n_query - query.shape[1], 0), value=False)
+    if n_key > key.shape[1]:
+        key = torch.nn.functional.pad(key, (n_key - key.shape[1], 0), value=True)
+    return query, key
 
 
 # --- hooks and model state ------------------------------------------------------------------
@@ -204,7 +212,8 @@ def _hooks(
                     f"{attn.path} returned no (B, H, Tq, Tk) attention probabilities at output "
                     f"index {index}; is eager attention active for this model?"
                 )
-            accumulators[attn.path].add_batch(probs, *_module_masks(attn, current))
+            masks = _module_masks(attn, current, probs.shape[2], probs.shape[3])
+            accumulators[attn.path].add_batch(probs, *masks)
 
         return hook
 

@@ -11,7 +11,15 @@ import logging
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, TaskType, get_peft_model
+from peft import (
+    IA3Config,
+    LoraConfig,
+    PromptTuningConfig,
+    PromptTuningInit,
+    TaskType,
+    get_peft_model,
+)
+from peft.utils.constants import TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -119,6 +127,8 @@ def load_backbone(name: str, *, task: str, num_labels: int, attn_implementation:
 
 
 _SYMBOLS = frozenset("qkvo")  # attention projections, resolved per family
+TASK_TYPES = {"classification": TaskType.SEQ_CLS, "causal_lm": TaskType.CAUSAL_LM,
+              "seq2seq": TaskType.SEQ_2_SEQ_LM}  # task kind -> peft's
 
 
 def lora_targets(structure: ModelStructure, target_modules: list[str]) -> list[str]:
@@ -134,7 +144,7 @@ def apply_lora(model: torch.nn.Module, *, task: str, r: int, alpha: float, dropo
     classification) the task head are trainable. LoRA A is initialised from ``seed``."""
     structure = describe(model)
     config = LoraConfig(
-        task_type=TaskType.SEQ_CLS if task == "classification" else TaskType.CAUSAL_LM,
+        task_type=TASK_TYPES[task],
         r=r, lora_alpha=alpha, lora_dropout=dropout,
         target_modules=lora_targets(structure, target_modules),
         fan_in_fan_out=structure.family == "gpt2")  # GPT-2's Conv1D stores weight as [in, out]
@@ -142,20 +152,80 @@ def apply_lora(model: torch.nn.Module, *, task: str, r: int, alpha: float, dropo
     return get_peft_model(model, config)
 
 
-def encoder_arch(model: torch.nn.Module, *, r: int, target_modules: list[str]
-                 ) -> EncoderArch | None:
-    """The numbers OPs accounting needs, for the encoder classifiers (BERT, RoBERTa,
-    DistilBERT); None for other families (their analytic formula is not written yet)."""
+# FFN down projection (its input: the intermediate activations IA3 scales) of families peft's
+# IA3 table lacks; the others come from that table
+_FFN_DOWN = {"distilbert": "ffn.lin2"}
+
+
+def ffn_down_modules(model: torch.nn.Module, structure: ModelStructure) -> list[str]:
+    """Module paths of every layer's FFN down projection (BERT `output.dense`, GPT-2
+    `mlp.c_proj`, Llama `down_proj`, ...), attention output projections excluded (BERT's
+    `attention.output.dense` ends the same way)."""
+    suffix = _FFN_DOWN.get(structure.family) or \
+        TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING[model.config.model_type][0]
+    attn_o = set(projection_names(structure, "o"))
+    names = [n for n, _ in model.named_modules()
+             if (n == suffix or n.endswith("." + suffix)) and n not in attn_o]
+    layers = sum(len(v) for v in structure.layers.values())
+    assert len(names) == layers, f"{len(names)} FFN down projections for {layers} layers"
+    return names
+
+
+def apply_peft(model: torch.nn.Module, *, method: str, task: str, seed: int, r: int = 16,
+               alpha: float = 32.0, dropout: float = 0.0,
+               target_modules: list[str] = ("q", "k", "v", "o"),
+               num_virtual_tokens: int = 20) -> torch.nn.Module:
+    """The backbone with what `peft.method` trains made trainable, everything else frozen:
+
+    * 'lora': `apply_lora`.
+    * 'ia3': peft IA3 on the key and value projections ([out, 1] scalings of their outputs)
+      and on every FFN down projection ([1, in] scalings of its input), as in Liu et al.
+      (2022); initialised to ones.
+    * 'prompt': peft prompt tuning, `num_virtual_tokens` embeddings [T_p, d] prepended to the
+      input embeddings, initialised from randomly sampled vocabulary embeddings.
+    * 'full': no wrapper; every parameter trainable.
+
+    The classification head is trainable in every case; random initialisation is from
+    ``seed``."""
+    if method == "lora":
+        return apply_lora(model, task=task, r=r, alpha=alpha, dropout=dropout,
+                          target_modules=target_modules, seed=seed)
+    torch.manual_seed(seed)
+    if method == "full":
+        model.requires_grad_(True)
+        return model
+    task_type = TASK_TYPES[task]
+    structure = describe(model)
+    if method == "ia3":
+        ffn = ffn_down_modules(model, structure)
+        config = IA3Config(task_type=task_type, feedforward_modules=ffn,
+                           target_modules=projection_names(structure, "kv") + ffn,
+                           fan_in_fan_out=structure.family == "gpt2")
+    elif method == "prompt":
+        config = PromptTuningConfig(task_type=task_type, num_virtual_tokens=num_virtual_tokens,
+                                    prompt_tuning_init=PromptTuningInit.SAMPLE_VOCAB)
+    else:
+        raise ValueError(f"unknown peft method {method!r}")
+    return get_peft_model(model, config)
+
+
+def encoder_arch(model: torch.nn.Module, peft) -> EncoderArch | None:
+    """The numbers OPs accounting needs (``peft``: the `[peft]` section), for the encoder
+    classifiers (BERT, RoBERTa, DistilBERT); None for other families (their analytic formula
+    is not written yet)."""
     structure = describe(model)
     if structure.family not in ("bert", "roberta", "distilbert"):
         return None
     c = model.config
     attn = structure.attention[0]
     ffn = c.hidden_dim if structure.family == "distilbert" else c.intermediate_size
+    lora = peft.method == "lora"
     return EncoderArch(
-        layers=len(structure.layers["encoder"]), hidden=attn.n_heads * attn.head_dim, ffn=ffn, head_dim=attn.head_dim,
-        num_labels=c.num_labels, lora_r=r,
-        lora_targets="".join(t for t in "qkvo" if t in target_modules))
+        layers=len(structure.layers["encoder"]), hidden=attn.n_heads * attn.head_dim, ffn=ffn,
+        head_dim=attn.head_dim, num_labels=c.num_labels, lora_r=peft.r if lora else 0,
+        lora_targets="".join(t for t in "qkvo" if t in peft.target_modules) if lora else "",
+        method=peft.method,
+        prompt_tokens=peft.num_virtual_tokens if peft.method == "prompt" else 0)
 
 
 def trainable_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:

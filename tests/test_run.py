@@ -241,6 +241,7 @@ def test_suite_smoke(tmp_path, name):
         assert ia3[5] in ("–", "50 %") and float(ia3[3]) > 0  # GOPs
     if name == "privacy":  # epsilon of one Poisson-sampled round with z = 1, q = 10 / 20
         from fedprune.core.privacy import epsilon
+        assert "clipping C = 0.5," in text  # the DP runs' C, not the no-DP run's 0
         row = next(x for x in text.splitlines() if x.startswith("| AoH-z1.0-a0.05 |"))
         assert f"| {epsilon(1.0, 0.5, 1, 1e-5):.2f} |" in row and "| 0.05 |" in row
     if name == "noniid":  # two clients' importance logged each round, one value per head

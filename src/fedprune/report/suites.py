@@ -761,10 +761,11 @@ def privacy_report(suite_dir: Path, variants) -> Path:
     ax.legend(fontsize=7)
     save_figure(fig, suite_dir / "privacy.png")
     f = done[0]["cfg"]["federation"]
+    clip = next((r["cfg"]["dp"]["clip_norm"] for r in done if r["cfg"]["dp"]["clip_norm"]), "–")
     return _write(suite_dir, [
         *_header("Client-level differential privacy: DP-FedAvg (issue 15)", done),
         (f"Poisson sampling q = {f['clients_per_round']}/{f['num_clients']} per round, "
-         f"clipping C = {done[0]['cfg']['dp']['clip_norm']}, noise std z·C on the sum, "
+         f"clipping C = {clip}, noise std z·C on the sum, "
          "divided by the expected K; ε from Opacus' RDP accountant after the last round. "
          "AoH's α noise is local (clients add it to their head scores before pruning) and "
          "is not in ε."), "", table, "", "![accuracy against epsilon](privacy.png)", ""])

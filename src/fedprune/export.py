@@ -156,8 +156,8 @@ CAUSAL_LM = ("from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
              "tokenizer = AutoTokenizer.from_pretrained(FOLDER)")
 
 
-PEFT_KINDS = {"lora": "LoRA tensors", "ia3": "IA3 scaling vectors",
-              "prompt": "prompt-tuning embeddings"}
+PEFT_KINDS = {"lora": ("LoRA", "LoRA tensors"), "ia3": ("IA3", "IA3 scaling vectors"),
+              "prompt": ("prompt tuning", "prompt-tuning embeddings")}  # (name, what it saves)
 
 
 def export_peft(run: Run, out: Path) -> list[Card]:
@@ -176,7 +176,7 @@ def export_peft(run: Run, out: Path) -> list[Card]:
     load_tokenizer(resolve(cfg.model.name, cache_dir(cfg))).save_pretrained(out)
     notes = [f"Labels (id -> name): {labels}.",
              "Every weight of the final global model (full fine-tuning), float32." if full else
-             f"{PEFT_KINDS[cfg.peft.method]} and the trained classification head (peft "
+             f"{PEFT_KINDS[cfg.peft.method][1]} and the trained classification head (peft "
              f"modules_to_save) of the final global model, float32."]
     if cfg.method.name in ("aoh", "random_heads"):
         o = cfg.method.own
@@ -197,7 +197,7 @@ def export_peft(run: Run, out: Path) -> list[Card]:
                 f"    {base!r}, num_labels={len(labels)}, id2label={labels})\n"
                 f"model = PeftModel.from_pretrained(base, FOLDER).eval()\n"
                 f"tokenizer = AutoTokenizer.from_pretrained(FOLDER)")
-        kind = f"peft {cfg.peft.method} adapter".replace("lora", "LoRA").replace("ia3", "IA3")
+        kind = f"peft {PEFT_KINDS[cfg.peft.method][0]} adapter"
     return [Card(out, kind, scalar_metrics(final_record(run)), notes, load)]
 
 

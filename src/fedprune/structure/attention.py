@@ -91,6 +91,12 @@ class ModelStructure:
     attention: tuple[AttentionModule, ...]
     layers: dict[str, tuple[str, ...]]
 
+    @property
+    def transposed(self) -> bool:
+        """Projection weights stored [in, out] (GPT-2's Conv1D), not nn.Linear's [out, in]
+        (peft's `fan_in_fan_out`)."""
+        return self.family == "gpt2"
+
 
 class UnsupportedModelError(ValueError):
     """The model's `config.model_type` is not one of the supported families."""

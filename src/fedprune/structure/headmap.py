@@ -69,7 +69,6 @@ class HeadUnit:
     query_heads: tuple[int, ...]
 
 
-_TRANSPOSED = frozenset({"gpt2"})  # families whose projection weights are [in, out] (Conv1D)
 _LORA_PART = re.compile(r"(?P<part>lora_[AB])\.[^.]+\.(?P<leaf>weight|bias)")
 _IA3 = re.compile(r"ia3_l\.[^.]+")
 _PROMPT = re.compile(r"prompt_encoder\.[^.]+\.embedding\.weight")
@@ -126,7 +125,7 @@ def _projection_index(params: Mapping[str, Tensor], structure: ModelStructure
     """(projection module path, "rows" | "cols") -> [(parameter path, dim)] of the trainable
     tensors indexed by that projection's output features (rows) or input features (cols)."""
     modules = {getattr(a, p).module for a in structure.attention for p in "qkvo"}
-    weight_dims = (1, 0) if structure.family in _TRANSPOSED else (0, 1)  # (rows, cols)
+    weight_dims = (1, 0) if structure.transposed else (0, 1)  # (rows, cols)
     index: dict[tuple[str, str], list[tuple[str, int]]] = {}
     for key, tensor in params.items():
         module, _, leaf = key.rpartition(".")
@@ -183,28 +182,21 @@ def _units_of(attn: AttentionModule, index: dict[tuple[str, str], list[tuple[str
 
 def _with_prompt_chunks(units: list[HeadUnit], params: Mapping[str, Tensor],
                         structure: ModelStructure) -> list[HeadUnit]:
-    """Column chunk h of each prompt-embedding tensor [T_p, d] added to query head h of the
-    first attention module (d = H * head_dim there); a query unit is made if it has none."""
+    """Column chunk h of each prompt-embedding tensor [T_p, d], as query unit h of the first
+    attention module (d = H * head_dim there), before ``units``. A prompt-tuned model trains
+    nothing else that is head-mapped (peft holds one adapter kind), so ``units`` is empty."""
     first = structure.attention[0]
     keys = [k for k in params if _PROMPT.fullmatch(k)]
     if not keys:
         raise ValueError("prompt_chunks: no prompt-tuning embeddings among the trainables")
+    assert not units, "prompt_chunks: other head-mapped tensors beside the prompt embeddings"
     d = first.head_dim
     for key in keys:
         assert params[key].shape[1] == first.n_heads * d, \
             f"{key}: width {params[key].shape[1]} != {first.n_heads} heads x {d}"
-    chunks = {h: tuple(HeadSlice(k, 1, h * d, (h + 1) * d) for k in keys)
-              for h in range(first.n_heads)}
-    out, done = [], set()
-    for u in units:
-        if u.path == first.path and u.kind == "query":
-            u = HeadUnit(u.path, u.index, u.kind, u.slices + chunks[u.index], u.query_heads)
-            done.add(u.index)
-        out.append(u)
-    missing = [HeadUnit(first.path, h, "query", chunks[h], (h,))
-               for h in range(first.n_heads) if h not in done]
-    at = next((i for i, u in enumerate(out) if u.path == first.path), 0)
-    return out[:at] + missing + out[at:]
+    return [HeadUnit(first.path, h, "query", tuple(HeadSlice(k, 1, h * d, (h + 1) * d)
+                                                   for k in keys), (h,))
+            for h in range(first.n_heads)]
 
 
 def _check_units(units: list[HeadUnit], params: Mapping[str, Tensor]) -> None:

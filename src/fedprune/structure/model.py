@@ -147,7 +147,7 @@ def apply_lora(model: torch.nn.Module, *, task: str, r: int, alpha: float, dropo
         task_type=TASK_TYPES[task],
         r=r, lora_alpha=alpha, lora_dropout=dropout,
         target_modules=lora_targets(structure, target_modules),
-        fan_in_fan_out=structure.family == "gpt2")  # GPT-2's Conv1D stores weight as [in, out]
+        fan_in_fan_out=structure.transposed)
     torch.manual_seed(seed)
     return get_peft_model(model, config)
 
@@ -200,7 +200,7 @@ def apply_peft(model: torch.nn.Module, *, method: str, task: str, seed: int, r: 
         ffn = ffn_down_modules(model, structure)
         config = IA3Config(task_type=task_type, feedforward_modules=ffn,
                            target_modules=projection_names(structure, "kv") + ffn,
-                           fan_in_fan_out=structure.family == "gpt2")
+                           fan_in_fan_out=structure.transposed)
     elif method == "prompt":
         config = PromptTuningConfig(task_type=task_type, num_virtual_tokens=num_virtual_tokens,
                                     prompt_tuning_init=PromptTuningInit.SAMPLE_VOCAB)

@@ -74,8 +74,8 @@ def test_ia3_and_full_slices_by_hand():
     4; full fine-tuning's q weight and bias rows, o weight columns; FFN scalings, o's rows and
     the embeddings are shared."""
     p = "base_model.model.bert.encoder.layer.0.attention."
-    ia3 = head_units(trainable_parameters(wrapped("bert", "ia3")), describe(wrapped("bert",
-                                                                                   "ia3")))
+    model = wrapped("bert", "ia3")
+    ia3 = head_units(trainable_parameters(model), describe(model))
     kv3 = next(u for u in ia3 if u.kind == "kv" and u.index == 3)
     assert kv3.slices == (HeadSlice(f"{p}self.key.ia3_l.default", 0, 12, 16),
                           HeadSlice(f"{p}self.value.ia3_l.default", 0, 12, 16))

@@ -10,6 +10,8 @@ os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # Ray: Flower's simulation backend
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one worker per core: one torch thread each, and
+    os.environ["OMP_NUM_THREADS"] = "1"    # the same for the processes a test starts
 
 
 

@@ -341,7 +341,7 @@ class RunConfig(_Section):
     seed: int = opt(0, "Seed of model init, data split, partition, selection and training.")
     out_dir: str = opt("runs", "Folder under which each run gets its own directory.")
     name: str = opt("", "Run directory name; empty = <method>-<dataset>-seed<seed>.")
-    num_threads: int = opt(0, "torch threads; 0 = all cores.")
+    num_threads: int = opt(0, "torch threads; 0 = OMP_NUM_THREADS if set, else all cores.")
     target_metric: float = opt(0.85, "Report the first round whose task metric reaches this.")
     eval_every: int = opt(1, "Evaluate the global model every N rounds (and after the last).")
     count_flops: bool = opt(False, "Measure every local step's FLOPs with torch's "

@@ -68,8 +68,11 @@ def load_data(cfg: ExperimentConfig, tokenizer) -> tuple[list[dict], list[dict],
 
 
 def set_threads(cfg: ExperimentConfig) -> None:
-    """torch threads: `run.num_threads`, or every core."""
-    torch.set_num_threads(cfg.run.num_threads or os.cpu_count() or 1)
+    """torch threads: `run.num_threads`, else OMP_NUM_THREADS (the OpenMP convention, so a
+    process sharing its cores, e.g. a test worker, can be told), else every core."""
+    omp = os.environ.get("OMP_NUM_THREADS", "")
+    torch.set_num_threads(cfg.run.num_threads or (int(omp) if omp.isdigit() else 0)
+                          or os.cpu_count() or 1)
 
 
 def build(cfg: ExperimentConfig, task: str = "classification") -> Federation:

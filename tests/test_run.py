@@ -211,7 +211,7 @@ def test_cli_report(two_rounds):
 
 
 @pytest.mark.parametrize("name", ["ablation", "sparsity", "noniid", "table1", "robustness",
-                                  "privacy", "peft"])
+                                  "privacy", "peft", "tasks"])
 def test_suite_smoke(tmp_path, name):
     from fedprune.sim.suites import BASES, SMOKE_VARIANTS, SUITES, run_suite
 
@@ -225,11 +225,11 @@ def test_suite_smoke(tmp_path, name):
     text = path.read_text()
     for v in SMOKE_VARIANTS.get(name, SUITES[name])():
         if any(fnmatch(v.label, g) for g in only.split(",")):
-            assert name in ("robustness", "peft") or v.label in text  # (those: matrices)
+            assert name in ("robustness", "peft", "tasks") or v.label in text  # (matrices)
             assert (tmp_path / name / v.label / "global.safetensors").is_file()
     figure = {"ablation": "accuracy_curves.png", "sparsity": "sparsity.png",
               "noniid": "importance.png", "table1": "table1_curves.png",
-              "privacy": "privacy.png", "peft": "peft.png"}.get(name)
+              "privacy": "privacy.png", "peft": "peft.png", "tasks": "tasks.png"}.get(name)
     if figure:
         assert (tmp_path / name / figure).stat().st_size > 10_000
     if name == "robustness":  # the attack x rule table against the clean run
@@ -239,6 +239,11 @@ def test_suite_smoke(tmp_path, name):
         prompt = next(x for x in text.splitlines() if x.startswith("| prompt |")).split(" | ")
         assert ia3[4] != "–" and prompt[1:5] == ["–"] * 4  # prompt: no FedAvg run here
         assert ia3[5] in ("–", "50 %") and float(ia3[3]) > 0  # GOPs
+    if name == "tasks":  # the generation rows: ROUGE-1/2/L in [0, 1], perplexity > 1
+        row = next(x for x in text.splitlines() if x.startswith("| 4 / 2 | AoH 90 % |")
+                   and text.index(x) > text.index("## headline")).split(" | ")
+        assert all(0.0 <= float(v) <= 1.0 for v in row[2:5])
+        assert float(row[5].replace(",", "")) > 1.0
     if name == "privacy":  # epsilon of one Poisson-sampled round with z = 1, q = 10 / 20
         from fedprune.core.privacy import epsilon
         assert "clipping C = 0.5," in text  # the DP runs' C, not the no-DP run's 0

@@ -81,7 +81,7 @@ def run(
 @app.command()
 def suite(
     name: Annotated[str, typer.Argument(help="ablation | sparsity | noniid | table1 | fedspallm | prufed | optimizers | "
-        "robustness | privacy")],
+        "robustness | privacy | peft | tasks")],
     overrides: Annotated[list[str] | None, typer.Argument(
         help="section.key=value overrides applied to every variant.")] = None,
     config: Annotated[Path | None, typer.Option(
@@ -128,6 +128,9 @@ def suite(
     peft:     AoH Table 3: LoRA r = 4 / 8 / 16, IA3, prompt tuning (head chunks) and full
               fine-tuning, each with FedAvg and AoH at 50 / 70 / 90 % sparsity: seconds per
               local epoch, upload, OPs, accuracy and the largest sparsity above chance.
+    tasks:    AoH Table 2: FedAvg and AoH at 90 % on classification (MiniLM + BBC News)
+              and headline generation (SmolLM2, ROUGE-1/2/L) for 10 / 2, 100 / 2 and
+              1000 / 20 clients: metrics, upload, OPs and FLOPs per client.
     A finished variant is reused and an interrupted one resumed when the suite is re-run.
     """
     from fedprune.data import DataError

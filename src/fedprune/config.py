@@ -144,10 +144,26 @@ class DataConfig(_Section):
     max_length: int = opt(128, "Maximum tokens per example (longer inputs are truncated).")
     max_samples: int = opt(0, "Use only the first N examples (after shuffling); 0 = all.")
     cache_dir: str = opt("", "Tokenization cache folder; empty = ~/.cache/fedprune.")
+    task: str = opt("", "A generation task trained instead of classifying data.dataset: "
+                    "'bbc_headline' (article -> headline, ROUGE), 'bbc_category' (article -> "
+                    "category word, exact match; both bundled), 'xlsum', 'e2e_nlg' (hub, "
+                    "online). A decoder-only model learns it as instruction tuning (loss on "
+                    "the response tokens), an encoder-decoder one as seq2seq. Empty = "
+                    "classification. (PruFed names its task in method.prufed.task.)",
+                    ("", "bbc_headline", "bbc_category", "xlsum", "e2e_nlg"))
+    max_new_tokens: int = opt(24, "Generation tasks: tokens generated per validation prompt, "
+                              "and the longest seq2seq target.")
+    generate_samples: int = opt(16, "Generation tasks: validation prompts answered by greedy "
+                                "decoding at each evaluation for the task's metric (perplexity "
+                                "uses every validation row).")
 
     def validate(self) -> None:
         _check(0 < self.val_fraction < 1, "data.val_fraction",
                f"must be in (0, 1), got {self.val_fraction}")
+        _check(self.max_new_tokens >= 1, "data.max_new_tokens",
+               f"must be >= 1, got {self.max_new_tokens}")
+        _check(self.generate_samples >= 1, "data.generate_samples",
+               f"must be >= 1, got {self.generate_samples}")
         _check(self.max_length >= 8, "data.max_length", f"must be >= 8, got {self.max_length}")
         _check(self.max_samples >= 0, "data.max_samples", f"must be >= 0, got {self.max_samples}")
 

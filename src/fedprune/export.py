@@ -130,7 +130,7 @@ def load_into(params: dict[str, Any], state: State, run: Run) -> None:
 
 def final_record(run: Run) -> dict[str, Any]:
     """The last record holding the method's target metric ({} when none does)."""
-    target = METHODS[run.cfg.method.name].target
+    target = METHODS[run.cfg.method.name].scoring(run.cfg.data.task)[1]
     return next((r for r in reversed(run.records) if r.get(target) is not None), {})
 
 

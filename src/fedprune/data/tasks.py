@@ -264,15 +264,17 @@ def tokenize_rows(
     return [encode(p, r) for p, r in zip(ds["prompt"], ds["response"], strict=True)]
 
 
-def collator(tokenizer: Any) -> DataCollatorForSeq2Seq:
+def collator(tokenizer: Any, model: Any = None) -> DataCollatorForSeq2Seq:
     """Pads a list of token rows to the longest one: input_ids with the pad token,
-    attention_mask with 0, labels with -100, on the tokenizer's padding side.
+    attention_mask with 0, labels with -100, on the tokenizer's padding side; with an
+    encoder-decoder `model`, also its decoder_input_ids (the labels shifted right), which the
+    importance pass needs as the decoder's queries.
 
     transformers' DataCollatorForSeq2Seq does exactly this for both kinds (it pads "labels"
     itself, which tokenizer.pad cannot), so there is no hand-written collate.
     """
     _require_pad(tokenizer)
-    return DataCollatorForSeq2Seq(tokenizer, padding="longest",
+    return DataCollatorForSeq2Seq(tokenizer, model=model, padding="longest",
                                   label_pad_token_id=IGNORE_INDEX, return_tensors="pt")
 
 
@@ -500,3 +502,18 @@ def load_task(name: str, split: str | None = None) -> datasets.Dataset:
     if split not in spec.splits:
         raise DataError(f"task {name!r}: unknown split {split!r}; allowed: {list(spec.splits)}")
     return spec.build(split)
+
+
+def generation_metrics(
+    model: torch.nn.Module, tokenizer: Any, batches: Iterable[Mapping[str, torch.Tensor]],
+    prompts: Sequence[str], references: Sequence[str], task: str, *, max_new_tokens: int,
+    batch_size: int, max_prompt_length: int | None = None,
+) -> dict[str, float]:
+    """A generation model's validation metrics: the perplexity of the responses in `batches`
+    and, when there are `prompts`, task `task`'s score of the greedy answers to them."""
+    out = {"perplexity": response_perplexity(model, batches)}
+    if prompts:
+        answers = generate(model, tokenizer, prompts, max_new_tokens, batch_size,
+                           max_prompt_length=max_prompt_length)
+        out.update(TASKS[task].score(answers, references))
+    return out

@@ -12,6 +12,7 @@ global state is evaluated (``evaluate``, with each metric's direction). The roun
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, ClassVar
 
@@ -19,11 +20,12 @@ from safetensors.torch import load, save
 
 from fedprune.client.scaffold import WIRE as CONTROL
 from fedprune.client.train import LocalTrainSpec, TrainStats, evaluate, load_state
-from fedprune.client.world import Federation, build
+from fedprune.client.world import Federation, GenerationWorld, build
 from fedprune.config import PEFT_METHODS, ConfigError, MethodOptions
 from fedprune.core.accounting import train_ops
 from fedprune.core.robust import COMBINE
 from fedprune.core.update import ClientUpdate, InvalidUpdate, State
+from fedprune.data.tasks import TASKS, generation_metrics
 from fedprune.structure.attention import describe
 from fedprune.structure.model import encoder_arch
 
@@ -57,12 +59,15 @@ class Method:
 
     name: ClassVar[str]
     Config: ClassVar[type[MethodOptions]]
-    task: ClassVar[str] = "classification"  # what the backbone does: classification | ...
+    # "classification": the shared world of `client.world.build` (a classifier of
+    # data.dataset, or data.task's generation); another kind: the method builds its own
+    task: ClassVar[str] = "classification"
     adapter: ClassVar[str | None] = "lora"  # what clients train (None: nothing)
     peft_methods: ClassVar[tuple[str, ...]] = PEFT_METHODS  # the `peft.method`s it can train
     gpu: ClassVar[bool] = True  # its world honours run.device (else: the CPU, always)
     head_weights: ClassVar[bool] = False  # clients send per-head weights (AoH, B2)
-    # metric -> higher is better; `target` is the one run.target_metric applies to
+    # metric -> higher is better; `target` is the one run.target_metric applies to (on a
+    # classifier; `scoring` gives them for data.task)
     metrics: ClassVar[dict[str, bool]] = {"eval_loss": False, "accuracy": True}
     target: ClassVar[str] = "accuracy"
 
@@ -76,8 +81,19 @@ class Method:
         process (here: the task the class declares, what `peft.method` names)."""
         return build(cfg, task=cls.task)
 
+    @classmethod
+    def scoring(cls, data_task: str) -> tuple[dict[str, bool], str]:
+        """(metric -> higher is better, target metric) of a run with `data.task` =
+        `data_task`: a generation task scores response perplexity and its own metrics, the
+        first of them the target."""
+        if not data_task or cls.task != "classification":
+            return cls.metrics, cls.target
+        own = TASKS[data_task].metrics
+        return {"eval_loss": False, "perplexity": False, **dict.fromkeys(own, True)}, own[0]
+
     def __init__(self, cfg: ExperimentConfig, fed: Federation) -> None:
         self.cfg = cfg
+        self.metrics, self.target = self.scoring(cfg.data.task)
         self.options = cfg.method.own
         self.fed = fed
         f = cfg.federation
@@ -94,6 +110,13 @@ class Method:
     def check(cls, cfg: ExperimentConfig) -> None:
         """Refuse options this method cannot honour, before anything is loaded (the round
         loop and the ClientApp call it first)."""
+        if cfg.data.task and cls.task != "classification":
+            raise ConfigError(f"`data.task` = {cfg.data.task!r} with `method.name` = "
+                              f"{cls.name!r}: it builds its own {cls.task} world (its task "
+                              f"options are in [method.{cls.name}]); leave data.task empty")
+        if cfg.data.task and cfg.attack.kind == "label_flip":
+            raise ConfigError(f"`attack.kind` = 'label_flip' with `data.task` = "
+                              f"{cfg.data.task!r}: label flipping needs a classification task")
         if cfg.federation.scaffold and (why := cls.scaffold_unsupported(cfg.method.own)):
             raise ConfigError(f"`federation.scaffold` = true with `method.name` = "
                               f"{cls.name!r}: {why}")
@@ -247,10 +270,20 @@ class Method:
         return stepped
 
     def evaluate(self, state: State) -> dict[str, float]:
-        """The global model's validation metrics (the keys of ``metrics``)."""
-        load_state(self.fed.params, state)
-        return evaluate(self.fed.model, self.fed.val_rows, self.fed.collate,
-                        self.cfg.federation.eval_batch_size)
+        """The global model's validation metrics (the keys of ``metrics``): a classifier's
+        loss and accuracy, or a generation task's response perplexity and score."""
+        fed, bs = self.fed, self.cfg.federation.eval_batch_size
+        load_state(fed.params, state)
+        if not isinstance(fed, GenerationWorld):
+            return evaluate(fed.model, fed.val_rows, fed.collate, bs)
+        order = sorted(range(len(fed.val_rows)), key=lambda i: len(fed.val_rows[i]["input_ids"]))
+        batches = (fed.collate([fed.val_rows[i] for i in order[s:s + bs]])
+                   for s in range(0, len(order), bs))
+        d = self.cfg.data
+        out = generation_metrics(fed.model, fed.tokenizer, batches, fed.prompts,
+                                 fed.references, fed.task, max_new_tokens=d.max_new_tokens,
+                                 batch_size=bs, max_prompt_length=d.max_length)
+        return {"eval_loss": math.log(out["perplexity"]), **out}  # mean response-token NLL
 
 
 def build_method(cfg: ExperimentConfig, fed: Federation) -> Method:

@@ -31,13 +31,13 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import numpy as np
 import torch
 
 from fedprune.client.train import load_state, local_train, snapshot
-from fedprune.client.world import Federation, cache_dir, set_threads
+from fedprune.client.world import GenerationWorld, cache_dir, set_threads
 from fedprune.config import ConfigError, MethodOptions, opt
 from fedprune.core.aggregate import owned_mean
 from fedprune.core.layerdrop import (
@@ -52,12 +52,10 @@ from fedprune.core.layerdrop import (
 from fedprune.core.lora import product_mean
 from fedprune.core.update import ClientUpdate, InvalidUpdate, State
 from fedprune.data.tasks import (
-    TASKS,
     bbc_category_rows,
     bbc_headline_rows,
     collator,
-    generate,
-    response_perplexity,
+    generation_metrics,
     tokenize_instruction,
 )
 from fedprune.data.texts import calibration_blocks
@@ -198,15 +196,6 @@ def assign_tiers(shares: list[float], num_clients: int) -> list[int]:
             for c in range(num_clients)]
 
 
-@dataclass
-class PruFedWorld(Federation):
-    """The federation plus what evaluation and calibration need beyond token rows."""
-
-    tokenizer: Any
-    prompts: list[str]     # validation prompts answered by `generate`
-    references: list[str]  # their reference responses
-
-
 def instruction_pairs(o: PruFedConfig, num_clients: int, seed: int
                       ) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
     """(train, validation) (prompt, response) pairs: a seeded permutation of the task's rows,
@@ -240,7 +229,7 @@ class PruFed(Method):
     target = "perplexity"
 
     @classmethod
-    def world(cls, cfg) -> PruFedWorld:
+    def world(cls, cfg) -> GenerationWorld:
         """The one causal LM with LoRA, the task's instruction rows (tokenized once, loss on
         the response) dealt IID, `samples` per client, and held-out validation rows."""
         o: PruFedConfig = cfg.method.own
@@ -277,11 +266,11 @@ class PruFed(Method):
         per = len(train) // c  # pooled: the one client holds all N * samples rows
         indices = [np.arange(i * per, (i + 1) * per) for i in range(c)]
         shown = val[:o.generate_samples]
-        return PruFedWorld(model, params, initial, encode[:len(train)], encode[len(train):],
+        return GenerationWorld(model, params, initial, encode[:len(train)], encode[len(train):],
                            indices, [], collator(tokenizer), set(), set(), dtype, tokenizer,
-                           [p for p, _ in shown], [r for _, r in shown])
+                           o.task, [p for p, _ in shown], [r for _, r in shown])
 
-    def __init__(self, cfg, fed: PruFedWorld) -> None:
+    def __init__(self, cfg, fed: GenerationWorld) -> None:
         super().__init__(cfg, fed)
         o = self.options
         path, layers = decoder_layers(fed.model)
@@ -510,11 +499,9 @@ class PruFed(Method):
         try:
             load_state(fed.params, values)
             with layer_view(fed.model, kept):
-                out = {"perplexity": response_perplexity(fed.model, self.val_batches)}
-                if fed.prompts:
-                    answers = generate(fed.model, fed.tokenizer, fed.prompts, o.max_new_tokens,
-                                       o.batch_size, max_prompt_length=o.max_length)
-                    out.update(TASKS[o.task].score(answers, fed.references))
+                return generation_metrics(fed.model, fed.tokenizer, self.val_batches,
+                                          fed.prompts, fed.references, fed.task,
+                                          max_new_tokens=o.max_new_tokens,
+                                          batch_size=o.batch_size, max_prompt_length=o.max_length)
         finally:
             load_state(fed.params, saved)
-        return out

@@ -75,7 +75,7 @@ def run_figures(run_dir: Path) -> RunFigures:
         raise CompareError(f"{run_dir}: no {missing}; is it a run directory?")
     raw = json.loads(config_path.read_text())
     try:
-        metric, higher = method_metric(raw["method"]["name"])
+        metric, higher = method_metric(raw)
     except KeyError:
         raise CompareError(f"{config_path}: unknown method {raw['method'].get('name')!r}") from None
     evaluated = [r for r in records if r.get(metric) is not None]

@@ -830,3 +830,80 @@ def peft_report(suite_dir: Path, variants) -> Path:
 
 
 REPORTS["peft"] = peft_report
+
+
+# metric columns of each task of the tasks suite: (header, metrics.jsonl key)
+TASK_COLUMNS = {"classification": (("accuracy", "accuracy"),),
+                "headline": (("ROUGE-1", "rouge1"), ("ROUGE-2", "rouge2"), ("ROUGE-L", "rougeL"),
+                             ("perplexity", "perplexity"))}
+
+
+def _last_scores(run_dir: Path, keys: Sequence[str]) -> dict[str, float | None]:
+    """The metrics ``keys`` of the last evaluated round."""
+    evaluated = [r for r in read_metrics(run_dir) if r.get(keys[0]) is not None]
+    return {k: evaluated[-1].get(k) if evaluated else None for k in keys}
+
+
+def tasks_report(suite_dir: Path, variants) -> Path:
+    """AoH Table 2: FedAvg and AoH at 90 % per task and federation size — the task's final
+    metrics, upload, analytic OPs and measured FLOPs per client and round, seconds per
+    round — and a bar chart of each task's headline metric."""
+    done = [v for v in variants if (suite_dir / v.label / "global.safetensors").is_file()]
+    if not done:
+        return _write(suite_dir, ["# Tasks", "", "No finished run yet."])
+    lines = [("# FedAvg and AoH at 90 % on classification and headline generation (paper "
+             "Table 2)"), "",
+             ("Per client and round: KiB up measured on the serialized payloads, analytic GOPs "
+             "(core/accounting.py; encoders only) and GFLOPs measured by torch FlopCounterMode "
+             "(forward and backward of the local steps). Final metrics on the validation split "
+             "after the last round."), ""]
+    fig, axes = plt.subplots(1, len(TASK_COLUMNS), figsize=(11, 4.2))
+    for ax, (task, columns) in zip(np.atleast_1d(axes), TASK_COLUMNS.items(), strict=True):
+        mine = [v for v in done if v.label.startswith(f"{task}-")]
+        if not mine:
+            ax.set_axis_off()
+            continue
+        cfg = json.loads((suite_dir / mine[0].label / "config.json").read_text())
+        d, f = cfg["data"], cfg["federation"]
+        lines += [f"## {task}", "",
+                  (f"Model `{cfg['model']['name']}`, "
+                   + (f"task `{d['task']}`" if d.get("task") else f"data `{d['dataset']}`")
+                   + f" (max_samples {d['max_samples'] or 'all'}, max_length {d['max_length']}), "
+                   f"{f['rounds']} rounds, LoRA r={cfg['peft']['r']}, lr {f['lr']:g}, batch "
+                   f"{f['batch_size']}, seed {cfg['run']['seed']}."), "",
+                  "| clients C / K | method | " + " | ".join(h for h, _ in columns)
+                  + " | KiB up / client | GOPs / client | GFLOPs / client | s / round |",
+                  "|" + "---|" * (len(columns) + 6)]
+        settings = list(dict.fromkeys(v.label.split("-")[1] for v in mine))
+        bars: dict[str, list[float]] = {"FedAvg": [], "AoH-s90": []}
+        for setting in settings:
+            for method, ys in bars.items():
+                label = f"{task}-{setting}-{method}"
+                if not any(v.label == label for v in mine):
+                    ys.append(np.nan)
+                    continue
+                row = _enrich(_row(label, suite_dir / label))
+                scores = _last_scores(suite_dir / label, [k for _, k in columns])
+                c, k = row["cfg"]["federation"]["num_clients"], row["cfg"]["federation"][
+                    "clients_per_round"]
+                cells = [f"{c} / {k}", method.replace("-s90", " 90 %"),
+                         *(_fmt(scores[key], ".4f" if key != "perplexity" else ",.2f")
+                           for _, key in columns),
+                         _fmt(row["kib_up"], ",.1f"), _fmt(row["gops"], ",.2f"),
+                         _fmt(row["gflops"], ",.2f"), _fmt(row["seconds_per_round"], ".1f")]
+                lines.append("| " + " | ".join(cells) + " |")
+                ys.append(scores[columns[0][1]])  # the headline metric
+        x = np.arange(len(settings))
+        for i, (method, ys) in enumerate(bars.items()):
+            ax.bar(x + (i - 0.5) * 0.38, ys, width=0.38, label=method.replace("-s90", " 90 %"))
+        ax.set_xticks(x, [s.replace("C", "").replace("K", " / ") for s in settings])
+        ax.set(xlabel="clients C / per round K", ylabel=f"final {columns[0][0]}", title=task)
+        ax.grid(alpha=0.3, axis="y")
+        ax.legend(fontsize=8)
+        lines.append("")
+    save_figure(fig, suite_dir / "tasks.png")
+    lines += ["![final metric per task and federation size](tasks.png)", ""]
+    return _write(suite_dir, lines)
+
+
+REPORTS["tasks"] = tasks_report

@@ -29,12 +29,14 @@ def seconds_to_target(records: list[dict[str, Any]], round_at_target: int | None
     return sum(r["wall_s"] for r in records if r["round"] <= round_at_target)
 
 
-def method_metric(name: str) -> tuple[str, bool]:
-    """(target metric, higher is better) of the method ``name``."""
+def method_metric(config: dict[str, Any]) -> tuple[str, bool]:
+    """(target metric, higher is better) of a run's resolved ``config`` (its method and
+    data.task)."""
     from fedprune.methods import METHODS
 
-    kind = METHODS[name]
-    return kind.target, kind.metrics[kind.target]
+    metrics, target = METHODS[config["method"]["name"]].scoring(
+        config.get("data", {}).get("task", ""))
+    return target, metrics[target]
 
 
 def summarize(run_dir: Path) -> dict[str, Any]:
@@ -46,7 +48,7 @@ def summarize(run_dir: Path) -> dict[str, Any]:
                                 f"directory?")
     config = json.loads((run_dir / "config.json").read_text())
     target = config["run"]["target_metric"]
-    metric, higher = method_metric(config["method"]["name"])
+    metric, higher = method_metric(config)
     evaluated = [r for r in records if r.get(metric) is not None]
     last = evaluated[-1] if evaluated else {}
     best = max if higher else min

@@ -145,15 +145,16 @@ class InProcess:
     def report(self, record: dict[str, Any]) -> None:
         target = self.method.target
         if self.bar is not None and record.get(target) is not None:
-            self.bar.set_postfix({target: f"{record[target]:.3f}",
-                                  "loss": f"{record['eval_loss']:.3f}"})
+            shown = {target: record[target], "loss": record.get("eval_loss")}
+            self.bar.set_postfix({k: f"{v:.3f}" for k, v in shown.items() if v is not None})
 
 
 # --- run directory ----------------------------------------------------------------------
 
 
 def default_run_dir(cfg: ExperimentConfig) -> Path:
-    name = cfg.run.name or f"{cfg.method.name}-{Path(cfg.data.dataset).stem}-seed{cfg.run.seed}"
+    name = cfg.run.name or (f"{cfg.method.name}-{cfg.data.task or Path(cfg.data.dataset).stem}"
+                           f"-seed{cfg.run.seed}")
     return Path(cfg.run.out_dir) / name
 
 

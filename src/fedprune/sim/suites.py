@@ -182,6 +182,37 @@ def peft(methods: tuple[str, ...] = tuple(PEFT_VARIANTS)) -> list[Variant]:
     return out
 
 
+# issue 13 item 6 (AoH Table 2): FedAvg and AoH at 90 % on classification and on headline
+# generation, for (clients C, per round K) as the paper's 10/2, 100/2 and 1000/20.
+TASK_CLIENTS = ((10, 2), (100, 2), (1000, 20))
+TASK_WORLDS = {
+    # MiniLM + BBC categories (the base file), every article: 1,000 clients hold >= 1 each
+    "classification": ("data.max_samples=0",),
+    # SmolLM2 + BBC headlines: 1,250 articles (1,000 train), 96 tokens, 5 rounds, one final
+    # evaluation (perplexity of 250 headlines, ROUGE of 16 generated ones)
+    "headline": ("model.name='smollm2'", "data.task='bbc_headline'", "data.max_samples=1250",
+                 "data.max_length=96", "federation.rounds=5", "run.eval_every=5",
+                 "federation.batch_size=8", "federation.eval_batch_size=16",
+                 "federation.lr=2e-3", "run.target_metric=0.3")}
+TASK_SMOKE = {"classification": (),
+              "headline": ("model.name='smollm2'", "data.task='bbc_headline'",
+                           "data.max_samples=24", "data.max_length=48", "data.max_new_tokens=4",
+                           "data.generate_samples=2", "federation.batch_size=4",
+                           "federation.eval_batch_size=4")}
+
+
+def tasks(clients: tuple[tuple[int, int], ...] = TASK_CLIENTS,
+          worlds: dict[str, tuple[str, ...]] = TASK_WORLDS) -> list[Variant]:
+    """Labels ``<task>-C<clients>K<per round>-FedAvg`` and ``...-AoH-s90``."""
+    out = []
+    for task, sizes in worlds.items():
+        for c, k in clients:
+            base = (*sizes, f"federation.num_clients={c}", f"federation.clients_per_round={k}")
+            out += [Variant(f"{task}-C{c}K{k}-FedAvg", (*base, "method.name='fedavg'")),
+                    Variant(f"{task}-C{c}K{k}-AoH-s90", (*base, *AOH, "method.aoh.sparsity=0.9"))]
+    return out
+
+
 FEDSPALLM_SMOKE = ("method.fedspallm.pruner='magnitude'", "method.fedspallm.samples=2",
                    "method.fedspallm.seq_len=32", "method.fedspallm.eval_samples=2")
 
@@ -319,19 +350,21 @@ def prufed_smoke() -> list[Variant]:
 SUITES: dict[str, Callable[[], list[Variant]]] = {
     "ablation": ablation, "sparsity": sparsity, "noniid": noniid, "fedspallm": fedspallm,
     "prufed": prufed, "optimizers": optimizers, "table1": table1,
-    "robustness": robustness, "privacy": privacy, "peft": peft}
+    "robustness": robustness, "privacy": privacy, "peft": peft, "tasks": tasks}
 BASES = {"ablation": Path("configs/suite.toml"), "sparsity": Path("configs/suite.toml"),
          "noniid": Path("configs/suite.toml"), "fedspallm": Path("configs/fedspallm.toml"),
          "prufed": Path("configs/prufed_suite.toml"), "optimizers": Path("configs/suite.toml"),
          "table1": Path("configs/paper_table1.toml"), "robustness": Path("configs/suite.toml"),
-         "privacy": Path("configs/suite.toml"), "peft": Path("configs/suite.toml")}
+         "privacy": Path("configs/suite.toml"), "peft": Path("configs/suite.toml"),
+         "tasks": Path("configs/suite.toml")}
 SMOKES = {"fedspallm": FEDSPALLM_SMOKE, "prufed": PRUFED_SMOKE}
 SMOKE_VARIANTS: dict[str, Callable[[], list[Variant]]] = {
     "prufed": prufed_smoke, "optimizers": lambda: optimizers(seeds=(0,)),
     "table1": lambda: table1(seeds=(0,)),
     "peft": lambda: [v for v in peft(("ia3", "prompt"))
                      if v.label in ("ia3-FedAvg", "ia3-AoH-s50", "prompt-AoH-s50")],
-    "privacy": lambda: [v for v in privacy() if v.label in ("FedAvg-nodp", "AoH-z1.0-a0.05")]}
+    "privacy": lambda: [v for v in privacy() if v.label in ("FedAvg-nodp", "AoH-z1.0-a0.05")],
+    "tasks": lambda: tasks(((4, 2),), TASK_SMOKE)}
 
 
 OBSERVED_CLIENTS = (0, 1)

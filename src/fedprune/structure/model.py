@@ -23,6 +23,7 @@ from peft.utils.constants import TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
 )
@@ -119,6 +120,9 @@ def load_backbone(name: str, *, task: str, num_labels: int, attn_implementation:
             path, num_labels=num_labels, attn_implementation=attn_implementation)
     elif task == "causal_lm":
         model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn_implementation)
+    elif task == "seq2seq":
+        model = AutoModelForSeq2SeqLM.from_pretrained(path,
+                                                      attn_implementation=attn_implementation)
     else:
         raise ValueError(f"unknown task {task!r}")
     if model.config.pad_token_id is None and getattr(model.config, "eos_token_id", None):

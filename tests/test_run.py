@@ -211,7 +211,7 @@ def test_cli_report(two_rounds):
 
 
 @pytest.mark.parametrize("name", ["ablation", "sparsity", "noniid", "table1", "robustness",
-                                  "privacy", "peft", "tasks"])
+                                  "privacy", "peft", "tasks", "backbones"])
 def test_suite_smoke(tmp_path, name):
     from fedprune.sim.suites import BASES, SMOKE_VARIANTS, SUITES, run_suite
 
@@ -225,7 +225,7 @@ def test_suite_smoke(tmp_path, name):
     text = path.read_text()
     for v in SMOKE_VARIANTS.get(name, SUITES[name])():
         if any(fnmatch(v.label, g) for g in only.split(",")):
-            assert name in ("robustness", "peft", "tasks") or v.label in text  # (matrices)
+            assert name in ("robustness", "peft", "tasks", "backbones") or v.label in text
             assert (tmp_path / name / v.label / "global.safetensors").is_file()
     figure = {"ablation": "accuracy_curves.png", "sparsity": "sparsity.png",
               "noniid": "importance.png", "table1": "table1_curves.png",
@@ -244,6 +244,18 @@ def test_suite_smoke(tmp_path, name):
                    and text.index(x) > text.index("## headline")).split(" | ")
         assert all(0.0 <= float(v) <= 1.0 for v in row[2:5])
         assert float(row[5].replace(",", "")) > 1.0
+    if name == "backbones":  # T5-small untrained, at its published sizes; AoH sends less
+        row = next(x for x in text.splitlines() if x.startswith("| t5-small |")).split(" | ")
+        assert row[1].startswith("**no**") and row[7] == row[11].rstrip(" |") == "untrained"
+        assert float(row[9].replace(",", "")) < float(row[4].replace(",", ""))
+        from transformers import AutoModelForSeq2SeqLM
+
+        from fedprune.structure.attention import describe
+
+        t5 = describe(AutoModelForSeq2SeqLM.from_pretrained(tmp_path / name / "models" /
+                                                            "t5-small"))
+        assert {k: len(v) for k, v in t5.layers.items()} == {"encoder": 6, "decoder": 6}
+        assert {(a.n_heads, a.head_dim) for a in t5.attention} == {(8, 64)}
     if name == "privacy":  # epsilon of one Poisson-sampled round with z = 1, q = 10 / 20
         from fedprune.core.privacy import epsilon
         assert "clipping C = 0.5," in text  # the DP runs' C, not the no-DP run's 0

@@ -81,7 +81,7 @@ def run(
 @app.command()
 def suite(
     name: Annotated[str, typer.Argument(help="ablation | sparsity | noniid | table1 | fedspallm | prufed | optimizers | "
-        "robustness | privacy | peft | tasks")],
+        "robustness | privacy | peft | tasks | backbones")],
     overrides: Annotated[list[str] | None, typer.Argument(
         help="section.key=value overrides applied to every variant.")] = None,
     config: Annotated[Path | None, typer.Option(
@@ -131,6 +131,9 @@ def suite(
     tasks:    AoH Table 2: FedAvg and AoH at 90 % on classification (MiniLM + BBC News)
               and headline generation (SmolLM2, ROUGE-1/2/L) for 10 / 2, 100 / 2 and
               1000 / 20 clients: metrics, upload, OPs and FLOPs per client.
+    backbones: AoH Table 4 at 100 / 2 clients: MiniLM and SmolLM2 trained (FedAvg, AoH 50 /
+              70 / 90 %); DistilBERT, RoBERTa, GPT-2, T5-small / base, BART-base at their
+              published sizes with random weights, one round: bytes and OPs only.
     A finished variant is reused and an interrupted one resumed when the suite is re-run.
     """
     from fedprune.data import DataError

@@ -907,3 +907,67 @@ def tasks_report(suite_dir: Path, variants) -> Path:
 
 
 REPORTS["tasks"] = tasks_report
+
+
+def _metric_cell(row: dict[str, Any] | None, trained: bool) -> str:
+    if row is None:
+        return "–"
+    return f"{row['metric']} {row['final_' + row['metric']]:.3f}" if trained else "untrained"
+
+
+def backbones_report(suite_dir: Path, variants) -> Path:
+    """AoH Table 4: per backbone, FedAvg's seconds per local epoch, upload, OPs and final
+    metric; AoH's largest sparsity whose accuracy stays CHANCE_MARGIN above chance (trained
+    backbones) with its upload, OPs and metric. Untrained backbones (random weights of the
+    published sizes, one round) give bytes and OPs only."""
+    done = [v for v in variants if (suite_dir / v.label / "global.safetensors").is_file()]
+    if not done:
+        return _write(suite_dir, ["# Backbones", "", "No finished run yet."])
+    rows = {v.label: _enrich(_row(v.label, suite_dir / v.label)) for v in done}
+    untrained = {v.label.rsplit("-", 1)[0] for v in variants if v.published}
+    names = list(dict.fromkeys(v.label.split("-FedAvg")[0].split("-AoH")[0] for v in variants))
+    table = [("| backbone | trained | task | FedAvg s / local epoch | FedAvg KiB up | FedAvg "
+              "GOPs | FedAvg GFLOPs | FedAvg metric | AoH sparsity | AoH KiB up | AoH GFLOPs | "
+              "AoH metric |"), "|" + "---|" * 12]
+    for name in names:
+        fed = rows.get(f"{name}-FedAvg")
+        sweep = sorted(((r["cfg"]["method"]["aoh"]["sparsity"], r) for label, r in rows.items()
+                        if label.startswith(f"{name}-AoH-")), key=lambda x: x[0])
+        if not fed and not sweep:
+            continue
+        any_row = fed or sweep[0][1]
+        d = any_row["cfg"]["data"]
+        task = d.get("task") or f"{d['dataset']} (classification)"
+        trained = name not in untrained
+        if trained and any_row["metric"] == "accuracy":
+            label_names = json.loads((suite_dir / any_row["label"] / "partition.json")
+                                     .read_text())["label_names"]
+            alive = [(s, r) for s, r in sweep
+                     if r["final_accuracy"] > 1 / len(label_names) + CHANCE_MARGIN]
+            best = alive[-1] if alive else None
+        else:  # untrained: the measured sparsity (90 %), for its bytes and OPs
+            best = sweep[-1] if sweep else None
+
+        cells = [name, "yes" if trained else "**no** (random weights)", task,
+                 _fmt(fed and fed["train_s_per_client"], ".2f"),
+                 _fmt(fed and fed["kib_up"], ",.1f"), _fmt(fed and fed["gops"], ",.2f"),
+                 _fmt(fed and fed["gflops"], ",.2f"), _metric_cell(fed, trained),
+                 "–" if best is None else f"{100 * best[0]:.0f} %",
+                 _fmt(best and best[1]["kib_up"], ",.1f"), _fmt(best and best[1]["gflops"], ",.2f"),
+                 _metric_cell(best and best[1], trained)]
+        table.append("| " + " | ".join(cells) + " |")
+    first = next(iter(rows.values()))
+    f = first["cfg"]["federation"]
+    lines = ["# Backbones with FedAvg and AoH (paper Table 4)", "",
+             (f"{f['num_clients']} clients, {f['clients_per_round']} per round, LoRA "
+              f"r={first['cfg']['peft']['r']}; trained backbones {f['rounds']} round(s) on BBC "
+              f"News categories. AoH sparsity of a trained backbone: the largest of those run "
+              f"whose final accuracy is more than {100 * CHANCE_MARGIN:.0f} points above "
+              f"chance. **Untrained** rows are random weights of the published sizes "
+              f"(sim/published.py) run for one round: their bytes and OPs are the real "
+              f"backbones', their metrics mean nothing. KiB up, GOPs (analytic, encoders) and "
+              f"GFLOPs (FlopCounterMode) per client and round."), "", *table, ""]
+    return _write(suite_dir, lines)
+
+
+REPORTS["backbones"] = backbones_report

@@ -160,6 +160,34 @@ def test_a_federated_run_on_bbc_category_logs_exact_match_and_is_seeded(tiny_lla
         (run_dir / "global.safetensors").read_bytes()
 
 
+def test_export_of_a_generation_run_is_a_causal_lm_adapter(tiny_llama, tmp_path):
+    """`fedprune export` of an AoH run on headlines: a LoRA adapter on AutoModelForCausalLM
+    whose logits are the run's global model's; the card names the task and that class."""
+    from peft import PeftModel
+
+    from fedprune.client.train import load_state
+    from fedprune.export import export_run
+
+    cfg = load_config(None, [f"model.name='{tiny_llama}'", "data.task='bbc_headline'", *SMALL,
+                             "federation.rounds=1", "federation.clients_per_round=2",
+                             "method.name='aoh'", "method.aoh.sparsity=0.5",
+                             "model.compute_dtype='float32'", f"run.out_dir='{tmp_path}'",
+                             "run.name='head'"])
+    run_dir = runner.run(cfg, progress=False)
+    (out,) = export_run(run_dir, tmp_path / "adapter")
+    card = (out / "README.md").read_text()
+    assert "bbc_headline" in card and "AutoModelForCausalLM" in card
+    model = PeftModel.from_pretrained(tf.AutoModelForCausalLM.from_pretrained(tiny_llama),
+                                      out).eval()
+    fed = build(cfg)
+    load_state(fed.params, load_file(run_dir / "global.safetensors"))
+    batch = fed.collate(fed.val_rows[:4])
+    batch.pop("labels")
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, fed.model.eval()(**batch).logits,
+                                   rtol=1e-5, atol=1e-5)
+
+
 def test_generation_task_config_errors():
     def check(*overrides):
         cfg = load_config(None, list(overrides))

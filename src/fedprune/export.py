@@ -41,7 +41,7 @@ import tomli_w
 from safetensors.torch import load_file
 
 from fedprune.client.train import load_state
-from fedprune.client.world import cache_dir
+from fedprune.client.world import GenerationWorld, cache_dir
 from fedprune.config import ConfigError, ExperimentConfig, from_dict
 from fedprune.core.update import State
 from fedprune.methods import METHODS
@@ -160,24 +160,33 @@ PEFT_KINDS = {"lora": ("LoRA", "LoRA tensors"), "ia3": ("IA3", "IA3 scaling vect
               "prompt": ("prompt tuning", "prompt-tuning embeddings")}  # (name, what it saves)
 
 
+AUTO_CLASSES = {"classification": "AutoModelForSequenceClassification",
+                "causal_lm": "AutoModelForCausalLM", "seq2seq": "AutoModelForSeq2SeqLM"}
+
+
 def export_peft(run: Run, out: Path) -> list[Card]:
-    """Classification runs: the rebuilt model with the global state loaded writes itself —
-    a peft adapter folder (LoRA, IA3, prompt tuning), or under full fine-tuning a whole
-    transformers model."""
+    """FedAvg / B2 / AoH runs (a classifier, or a `data.task` generation model): the rebuilt
+    model with the global state loaded writes itself — a peft adapter folder (LoRA, IA3,
+    prompt tuning), or under full fine-tuning a whole transformers model."""
     cfg = export_config(run.cfg)
     fed = METHODS[cfg.method.name].world(cfg)
     load_into(fed.params, run.state, run)
+    task = ("classification" if not isinstance(fed, GenerationWorld) else
+            "seq2seq" if fed.model.config.is_encoder_decoder else "causal_lm")
+    auto = AUTO_CLASSES[task]
     labels = dict(enumerate(fed.label_names))
     full = cfg.peft.method == "full"
-    if full:  # the folder is the model: its config names the labels
+    if full and labels:  # the folder is the model: its config names the labels
         fed.model.config.id2label = labels
         fed.model.config.label2id = {v: k for k, v in labels.items()}
     fed.model.save_pretrained(out)  # peft: adapter_config.json + adapter_model.safetensors
     load_tokenizer(resolve(cfg.model.name, cache_dir(cfg))).save_pretrained(out)
-    notes = [f"Labels (id -> name): {labels}.",
+    head = " and the trained classification head (peft modules_to_save)" if labels else ""
+    notes = [*([f"Labels (id -> name): {labels}."] if labels else
+               [(f"Generation task `{cfg.data.task}` ({task}): prompts as fedprune built "
+                 f"them (fedprune.data.tasks), greedy decoding.")]),
              "Every weight of the final global model (full fine-tuning), float32." if full else
-             f"{PEFT_KINDS[cfg.peft.method][1]} and the trained classification head (peft "
-             f"modules_to_save) of the final global model, float32."]
+             f"{PEFT_KINDS[cfg.peft.method][1]}{head} of the final global model, float32."]
     if cfg.method.name in ("aoh", "random_heads"):
         o = cfg.method.own
         notes.append(f"Head pruning (sparsity {o.sparsity}, mode {o.mode}) acted per client and "
@@ -185,16 +194,17 @@ def export_peft(run: Run, out: Path) -> list[Card]:
                      f"by fedprune with every attention head, is exported whole (no slices "
                      f"zeroed): it computes what the run's metrics measured.")
     if full:
-        load = ("from transformers import AutoModelForSequenceClassification, AutoTokenizer\n\n"
-                "model = AutoModelForSequenceClassification.from_pretrained(FOLDER).eval()\n"
-                "tokenizer = AutoTokenizer.from_pretrained(FOLDER)")
+        load = (f"from transformers import {auto}, AutoTokenizer\n\n"
+                f"model = {auto}.from_pretrained(FOLDER).eval()\n"
+                f"tokenizer = AutoTokenizer.from_pretrained(FOLDER)")
         kind = "transformers model (full fine-tuning)"
     else:
         base = json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"]
+        extra = f", num_labels={len(labels)}, id2label={labels}" if labels else ""
         load = (f"from peft import PeftModel\n"
-                f"from transformers import AutoModelForSequenceClassification, AutoTokenizer\n\n"
-                f"base = AutoModelForSequenceClassification.from_pretrained(\n"
-                f"    {base!r}, num_labels={len(labels)}, id2label={labels})\n"
+                f"from transformers import {auto}, AutoTokenizer\n\n"
+                f"base = {auto}.from_pretrained(\n"
+                f"    {base!r}{extra})\n"
                 f"model = PeftModel.from_pretrained(base, FOLDER).eval()\n"
                 f"tokenizer = AutoTokenizer.from_pretrained(FOLDER)")
         kind = f"peft {PEFT_KINDS[cfg.peft.method][0]} adapter"
@@ -287,7 +297,7 @@ def _data_line(cfg: ExperimentConfig) -> str:
         return (f"instruction task `{o.task}` ({o.samples} examples per client, "
                 f"{o.eval_samples} held out)")
     d = cfg.data
-    return (f"`{d.dataset}` (max_samples {d.max_samples or 'all'}, max_length {d.max_length}, "
+    return (f"`{d.task or d.dataset}` (max_samples {d.max_samples or 'all'}, max_length {d.max_length}, "
             f"validation fraction {d.val_fraction}), partition `{cfg.partition.scheme}`")
 
 

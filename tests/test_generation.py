@@ -47,16 +47,19 @@ def tiny_bart(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def worlds(tiny_llama, tiny_bart, tmp_path_factory):
-    """"llama" (a tiny GQA Llama with the SmolLM2 tokenizer: instruction tuning) or "bart"
-    (seq2seq) -> (cfg, world) on bbc_headline, built once."""
+    """"llama" (a tiny GQA Llama with the SmolLM2 tokenizer: instruction tuning), "bart"
+    (seq2seq), "llama-prefix" (prefix tuning) -> (cfg, world) on bbc_headline, built once."""
     cache, out = tmp_path_factory.mktemp("cache"), {}
 
     def world(name: str):
         if name not in out:
-            model = {"llama": tiny_llama, "bart": tiny_bart}[name]
-            cfg = load_config(None, [f"model.name='{model}'", "data.task='bbc_headline'",
-                                     f"data.cache_dir='{cache}'", "partition.scheme='dirichlet'",
-                                     "partition.alpha=0.3", *SMALL])
+            family, _, peft = name.partition("-")
+            model = {"llama": tiny_llama, "bart": tiny_bart}[family]
+            cfg = load_config(None, [f"model.name='{model}'",
+                                     "data.task='bbc_headline'", f"data.cache_dir='{cache}'",
+                                     "partition.scheme='dirichlet'", "partition.alpha=0.3",
+                                     f"peft.method='{peft or 'lora'}'",
+                                     "peft.num_virtual_tokens=4", *SMALL])
             out[name] = cfg, build(cfg)
         return out[name]
     return world
@@ -90,11 +93,12 @@ def test_causal_world_scores_the_responses_and_deals_rows_by_category(worlds):
     assert METHODS["aoh"].scoring("") == ({"eval_loss": False, "accuracy": True}, "accuracy")
 
 
-@pytest.mark.parametrize("name", ["llama", "bart"])
+@pytest.mark.parametrize("name", ["llama", "bart", "llama-prefix"])
 def test_aoh_prunes_heads_of_a_generation_model_and_sends_only_the_kept_ones(worlds, name):
     """AoH at 50 %: the kept heads' slices move and travel, the pruned ones do not — for the
-    causal model's GQA self-attention and the seq2seq model's encoder, decoder and cross
-    attention; the payload decodes to the same delta."""
+    causal model's GQA self-attention (LoRA, and prefix tuning's per-KV-head prefixes, whose
+    importance sees the prefix positions as keys) and the seq2seq model's encoder, decoder
+    and cross attention; the payload decodes to the same delta and is smaller."""
     cfg, fed = worlds(name)
     cfg = aoh(cfg)
     METHODS["aoh"].check(cfg)
@@ -107,7 +111,7 @@ def test_aoh_prunes_heads_of_a_generation_model_and_sends_only_the_kept_ones(wor
     total = sum(a.n_heads for a in m.structure.attention)
     assert sum(int(k.sum()) for k in keep.values()) == total // 2
     kinds = {a.kind for a in m.structure.attention}
-    assert kinds == ({"self"} if name == "llama" else {"self", "cross"})
+    assert kinds == ({"self", "cross"} if name == "bart" else {"self"})
     cross = [a.path for a in m.structure.attention if a.kind == "cross"]
     assert all(any(u.path == p for u in m.units) for p in cross)  # cross heads are mapped
     for unit in m.units:
@@ -115,13 +119,16 @@ def test_aoh_prunes_heads_of_a_generation_model_and_sends_only_the_kept_ones(wor
         for sl in unit.slices:
             moved = res.delta[sl.key].narrow(sl.dim, sl.start, sl.stop - sl.start).abs().sum()
             assert (moved > 0) == kept, (unit.path, unit.kind, unit.index, sl)
-    update = m.decode(m.encode(res), client_id=cid)
+    blob = m.encode(res)
+    update = m.decode(blob, client_id=cid)
     for k, v in res.delta.items():
         assert torch.equal(update.delta[k], v), k
+    dense = build_method(dataclasses.replace(cfg, method=MethodConfig("fedavg", {})), fed)
+    assert len(blob) < len(dense.encode(res))
     assert math.isfinite(res.loss) and res.metrics["kept_heads"] == total // 2
 
 
-@pytest.mark.parametrize("name", ["llama", "bart"])
+@pytest.mark.parametrize("name", ["llama", "bart", "llama-prefix"])
 def test_evaluation_is_response_perplexity_and_rouge_of_greedy_answers(worlds, name):
     """The method's metrics equal the same quantities computed apart: perplexity over all
     validation rows batched one by one, ROUGE of `generate`'s answers to the shown prompts."""
@@ -188,7 +195,7 @@ def test_export_of_a_generation_run_is_a_causal_lm_adapter(tiny_llama, tmp_path)
                                    rtol=1e-5, atol=1e-5)
 
 
-def test_generation_task_config_errors():
+def test_generation_task_config_errors(tiny_bart):
     def check(*overrides):
         cfg = load_config(None, list(overrides))
         METHODS[cfg.method.name].check(cfg)
@@ -196,6 +203,9 @@ def test_generation_task_config_errors():
     with pytest.raises(ConfigError, match=r"`data.task` = 'bbc_headline' with `method.name` = "
                                           r"'prufed'.*method.prufed"):
         check("method.name='prufed'", "data.task='bbc_headline'")
+    with pytest.raises(ConfigError, match=r"'prefix' with `model.name` = .*encoder-decoder"):
+        build(load_config(None, [f"model.name='{tiny_bart}'", "data.task='bbc_headline'",
+                                 "peft.method='prefix'", *SMALL]))
     with pytest.raises(ConfigError, match=r"'label_flip' with `data.task`"):
         check("method.name='aoh'", "data.task='bbc_headline'", "attack.kind='label_flip'",
               "attack.fraction=0.5")

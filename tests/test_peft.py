@@ -69,6 +69,28 @@ def test_a_heads_slices_change_only_that_heads_context(family, method):
             assert changed_heads(before, capture(), attn.head_dim) == list(unit.query_heads)
 
 
+def test_prefix_kv_heads_change_only_their_query_groups():
+    """Prefix tuning (P-tuning v2) on the tiny GQA Llama (2 layers, 6 query / 2 KV heads of
+    8): KV head g's key and value prefix columns of layer l change only layer l's context of
+    g's query group; the slices by hand from peft's [T_p, L * 2 * KV * d] layout."""
+    model = wrapped("llama", "prefix", num_virtual_tokens=3)
+    s = describe(model)
+    params = trainable_parameters(model)
+    (key,) = params
+    assert params[key].shape == (3, 2 * 2 * 2 * 8)
+    units = head_units(params, s, prefix=True)
+    assert len(units) == 2 * 2 and {u.kind for u in units} == {"kv"}
+    u = next(u for u in units if u.path == s.attention[1].path and u.index == 1)
+    assert u.slices == (HeadSlice(key, 1, 40, 48), HeadSlice(key, 1, 56, 64))
+    assert u.query_heads == (3, 4, 5)
+    for index, attn in enumerate(s.attention):
+        capture = context(model, s, index)
+        for unit in (u for u in units if u.path == attn.path):
+            before = capture()
+            perturb(model, unit, seed=index)
+            assert changed_heads(before, capture(), attn.head_dim) == list(unit.query_heads)
+
+
 def test_ia3_and_full_slices_by_hand():
     """MiniLM-shaped BERT (12 heads of 4, hidden 48): IA3's [48, 1] k / v scalings by rows of
     4; full fine-tuning's q weight and bias rows, o weight columns; FFN scalings, o's rows and
@@ -226,7 +248,8 @@ def test_methods_without_a_head_map_or_view_are_refused():
     with pytest.raises(ConfigError, match=r"`peft.method` = 'full' with `method.name` = "
                                           r"'prufed'.*lora only"):
         check("method.name='prufed'", "peft.method='full'")
-    with pytest.raises(ConfigError, match=r"`peft.method` = 'prefix' is not allowed"):
-        load_config(None, ["peft.method='prefix'"])
+    with pytest.raises(ConfigError, match=r"`peft.method` = 'prefix' without `data.task`"):
+        check("method.name='aoh'", "peft.method='prefix'")
+    check("method.name='aoh'", "peft.method='prefix'", "data.task='bbc_headline'")
     with pytest.raises(ConfigError, match=r"`peft.prompt_head_chunks`.*'lora'"):
         load_config(None, ["peft.prompt_head_chunks=true"])

@@ -90,7 +90,7 @@ class ModelConfig(_Section):
                                    "transformers' own.", ("auto", "eager", "sdpa"))
 
 
-PEFT_METHODS = ("lora", "ia3", "prompt", "full")
+PEFT_METHODS = ("lora", "ia3", "prompt", "prefix", "full")
 
 
 @dataclass
@@ -100,19 +100,22 @@ class PeftConfig(_Section):
                       "adapters on `peft.target_modules`), 'ia3' (learned scalings of keys, "
                       "values and the FFN's intermediate activations, Liu et al. 2022), "
                       "'prompt' (`peft.num_virtual_tokens` soft-prompt embeddings, Lester et "
-                      "al. 2021), 'full' (every backbone weight: full fine-tuning). The task "
-                      "head is trained with each. Prefix / P-tuning v2 is not offered: peft "
-                      "0.21 refuses it for transformers 5's sequence classifiers, whose forward "
-                      "does not declare past_key_values.", PEFT_METHODS)
+                      "al. 2021), 'prefix' (`peft.num_virtual_tokens` key/value prefixes in "
+                      "every layer, without reparameterisation: P-tuning v2, Liu et al. 2022; "
+                      "decoder-only models on a data.task only: peft 0.21 refuses it for "
+                      "transformers 5's sequence classifiers and breaks on its encoder-decoder "
+                      "caches), 'full' (every backbone weight: full fine-tuning). A "
+                      "classifier's head is trained with each.", PEFT_METHODS)
     r: int = opt(16, "LoRA rank.")
     alpha: float = opt(32.0, "LoRA scaling alpha (the update is scaled by alpha / r).")
     dropout: float = opt(0.0, "Dropout on the LoRA input.")
     target_modules: list[str] = opt(["q", "k", "v", "o"], "Modules that get LoRA: 'q', 'k', "
                                     "'v', 'o' name the attention projections of any supported "
                                     "family; other names are passed to peft as they are.")
-    num_virtual_tokens: int = opt(20, "Prompt tuning: number of soft-prompt tokens prepended "
-                                  "to every input (initialised from random vocabulary "
-                                  "embeddings).")
+    num_virtual_tokens: int = opt(20, "Prompt / prefix tuning: number of virtual tokens "
+                                  "(soft-prompt embeddings prepended to every input, "
+                                  "initialised from random vocabulary embeddings; or key/value "
+                                  "prefixes of every layer).")
     prompt_head_chunks: bool = opt(False, "Prompt tuning has no head map (its embeddings feed "
                                    "every head). true = the AoH paper's reading: the prompt's "
                                    "hidden dimension d is split into H chunks of d/H columns, "

@@ -157,7 +157,8 @@ CAUSAL_LM = ("from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
 
 
 PEFT_KINDS = {"lora": ("LoRA", "LoRA tensors"), "ia3": ("IA3", "IA3 scaling vectors"),
-              "prompt": ("prompt tuning", "prompt-tuning embeddings")}  # (name, what it saves)
+              "prompt": ("prompt tuning", "prompt-tuning embeddings"),
+              "prefix": ("prefix tuning", "prefix key/value embeddings")}  # (name, what it saves)
 
 
 AUTO_CLASSES = {"classification": "AutoModelForSequenceClassification",

@@ -114,6 +114,11 @@ class Method:
             raise ConfigError(f"`data.task` = {cfg.data.task!r} with `method.name` = "
                               f"{cls.name!r}: it builds its own {cls.task} world (its task "
                               f"options are in [method.{cls.name}]); leave data.task empty")
+        if cfg.peft.method == "prefix" and not cfg.data.task:
+            raise ConfigError("`peft.method` = 'prefix' without `data.task`: peft 0.21 refuses "
+                              "prefix tuning for transformers 5's sequence classifiers (their "
+                              "forward declares no past_key_values); set data.task (a "
+                              "decoder-only model) or choose another peft.method")
         if cfg.data.task and cfg.attack.kind == "label_flip":
             raise ConfigError(f"`attack.kind` = 'label_flip' with `data.task` = "
                               f"{cfg.data.task!r}: label flipping needs a classification task")

@@ -91,7 +91,8 @@ class HeadPruning(Method):
     def __init__(self, cfg, fed) -> None:
         super().__init__(cfg, fed)
         self.units = head_units(fed.initial, self.structure, self.options.head_params,
-                                prompt_chunks=cfg.peft.prompt_head_chunks)
+                                prompt_chunks=cfg.peft.prompt_head_chunks,
+                                prefix=cfg.peft.method == "prefix")
         self.key_dim = {s.key: s.dim for u in self.units for s in u.slices}
         # a head-mapped key's slice-weight shape: [out, 1] (rows) or [1, in] (columns)
         self.key_shape = {k: tuple(n if i == d else 1 for i, n in enumerate(fed.initial[k].shape))

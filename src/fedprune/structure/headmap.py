@@ -11,7 +11,8 @@ which coordinates of the trainable tensors Φ belong to which head:
   of o (A is [r, in]); IA3 — rows of the [out, 1] scalings of k/v; full fine-tuning — rows of
   the q/k/v weights and biases, columns of the o weight (GPT-2's Conv1D stores [in, out]: the
   other dim); prompt tuning — only on request (`prompt_chunks`), column chunk h of the [T_p, d]
-  prompt embeddings to query head h of the first attention module. Everything else (LoRA A of
+  prompt embeddings to query head h of the first attention module; prefix tuning — each KV
+  head's key and value prefix columns of every layer. Everything else (LoRA A of
   q/k/v, B of o, biases of o, FFN scalings, embeddings, the task head) is shared by all heads
   and not head-mapped. Under GQA a query unit holds q rows + o columns of query head h and a
   KV unit holds k and v rows of KV head g.
@@ -75,11 +76,14 @@ _PROMPT = re.compile(r"prompt_encoder\.[^.]+\.embedding\.weight")
 
 
 def head_units(params: Mapping[str, Tensor], structure: ModelStructure,
-               parts: str = "AB", prompt_chunks: bool = False) -> list[HeadUnit]:
+               parts: str = "AB", prompt_chunks: bool = False,
+               prefix: bool = False) -> list[HeadUnit]:
     """Every head's slices of the trainable tensors in `params` (keys as
     `trainable_parameters`). ``parts`` = "B" maps output rows only (LoRA: AoH's P = {B},
     Sect. 3.1): o's input columns are then shared by all heads. ``prompt_chunks``: map prompt
     tuning's embeddings by column chunks (module docstring); without it they are shared.
+    ``prefix``: the embeddings are prefix tuning's per-layer keys and values
+    (`_with_prefix_heads`).
 
     Only tensors present in `params` are mapped (LoRA on q and v only -> units hold only
     those). Order: attention modules as in `structure`, then query units 0..H-1, then KV units
@@ -93,6 +97,8 @@ def head_units(params: Mapping[str, Tensor], structure: ModelStructure,
         units += _units_of(attn, index, with_cols=parts == "AB")
     if prompt_chunks:
         units = _with_prompt_chunks(units, params, structure)
+    if prefix:
+        units = _with_prefix_heads(units, params, structure)
     _check_units(units, params)
     return units
 
@@ -197,6 +203,36 @@ def _with_prompt_chunks(units: list[HeadUnit], params: Mapping[str, Tensor],
     return [HeadUnit(first.path, h, "query", tuple(HeadSlice(k, 1, h * d, (h + 1) * d)
                                                    for k in keys), (h,))
             for h in range(first.n_heads)]
+
+
+def _with_prefix_heads(units: list[HeadUnit], params: Mapping[str, Tensor],
+                       structure: ModelStructure) -> list[HeadUnit]:
+    """KV unit g of the l-th attention module of a decoder-only model: its key and its value
+    prefix columns in prefix tuning's [T_p, L * 2 * KV * d] embedding. peft views the
+    embedding as [T_p, L * 2, KV, d] and hands layer l rows 2l (keys) and 2l + 1 (values) of
+    the second axis as its cache, so the columns of (l, j, g) are (2l + j) * KV * d + g * d
+    onward. The prefix is each KV head's own: a unit serves its query group (GQA)."""
+    keys = [k for k in params if _PROMPT.fullmatch(k)]
+    if not keys:
+        raise ValueError("prefix: no prefix-tuning embeddings among the trainables")
+    assert not units, "prefix: other head-mapped tensors beside the prefix embeddings"
+    attns = structure.attention
+    assert all(a.kind == "self" and a.stack == "decoder" for a in attns), \
+        "prefix: a decoder-only model's self-attention"
+    width = attns[0].n_kv_heads * attns[0].head_dim  # one layer's keys (or values)
+    for key in keys:
+        assert params[key].shape[1] == len(attns) * 2 * width, \
+            f"{key}: width {params[key].shape[1]} != {len(attns)} layers x 2 x {width}"
+    out = []
+    for layer, a in enumerate(attns):
+        d = a.head_dim
+        for g in range(a.n_kv_heads):
+            cols = tuple(HeadSlice(k, 1, (2 * layer + j) * width + g * d,
+                                   (2 * layer + j) * width + (g + 1) * d)
+                         for j in (0, 1) for k in keys)
+            out.append(HeadUnit(a.path, g, "kv", cols,
+                                tuple(range(g * a.group_size, (g + 1) * a.group_size))))
+    return out
 
 
 def _check_units(units: list[HeadUnit], params: Mapping[str, Tensor]) -> None:

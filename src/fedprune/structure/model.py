@@ -14,6 +14,7 @@ import torch
 from peft import (
     IA3Config,
     LoraConfig,
+    PrefixTuningConfig,
     PromptTuningConfig,
     PromptTuningInit,
     TaskType,
@@ -187,6 +188,9 @@ def apply_peft(model: torch.nn.Module, *, method: str, task: str, seed: int, r: 
       (2022); initialised to ones.
     * 'prompt': peft prompt tuning, `num_virtual_tokens` embeddings [T_p, d] prepended to the
       input embeddings, initialised from randomly sampled vocabulary embeddings.
+    * 'prefix': peft prefix tuning without a reparameterisation MLP (P-tuning v2): one
+      [T_p, L * 2 * kv_heads * head_dim] embedding holding every layer's key and value
+      prefixes (decoder-only models).
     * 'full': no wrapper; every parameter trainable.
 
     The classification head is trainable in every case; random initialisation is from
@@ -208,6 +212,8 @@ def apply_peft(model: torch.nn.Module, *, method: str, task: str, seed: int, r: 
     elif method == "prompt":
         config = PromptTuningConfig(task_type=task_type, num_virtual_tokens=num_virtual_tokens,
                                     prompt_tuning_init=PromptTuningInit.SAMPLE_VOCAB)
+    elif method == "prefix":
+        config = PrefixTuningConfig(task_type=task_type, num_virtual_tokens=num_virtual_tokens)
     else:
         raise ValueError(f"unknown peft method {method!r}")
     return get_peft_model(model, config)

@@ -144,10 +144,16 @@ def test_evaluation_is_response_perplexity_and_rouge_of_greedy_answers(worlds, n
     assert {k: got[k] for k in want} == pytest.approx(want)
 
 
-def test_a_federated_run_on_bbc_category_logs_exact_match_and_is_seeded(tiny_llama, tmp_path):
+@pytest.mark.parametrize("family", ["tiny_llama", "tiny_bart"])
+def test_a_federated_run_on_bbc_category_logs_exact_match_and_is_seeded(family, request,
+                                                                        tmp_path):
+    """Two AoH rounds of instruction tuning (Llama) or seq2seq (BART) through the round loop:
+    the task's metrics per evaluation, its plot and report; the same seed, the same model."""
+    model = request.getfixturevalue(family)
+
     def run(name: str):
         return runner.run(load_config(None, [
-            f"model.name='{tiny_llama}'", "data.task='bbc_category'", *SMALL,
+            f"model.name='{model}'", "data.task='bbc_category'", *SMALL,
             "data.max_new_tokens=3", "federation.rounds=2", "federation.clients_per_round=2",
             "method.name='aoh'", "method.aoh.sparsity=0.5", "federation.lr=0.01",
             f"run.out_dir='{tmp_path}'", f"run.name='{name}'"]), progress=False)

@@ -856,7 +856,9 @@ def tasks_report(suite_dir: Path, variants) -> Path:
              ("Per client and round: KiB up measured on the serialized payloads, analytic GOPs "
              "(core/accounting.py; encoders only) and GFLOPs measured by torch FlopCounterMode "
              "(forward and backward of the local steps). Final metrics on the validation split "
-             "after the last round."), ""]
+             "after the last round. AoH runs in `method.aoh.mode` = adapter (the default): "
+             "pruned heads' slices are frozen and not sent, but the backbone computes every "
+             "head, so its OPs are FedAvg's (`mode=structural` cuts them: suite sparsity)."), ""]
     fig, axes = plt.subplots(1, len(TASK_COLUMNS), figsize=(11, 4.2))
     for ax, (task, columns) in zip(np.atleast_1d(axes), TASK_COLUMNS.items(), strict=True):
         mine = [v for v in done if v.label.startswith(f"{task}-")]

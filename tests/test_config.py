@@ -44,7 +44,7 @@ def test_overrides_typed():
     ("federation.rounds=true", "`federation.rounds`.*integer"),
     ("peft.r=0", "`peft.r`"),
     ("peft.dropout=1.0", "`peft.dropout`"),
-    ("peft.method=prefix", "`peft.method` = 'prefix' is not allowed.*'ia3'"),
+    ("peft.method=adapters", "`peft.method` = 'adapters' is not allowed.*'prefix'"),
     ("peft.num_virtual_tokens=0", "`peft.num_virtual_tokens`"),
     ("peft.target_modules=[]", "`peft.target_modules`"),
     ("peft.target_modules=q", "`peft.target_modules`.*list"),

@@ -267,8 +267,8 @@ class PruFed(Method):
         indices = [np.arange(i * per, (i + 1) * per) for i in range(c)]
         shown = val[:o.generate_samples]
         return GenerationWorld(model, params, initial, encode[:len(train)], encode[len(train):],
-                           indices, [], collator(tokenizer), set(), set(), dtype, tokenizer,
-                           o.task, [p for p, _ in shown], [r for _, r in shown])
+                               indices, [], collator(tokenizer), set(), set(), dtype, tokenizer,
+                               o.task, [p for p, _ in shown], [r for _, r in shown])
 
     def __init__(self, cfg, fed: GenerationWorld) -> None:
         super().__init__(cfg, fed)

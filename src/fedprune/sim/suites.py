@@ -193,7 +193,7 @@ TASK_WORLDS = {
     # SmolLM2 + BBC headlines: 1,250 articles (1,000 train: 1,000 clients hold 1 each), 64
     # tokens (the article's start), 3 rounds, one final evaluation (perplexity of 250
     # headlines, ROUGE of 16 generated ones). At 10 clients one local epoch is 100 articles:
-    # ~3 min on one thread of a 2-core AMD EPYC (5.5 TFLOPs at 96 tokens).
+    # 3.6 TFLOPs, ~5 min a round on one thread of a 2-core AMD EPYC (beside a second suite).
     "headline": ("model.name='smollm2'", "data.task='bbc_headline'", "data.max_samples=1250",
                  "data.max_length=64", "federation.rounds=3", "run.eval_every=3",
                  "federation.batch_size=8", "federation.eval_batch_size=16",

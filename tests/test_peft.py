@@ -214,9 +214,16 @@ def test_aoh_trains_and_sends_only_kept_heads(worlds, model, method):
     METHODS["aoh"].check(cfg)
     m = build_method(cfg, fed)
     res = m.local({k: v.clone() for k, v in fed.initial.items()}, 0, seed=3)
-    keep = {p.removesuffix(ALPHA): w > 0 for p, w in res.extra.items()}
-    assert sum(int(k.sum()) for k in keep.values()) == {"minilm": 18, "llama": 4}[model]
     assert m.units
+    keep = assert_only_kept_heads_travel(m, res, cfg, fed, client_id=0)
+    assert sum(int(k.sum()) for k in keep.values()) == {"minilm": 18, "llama": 4}[model]
+
+
+def assert_only_kept_heads_travel(m, res, cfg, fed, client_id: int) -> dict[str, torch.Tensor]:
+    """A head-pruning client's result ``res``: the kept heads' slices moved, the pruned ones
+    did not; its payload is smaller than FedAvg's dense one and decodes to the same delta.
+    Returns attention path -> kept query heads (bool)."""
+    keep = {p.removesuffix(ALPHA): w > 0 for p, w in res.extra.items()}
     for unit in m.units:
         kept = bool(keep[unit.path][list(unit.query_heads)].any())
         for sl in unit.slices:
@@ -225,9 +232,10 @@ def test_aoh_trains_and_sends_only_kept_heads(worlds, model, method):
     blob = m.encode(res)
     dense = build_method(dataclasses.replace(cfg, method=MethodConfig("fedavg", {})), fed)
     assert len(blob) < len(dense.encode(res))
-    update = m.decode(blob, client_id=0)
+    update = m.decode(blob, client_id=client_id)
     for k, v in res.delta.items():
         assert torch.equal(update.delta[k], v), k
+    return keep
 
 
 # --- config errors ----------------------------------------------------------------------

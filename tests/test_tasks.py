@@ -261,6 +261,12 @@ def test_registry_is_consistent():
         assert spec.name == name and set(spec.kinds) <= set(KINDS)
         assert all(m in METRICS for m in spec.metrics)
         assert (spec.score is None) == (spec.metrics[0] in ("accuracy", "perplexity"))
+    # `data.task` offers exactly the tasks with prompts to answer (a score)
+    from dataclasses import fields
+
+    from fedprune.config import DataConfig
+    offered = next(f for f in fields(DataConfig) if f.name == "task").metadata["choices"]
+    assert set(offered) - {""} == {n for n, spec in TASKS.items() if spec.score is not None}
     with pytest.raises(DataError, match="unknown task"):
         load_task("squad")
     with pytest.raises(DataError, match="unknown split"):

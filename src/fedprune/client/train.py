@@ -160,18 +160,23 @@ def local_train(model: torch.nn.Module, params: dict[str, torch.nn.Parameter],
     return TrainStats(loss_sum / max(seen, 1), shapes, tokens, time.perf_counter() - t0, flops)
 
 
+def length_batches(rows: Sequence[dict], collate: Collate, batch_size: int
+                   ) -> Iterator[dict[str, torch.Tensor]]:
+    """``rows`` collated in batches of ``batch_size``, in order of length so that padding
+    stays small (evaluation and importance passes: the order does not change a sum)."""
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))
+    for start in range(0, len(order), batch_size):
+        yield collate([rows[i] for i in order[start:start + batch_size]])
+
+
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, rows: Sequence[dict], collate: Collate,
              batch_size: int) -> dict[str, float]:
-    """Mean cross-entropy and accuracy of a sequence classifier on ``rows``.
-
-    Rows are batched in order of length so that padding stays small.
-    """
+    """Mean cross-entropy and accuracy of a sequence classifier on ``rows``
+    (`length_batches`)."""
     model.eval()
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))
     loss_sum, correct = 0.0, 0
-    for start in range(0, len(order), batch_size):
-        batch = collate([rows[i] for i in order[start:start + batch_size]])
+    for batch in length_batches(rows, collate, batch_size):
         labels = batch.pop("labels")
         logits = model(**batch).logits.float()
         loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()

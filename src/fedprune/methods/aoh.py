@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from fedprune.client.train import load_state
+from fedprune.client.train import length_batches, load_state
 from fedprune.config import opt
 from fedprune.core.update import State
 from fedprune.methods.heads import HeadPruning, HeadPruningConfig
@@ -56,11 +56,8 @@ class AoH(HeadPruning):
         if n and n < len(indices):
             rng = np.random.default_rng(seed)
             indices = np.sort(rng.choice(indices, size=n, replace=False))
-        rows = [fed.train_rows[i] for i in indices]
-        order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))
-        bs = self.cfg.federation.eval_batch_size
-        batches = (fed.collate([rows[i] for i in order[s:s + bs]])
-                   for s in range(0, len(order), bs))
+        batches = length_batches([fed.train_rows[i] for i in indices], fed.collate,
+                                 self.cfg.federation.eval_batch_size)
         return head_importance(fed.model, self.structure, batches,
                                special_ids=fed.special_ids, exclude_key_ids=fed.exclude_key_ids)
 

@@ -19,7 +19,13 @@ from typing import TYPE_CHECKING, ClassVar
 from safetensors.torch import load, save
 
 from fedprune.client.scaffold import WIRE as CONTROL
-from fedprune.client.train import LocalTrainSpec, TrainStats, evaluate, load_state
+from fedprune.client.train import (
+    LocalTrainSpec,
+    TrainStats,
+    evaluate,
+    length_batches,
+    load_state,
+)
 from fedprune.client.world import Federation, GenerationWorld, build
 from fedprune.config import PEFT_METHODS, ConfigError, MethodOptions
 from fedprune.core.accounting import train_ops
@@ -281,11 +287,9 @@ class Method:
         load_state(fed.params, state)
         if not isinstance(fed, GenerationWorld):
             return evaluate(fed.model, fed.val_rows, fed.collate, bs)
-        order = sorted(range(len(fed.val_rows)), key=lambda i: len(fed.val_rows[i]["input_ids"]))
-        batches = (fed.collate([fed.val_rows[i] for i in order[s:s + bs]])
-                   for s in range(0, len(order), bs))
         d = self.cfg.data
-        out = generation_metrics(fed.model, fed.tokenizer, batches, fed.prompts,
+        out = generation_metrics(fed.model, fed.tokenizer,
+                                 length_batches(fed.val_rows, fed.collate, bs), fed.prompts,
                                  fed.references, fed.task, max_new_tokens=d.max_new_tokens,
                                  batch_size=bs, max_prompt_length=d.max_length)
         return {"eval_loss": math.log(out["perplexity"]), **out}  # mean response-token NLL

@@ -36,7 +36,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from fedprune.client.train import load_state, local_train, snapshot
+from fedprune.client.train import length_batches, load_state, local_train, snapshot
 from fedprune.client.world import GenerationWorld, cache_dir, set_threads
 from fedprune.config import ConfigError, MethodOptions, opt
 from fedprune.core.aggregate import owned_mean
@@ -359,10 +359,7 @@ class PruFed(Method):
         return key
 
     def _batches(self, rows: list[dict]) -> list[dict[str, torch.Tensor]]:
-        order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))
-        bs = self.options.batch_size
-        return [self.fed.collate([rows[i] for i in order[s:s + bs]])
-                for s in range(0, len(order), bs)]
+        return list(length_batches(rows, self.fed.collate, self.options.batch_size))
 
     @classmethod
     def attack_unsupported(cls, kind: str) -> str | None:

@@ -294,7 +294,7 @@ def child_plain(c: int, k: int, rounds: int, eval_flops: int = 0) -> dict:
 
     cfg = job(c, k, rounds, *PLAIN)
     fed, fc = build(cfg), cfg.federation
-    arch = encoder_arch(fed.model, r=cfg.peft.r, target_modules=cfg.peft.target_modules)
+    arch = encoder_arch(fed.model, cfg.peft)
     heads = [arch.hidden // arch.head_dim] * arch.layers
     params = fed.params
     glob = {n: p.detach().clone() for n, p in params.items()}

@@ -80,7 +80,6 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -290,11 +289,11 @@ def child_plain(c: int, k: int, rounds: int, eval_flops: int = 0) -> dict:
     from fedprune.core.accounting import train_ops
     from fedprune.core.selection import History, random_selection
     from fedprune.sim.runner import client_seed
-    from fedprune.structure.model import encoder_arch
+    from fedprune.structure.model import model_arch
 
     cfg = job(c, k, rounds, *PLAIN)
     fed, fc = build(cfg), cfg.federation
-    arch = encoder_arch(fed.model, cfg.peft)
+    arch = model_arch(fed.model, cfg.peft)
     heads = [arch.hidden // arch.head_dim] * arch.layers
     params = fed.params
     glob = {n: p.detach().clone() for n, p in params.items()}
@@ -510,86 +509,17 @@ def child_structural(reps: int = 2, warm: int = 0) -> dict:
 
 # --- PruFed: one local epoch per device tier (layer-dropped views of SmolLM2) ----------------
 
-PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
-
-
-@dataclass(frozen=True)
-class DecoderArch:
-    """The numbers of a Llama-style decoder-only LM (GQA attention, gated MLP, an LM head over
-    the vocabulary) and its LoRA adapters that its training FLOPs depend on."""
-
-    hidden: int
-    ffn: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    vocab: int
-    lora_r: int = 0
-    lora_targets: tuple[str, ...] = ()  # of PROJECTIONS
-
-    def projections(self) -> dict[str, tuple[int, int]]:
-        """(in, out) features of each Linear of one decoder layer."""
-        d, f, q, kv = self.hidden, self.ffn, self.heads * self.head_dim, self.kv_heads * self.head_dim
-        return {"q": (d, q), "k": (d, kv), "v": (d, kv), "o": (q, d),
-                "gate": (d, f), "up": (d, f), "down": (f, d)}
-
-
-def decoder_train_flops(arch: DecoderArch, layers: int, batches: Sequence[tuple[int, int]]
-                        ) -> float:
-    """Matmul FLOPs (2 per multiply-add) of LoRA training steps over ``batches`` of (batch
-    size b, padded length t) through ``layers`` decoder layers of ``arch``; N = b t tokens.
-
-    Forward per layer: every projection 2 N in out; the attention products Q K^T and P V
-    2 * 2 b H t^2 d_h (all t^2 positions, as computed); each LoRA target 2 N r (in + out).
-    LM head: 2 N d V (logits at every position). Training = forward + backward:
-
-        frozen projections, LM head   2x forward (input gradient only: they are frozen)
-        attention products            3x forward (both operands need a gradient)
-        LoRA A and B                  3x forward (input and weight gradients)
-
-    less what the first layer does not need: its q, k, v read the frozen embeddings, so
-    neither their frozen weights nor their LoRA A compute an input gradient. Non-matmul work
-    (norms, softmax, SiLU, rotary) is left out. Needs LoRA on q, k and v (then every layer's
-    input carries a gradient, which the counts above assume)."""
-    if not {"q", "k", "v"} <= set(arch.lora_targets) or arch.lora_r < 1:
-        raise ValueError(f"needs LoRA (r >= 1) on q, k and v; got r={arch.lora_r}, "
-                         f"targets {arch.lora_targets}")
-    if unknown := set(arch.lora_targets) - set(PROJECTIONS):
-        raise ValueError(f"unknown LoRA targets {sorted(unknown)}; known: {PROJECTIONS}")
-    proj, r = arch.projections(), arch.lora_r
-    total = 0.0
-    for b, t in batches:
-        n = b * t
-        frozen = sum(2 * n * i * o for i, o in proj.values())
-        attention = 2 * 2 * b * arch.heads * t * t * arch.head_dim
-        lora = sum(2 * n * r * (proj[p][0] + proj[p][1]) for p in arch.lora_targets)
-        layer = 2 * frozen + 3 * attention + 3 * lora
-        first = sum(2 * n * proj[p][0] * proj[p][1] + 2 * n * proj[p][0] * r  # no input grad
-                    for p in ("q", "k", "v"))
-        head = 2 * (2 * n * arch.hidden * arch.vocab)
-        total += layers * layer - (first if layers else 0) + head
-    return total
-
-
-def layer_drop_flop_ratio(arch: DecoderArch, kept: int, num_layers: int,
+def layer_drop_flop_ratio(arch, kept: int, num_layers: int,
                           batches: Sequence[tuple[int, int]]) -> float:
-    """Training FLOPs of a view keeping ``kept`` of the ``num_layers`` decoder layers over
-    those of the full-depth model, on the same batches (embeddings and LM head in both):
-    above k / L, since the LM head's share does not shrink."""
+    """Training FLOPs (`core.accounting.train_ops`) of a view keeping ``kept`` of the
+    ``num_layers`` decoder layers over those of the full-depth model, on the same batches
+    (embeddings and LM head in both): above k / L, since the LM head's share does not shrink."""
+    from fedprune.core.accounting import train_ops
+
     if not 1 <= kept <= num_layers:
         raise ValueError(f"kept must be in [1, {num_layers}], got {kept}")
-    return decoder_train_flops(arch, kept, batches) / decoder_train_flops(arch, num_layers,
-                                                                          batches)
-
-
-def decoder_arch(model: torch.nn.Module, r: int, targets: Sequence[str]) -> DecoderArch:
-    """`DecoderArch` of a (peft-wrapped) Llama-style model's config; ``targets`` are
-    fedprune's ``peft.target_modules`` (q/k/v/o symbols or gate_proj / up_proj / down_proj)."""
-    c = model.config
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    return DecoderArch(c.hidden_size, c.intermediate_size, c.num_attention_heads,
-                       c.num_key_value_heads, head_dim, c.vocab_size, r,
-                       tuple(t.removesuffix("_proj") for t in targets))
+    return (train_ops(arch, [arch.heads] * kept, batches)
+            / train_ops(arch, [arch.heads] * num_layers, batches))
 
 
 PRUFED_KEEP = (1.0, 0.75, 0.5, 0.25)
@@ -604,6 +534,7 @@ def child_prufed(examples: int = 32, reps: int = 2, warm: int = 8) -> dict:
     within each pass (the fastest counts; `train_s`: the local steps only). Speedup vs the
     full-depth tier against `layer_drop_flop_ratio` on the recorded batch shapes."""
     from fedprune.config import load_config
+    from fedprune.core.accounting import head_ops, train_ops
     from fedprune.methods.prufed import PruFed
 
     n = len(PRUFED_KEEP)
@@ -630,7 +561,7 @@ def child_prufed(examples: int = 32, reps: int = 2, warm: int = 8) -> dict:
     fed.collate = recording
     state = method.initial_state()
     num_layers = method.num_layers
-    arch = decoder_arch(fed.model, cfg.peft.r, cfg.peft.target_modules)
+    arch = method.arch
     out = {"model": cfg.model.name, "num_layers": num_layers, "examples": examples,
            "batch_size": cfg.federation.batch_size, "max_length": cfg.method.own.max_length,
            "lora_r": cfg.peft.r, "lora_targets": list(arch.lora_targets),
@@ -654,7 +585,7 @@ def child_prufed(examples: int = 32, reps: int = 2, warm: int = 8) -> dict:
         out["tiers"][str(keep)] = {
             "kept_layers": list(kept), "epoch_s": min(times[tier]), "epoch_s_all": times[tier],
             "loss": losses[tier], "batches": [list(s) for s in shape],
-            "train_flops": decoder_train_flops(arch, len(kept), shape),
+            "train_flops": train_ops(arch, [arch.heads] * len(kept), shape),
             "flop_ratio": layer_drop_flop_ratio(arch, len(kept), num_layers, shape),
             "layer_ratio": len(kept) / num_layers}
     full = out["tiers"]["1.0"]
@@ -662,7 +593,7 @@ def child_prufed(examples: int = 32, reps: int = 2, warm: int = 8) -> dict:
         row["speedup"] = full["epoch_s"] / row["epoch_s"]
         row["analytic_speedup"] = 1 / row["flop_ratio"]
         row["ratio_to_analytic"] = row["speedup"] / row["analytic_speedup"]
-    head = 2 * (2 * arch.hidden * arch.vocab) * sum(b * t for b, t in full["batches"])
+    head = sum(head_ops(arch, b, t) for b, t in full["batches"])
     out["lm_head_share_of_full_flops"] = head / full["train_flops"]
     return out
 

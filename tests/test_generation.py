@@ -12,7 +12,7 @@ import pytest
 import torch
 import transformers as tf
 from safetensors.torch import load_file
-from test_peft import assert_only_kept_heads_travel
+from test_peft import assert_only_kept_heads_travel, assert_ops_match_flop_counter
 
 from fedprune.client.world import GenerationWorld, build
 from fedprune.config import ConfigError, MethodConfig, load_config
@@ -93,6 +93,17 @@ def test_causal_world_scores_the_responses_and_deals_rows_by_category(worlds):
     assert METHODS["aoh"].scoring("") == ({"eval_loss": False, "accuracy": True}, "accuracy")
 
 
+@pytest.mark.parametrize("name", ["llama", "llama-prefix"])
+def test_analytic_ops_of_a_causal_lm_match_flop_counter(worlds, name):
+    """Instruction tuning of the tiny Llama (LoRA on q/k/v/o; prefix tuning, whose layer 0
+    computes no query gradient): `core.accounting` counts exactly what FlopCounterMode does,
+    the LM head over the vocabulary included."""
+    cfg, fed = worlds(name)
+    m = build_method(cfg, fed)
+    assert m.arch.lm_head and m.arch.outputs == len(fed.tokenizer)
+    assert_ops_match_flop_counter(m, fed, rel=1e-12)
+
+
 @pytest.mark.parametrize("name", ["llama", "bart", "llama-prefix"])
 def test_aoh_prunes_heads_of_a_generation_model_and_sends_only_the_kept_ones(worlds, name):
     """AoH at 50 %: the kept heads' slices move and travel, the pruned ones do not — for the
@@ -131,6 +142,20 @@ def test_evaluation_is_response_perplexity_and_rouge_of_greedy_answers(worlds, n
     answers = generate(fed.model, fed.tokenizer, fed.prompts, 6, 1, max_prompt_length=48)
     want = rouge(answers, fed.references)
     assert {k: got[k] for k in want} == pytest.approx(want)
+
+
+@pytest.mark.parametrize("family", ["tiny_llama", "tiny_bart"])
+def test_bfloat16_compute_generates(family, request, tmp_path):
+    """`model.compute_dtype` = bfloat16 (what 'auto' picks on CPUs with AMX or AVX512-BF16):
+    the frozen weights are bf16, and `generate` — whose decoding loop calls the inner model
+    (and a seq2seq model's encoder), not the autocast forward — runs under autocast too."""
+    cfg = load_config(None, [f"model.name='{request.getfixturevalue(family)}'",
+                             "data.task='bbc_headline'", *SMALL, f"data.cache_dir='{tmp_path}'",
+                             "model.compute_dtype='bfloat16'"])
+    fed = build(cfg)
+    assert any(p.dtype == torch.bfloat16 for p in fed.model.parameters())
+    answers = generate(fed.model, fed.tokenizer, fed.prompts, 3, 2, max_prompt_length=48)
+    assert len(answers) == len(fed.prompts) and all(isinstance(a, str) for a in answers)
 
 
 @pytest.mark.parametrize("family", ["tiny_llama", "tiny_bart"])

@@ -187,10 +187,22 @@ def worlds(tmp_path_factory, tiny_llama):
     return world
 
 
-@pytest.mark.parametrize("method", ["ia3", "prompt", "full"])
-def test_analytic_ops_match_flop_counter(worlds, method):
-    cfg, fed = worlds(method)
-    m = build_method(cfg, fed)
+@pytest.mark.parametrize("model,method", [("minilm", "ia3"), ("minilm", "prompt"),
+                                          ("minilm", "full"), ("llama", "lora"),
+                                          ("llama", "ia3"), ("llama", "prompt"),
+                                          ("llama", "full")])
+def test_analytic_ops_match_flop_counter(worlds, model, method):
+    """One training step's matmul FLOPs by `core.accounting` equal FlopCounterMode's (the
+    tiny Llama classifier: exactly; MiniLM: within 0.1 %, its attention's scale and mask ops
+    aside)."""
+    cfg, fed = worlds(method, model)
+    assert_ops_match_flop_counter(build_method(cfg, fed), fed,
+                                  rel=1e-3 if model == "minilm" else 1e-12)
+
+
+def assert_ops_match_flop_counter(m, fed, rel: float) -> None:
+    """`m.arch`'s analytic OPs of one training step on 8 rows of ``fed`` against
+    FlopCounterMode's count of that step."""
     batch = fed.collate([fed.train_rows[i] for i in range(8)])
     counter = FlopCounterMode(display=False)
     with counter:
@@ -198,7 +210,7 @@ def test_analytic_ops_match_flop_counter(worlds, method):
     fed.model.zero_grad(set_to_none=True)
     heads = [a.n_heads for a in m.structure.attention]
     analytic = train_ops(m.arch, heads, [tuple(batch["input_ids"].shape)])
-    assert analytic == pytest.approx(counter.get_total_flops(), rel=0.02)
+    assert analytic == pytest.approx(counter.get_total_flops(), rel=rel)
 
 
 @pytest.mark.parametrize("model,method", [("minilm", "ia3"), ("minilm", "prompt"),

@@ -33,7 +33,7 @@ from fedprune.core.robust import COMBINE
 from fedprune.core.update import ClientUpdate, InvalidUpdate, State
 from fedprune.data.tasks import TASKS, generation_metrics
 from fedprune.structure.attention import describe
-from fedprune.structure.model import encoder_arch
+from fedprune.structure.model import model_arch
 
 if TYPE_CHECKING:
     from fedprune.config import ExperimentConfig
@@ -106,7 +106,7 @@ class Method:
         self.spec = LocalTrainSpec(f.local_epochs, f.batch_size, f.lr, f.optimizer,
                                    f.weight_decay, f.group_by_length, f.prox_mu)
         self.structure = describe(fed.model)
-        self.arch = encoder_arch(fed.model, cfg.peft)
+        self.arch = model_arch(fed.model, cfg.peft)
         self.count_flops = cfg.run.count_flops
         # a robust combine rule in place of the weighted mean (core.robust), or "mean"
         self.combine = f.robust if f.robust in COMBINE else "mean"

@@ -415,7 +415,7 @@ class PruFed(Method):
         finally:
             load_state(params, saved)
             fed.model.train(was_training)
-        metrics = {**self.ops([], stats), "tier": float(tier),
+        metrics = {**self.ops([self.structure.attention[0].n_heads] * len(self.kept[tier]), stats), "tier": float(tier),
                    "layers": float(len(self.kept[tier]))}
         return LocalResult({k: trained[k] - start[k] for k in trained}, stats.loss,
                            len(indices), metrics=metrics)

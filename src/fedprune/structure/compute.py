@@ -158,14 +158,18 @@ def prepare_compute(model: torch.nn.Module, dtype: torch.dtype, attention: str) 
             for p in module.parameters(recurse=False):
                 if not p.requires_grad:
                     p.data = p.data.to(dtype)
-    # Every forward (training, evaluation, the importance pass) runs under autocast; the
-    # backward runs outside it, as torch recommends.
+    # Every forward (training, evaluation, the importance pass) and every `generate` (whose
+    # decoding loop calls the inner model, and a seq2seq model's encoder, not this forward)
+    # runs under autocast; the backward runs outside it, as torch recommends.
     device = next(model.parameters()).device.type
-    forward = model.forward
+    for name in ("forward", "generate"):
+        if hasattr(model, name):
+            setattr(model, name, _under_autocast(getattr(model, name), device, dtype))
 
-    @functools.wraps(forward)
-    def autocast_forward(*args, **kwargs):
+
+def _under_autocast(fn, device: str, dtype: torch.dtype):
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
         with torch.autocast(device, dtype=dtype):
-            return forward(*args, **kwargs)
-
-    model.forward = autocast_forward
+            return fn(*args, **kwargs)
+    return wrapped

@@ -29,7 +29,7 @@ from transformers import (
     AutoTokenizer,
 )
 
-from fedprune.core.accounting import EncoderArch
+from fedprune.core.accounting import PROJECTIONS, Arch
 from fedprune.report.progress import steps
 from fedprune.structure.attention import ModelStructure, describe, projection_names
 
@@ -219,23 +219,29 @@ def apply_peft(model: torch.nn.Module, *, method: str, task: str, seed: int, r: 
     return get_peft_model(model, config)
 
 
-def encoder_arch(model: torch.nn.Module, peft) -> EncoderArch | None:
+def model_arch(model: torch.nn.Module, peft) -> Arch | None:
     """The numbers OPs accounting needs (``peft``: the `[peft]` section), for the encoder
-    classifiers (BERT, RoBERTa, DistilBERT); None for other families (their analytic formula
-    is not written yet)."""
+    classifiers (BERT, RoBERTa, DistilBERT) and the Llama-style decoders (a classifier or a
+    causal LM); None for other families (GPT-2's fused projections, T5, BART: their
+    formula is not written yet) and for LoRA targets outside q/k/v/o and the MLP's."""
     structure = describe(model)
-    if structure.family not in ("bert", "roberta", "distilbert"):
-        return None
-    c = model.config
-    attn = structure.attention[0]
-    ffn = c.hidden_dim if structure.family == "distilbert" else c.intermediate_size
+    c, attn = model.config, structure.attention[0]
     lora = peft.method == "lora"
-    return EncoderArch(
-        layers=len(structure.layers["encoder"]), hidden=attn.n_heads * attn.head_dim, ffn=ffn,
-        head_dim=attn.head_dim, num_labels=c.num_labels, lora_r=peft.r if lora else 0,
-        lora_targets="".join(t for t in "qkvo" if t in peft.target_modules) if lora else "",
-        method=peft.method,
-        prompt_tokens=peft.num_virtual_tokens if peft.method == "prompt" else 0)
+    targets = tuple(t.removesuffix("_proj") for t in peft.target_modules) if lora else ()
+    if structure.family not in ("bert", "roberta", "distilbert", "llama") or \
+            not set(targets) <= set(PROJECTIONS):
+        return None
+    decoder = structure.family == "llama"
+    lm = model.get_output_embeddings() is not None
+    return Arch(
+        layers=len(structure.attention), hidden=c.hidden_size if decoder else
+        attn.n_heads * attn.head_dim, heads=attn.n_heads, head_dim=attn.head_dim,
+        kv_heads=attn.n_kv_heads,
+        ffn=c.hidden_dim if structure.family == "distilbert" else c.intermediate_size,
+        outputs=c.vocab_size if lm else c.num_labels, decoder=decoder, gated=decoder,
+        lm_head=lm, pooler_trains=structure.family == "roberta", method=peft.method,
+        lora_r=peft.r if lora else 0, lora_targets=targets,
+        virtual_tokens=peft.num_virtual_tokens if peft.method in ("prompt", "prefix") else 0)
 
 
 def trainable_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:

@@ -1,6 +1,7 @@
-"""The analytic training FLOPs behind the PruFed bench entry (bench/bench.py
-`decoder_train_flops`, `layer_drop_flop_ratio`): hand-computed on a tiny config, and equal to
-what FlopCounterMode counts in `PruFed.local` on a tiny Llama's layer-dropped views."""
+"""Analytic training FLOPs of a decoder (`core.accounting.train_ops`) and the PruFed bench's
+`layer_drop_flop_ratio`: hand-computed on a tiny config, and equal to what FlopCounterMode
+counts in `PruFed.local` on a tiny Llama's layer-dropped views. (Each PEFT method against
+FlopCounterMode: tests/test_peft.py.)"""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from fedprune.config import load_config
+from fedprune.core.accounting import Arch, train_ops
 from fedprune.methods.prufed import PruFed
 
 ROOT = Path(__file__).parents[1]
@@ -20,8 +22,12 @@ bench = sys.modules.setdefault("fedprune_bench", importlib.util.module_from_spec
 _spec.loader.exec_module(bench)  # registered first: its dataclasses look their module up
 
 # d = 4, f = 8, H = 2 heads, 1 KV head, d_h = 2, V = 10, LoRA r = 1 on q, k, v, o
-TINY = bench.DecoderArch(hidden=4, ffn=8, heads=2, kv_heads=1, head_dim=2, vocab=10, lora_r=1,
-                         lora_targets=("q", "k", "v", "o"))
+TINY = Arch(layers=2, hidden=4, ffn=8, heads=2, kv_heads=1, head_dim=2, outputs=10,
+            decoder=True, gated=True, lm_head=True, lora_r=1, lora_targets=("q", "k", "v", "o"))
+
+
+def flops(arch: Arch, layers: int, batches) -> float:
+    return train_ops(arch, [arch.heads] * layers, batches)
 
 
 def test_tiny_config_by_hand():
@@ -35,23 +41,22 @@ def test_tiny_config_by_hand():
     #   2N (16 + 8 + 8) = 192 and their LoRA A 2N r (4 + 4 + 4) = 72      -264
     #   LM head 2 * (2N d V) = 2 * 240                                    +480
     batches = [(1, 3)]
-    assert bench.decoder_train_flops(TINY, 1, batches) == 2664 - 264 + 480 == 2880
-    assert bench.decoder_train_flops(TINY, 2, batches) == 2 * 2664 - 264 + 480 == 5544
+    assert flops(TINY, 1, batches) == 2664 - 264 + 480 == 2880
+    assert flops(TINY, 2, batches) == 2 * 2664 - 264 + 480 == 5544
     ratio = bench.layer_drop_flop_ratio(TINY, 1, 2, batches)
     assert Fraction(ratio).limit_denominator(1000) == Fraction(40, 77)
     assert ratio > 1 / 2  # the LM head does not shrink with the kept layers
     # two batches add up; a longer t grows the attention term quadratically
-    assert bench.decoder_train_flops(TINY, 2, [(1, 3), (2, 5)]) == \
-        5544 + bench.decoder_train_flops(TINY, 2, [(2, 5)])
+    assert flops(TINY, 2, [(1, 3), (2, 5)]) == \
+        5544 + flops(TINY, 2, [(2, 5)])
     # b = 2, t = 5: N = 10; attention 4 * 2 * 2 * 25 * 2 = 800 per layer
-    assert bench.decoder_train_flops(TINY, 1, [(2, 5)]) == \
+    assert flops(TINY, 1, [(2, 5)]) == \
         (2 * 20 * 144 + 3 * 800 + 3 * 20 * 28) - (20 * 32 + 20 * 12) + 2 * 20 * 40
 
 
 def test_bad_inputs():
-    with pytest.raises(ValueError, match="q, k and v"):
-        bench.decoder_train_flops(bench.DecoderArch(4, 8, 2, 1, 2, 10, 1, ("q", "o")), 1,
-                                  [(1, 3)])
+    with pytest.raises(ValueError, match="unknown LoRA targets"):
+        Arch(1, 4, 8, 2, 2, 10, lora_r=1, lora_targets=("q", "fc1"))
     with pytest.raises(ValueError, match="kept must be in"):
         bench.layer_drop_flop_ratio(TINY, 3, 2, [(1, 3)])
 
@@ -72,9 +77,9 @@ def test_formula_equals_flop_counter_on_layer_dropped_views(tiny_llama):
     fed = PruFed.world(cfg)
     method = PruFed(cfg, fed)
     assert method.kept == [(0, 1, 2, 3), (0, 2), (0,)]
-    arch = bench.decoder_arch(fed.model, cfg.peft.r, cfg.peft.target_modules)
-    assert arch == bench.DecoderArch(64, 128, 4, 2, 16, fed.model.config.vocab_size, 4,
-                                     ("q", "k", "v", "o"))
+    assert method.arch == Arch(4, 64, 128, 4, 16, fed.model.config.vocab_size, kv_heads=2,
+                               decoder=True, gated=True, lm_head=True, lora_r=4,
+                               lora_targets=("q", "k", "v", "o"))
     shapes, collate = [], fed.collate
 
     def recording(rows):
@@ -88,5 +93,5 @@ def test_formula_equals_flop_counter_on_layer_dropped_views(tiny_llama):
         shapes.clear()
         res = method.local(method.downlink(state, cid, 1), cid, seed=0)
         assert len(shapes) == 2  # 3 examples in batches of 2
-        assert res.metrics["train_flops_measured"] == bench.decoder_train_flops(
-            arch, len(method.kept[cid]), shapes)
+        assert res.metrics["train_flops_measured"] == res.metrics["train_ops"] == flops(
+            method.arch, len(method.kept[cid]), shapes)

@@ -534,7 +534,7 @@ def child_prufed(examples: int = 32, reps: int = 2, warm: int = 8) -> dict:
     within each pass (the fastest counts; `train_s`: the local steps only). Speedup vs the
     full-depth tier against `layer_drop_flop_ratio` on the recorded batch shapes."""
     from fedprune.config import load_config
-    from fedprune.core.accounting import head_ops, train_ops
+    from fedprune.core.accounting import train_ops
     from fedprune.methods.prufed import PruFed
 
     n = len(PRUFED_KEEP)
@@ -593,7 +593,7 @@ def child_prufed(examples: int = 32, reps: int = 2, warm: int = 8) -> dict:
         row["speedup"] = full["epoch_s"] / row["epoch_s"]
         row["analytic_speedup"] = 1 / row["flop_ratio"]
         row["ratio_to_analytic"] = row["speedup"] / row["analytic_speedup"]
-    head = sum(head_ops(arch, b, t) for b, t in full["batches"])
+    head = 2 * 2 * arch.hidden * arch.outputs * sum(b * t for b, t in full["batches"])  # LM head
     out["lm_head_share_of_full_flops"] = head / full["train_flops"]
     return out
 

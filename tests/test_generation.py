@@ -93,11 +93,11 @@ def test_causal_world_scores_the_responses_and_deals_rows_by_category(worlds):
     assert METHODS["aoh"].scoring("") == ({"eval_loss": False, "accuracy": True}, "accuracy")
 
 
-@pytest.mark.parametrize("name", ["llama", "llama-prefix"])
-def test_analytic_ops_of_a_causal_lm_match_flop_counter(worlds, name):
+@pytest.mark.parametrize("name", ["llama", "llama-prefix", "bart"])
+def test_analytic_ops_of_a_generation_model_match_flop_counter(worlds, name):
     """Instruction tuning of the tiny Llama (LoRA on q/k/v/o; prefix tuning, whose layer 0
-    computes no query gradient): `core.accounting` counts exactly what FlopCounterMode does,
-    the LM head over the vocabulary included."""
+    computes no query gradient) and seq2seq BART (its decoder length and cross-attention):
+    `core.accounting` counts exactly what FlopCounterMode does, the LM head included."""
     cfg, fed = worlds(name)
     m = build_method(cfg, fed)
     assert m.arch.lm_head and m.arch.outputs == len(fed.tokenizer)

@@ -13,15 +13,16 @@ import torch
 from test_heads import RAW, changed_heads, context, perturb
 from torch.utils.flop_counter import FlopCounterMode
 
+from fedprune.client.train import batch_shape
 from fedprune.client.world import build
-from fedprune.config import ConfigError, MethodConfig, load_config
+from fedprune.config import ConfigError, MethodConfig, PeftConfig, load_config
 from fedprune.core.accounting import train_ops
 from fedprune.methods import METHODS, build_method
 from fedprune.methods.heads import ALPHA
 from fedprune.structure import describe
 from fedprune.structure.headmap import HeadSlice, head_units
 from fedprune.structure.importance import head_importance
-from fedprune.structure.model import apply_peft, trainable_parameters
+from fedprune.structure.model import apply_peft, model_arch, trainable_parameters
 
 TASK = {"bert": "classification", "distilbert": "classification", "roberta": "classification",
         "gpt2": "causal_lm", "llama": "causal_lm", "t5": "seq2seq", "bart": "seq2seq"}
@@ -164,6 +165,40 @@ def test_importance_ignores_virtual_queries_and_keeps_virtual_keys():
     torch.testing.assert_close(got[s.attention[1].path], want.float(), atol=1e-6, rtol=1e-5)
 
 
+# --- analytic OPs per method x family --------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["lora", "ia3", "prompt", "full"])
+@pytest.mark.parametrize("family", ["bert", "distilbert", "roberta", "llama", "t5", "bart"])
+def test_analytic_ops_of_every_family_equal_flop_counter(family, method):
+    """One training step (forward + backward) of each tiny model: `core.accounting` counts
+    exactly the matmul FLOPs FlopCounterMode does — encoder-decoders with their decoder
+    length and cross-attention, prompt tuning's virtual tokens, GQA. Eager attention: torch
+    counts no attention products under the CPU's SDPA kernel."""
+    model = wrapped(family, method, num_virtual_tokens=3).train()
+    (model.get_base_model() if hasattr(model, "get_base_model") else model) \
+        .set_attn_implementation("eager")
+    arch = model_arch(model, PeftConfig(method=method, num_virtual_tokens=3))
+    torch.manual_seed(0)
+    b, t, t_dec = 2, 7, 5
+    batch = {"input_ids": torch.randint(3, 90, (b, t)), "attention_mask": torch.ones(b, t)}
+    if TASK[family] == "seq2seq":
+        batch |= {"labels": torch.randint(3, 90, (b, t_dec)),
+                  "decoder_input_ids": torch.randint(3, 90, (b, t_dec))}
+    else:
+        batch["labels"] = torch.randint(3, 90, (b, t)) if family == "llama" else torch.tensor([0, 1])
+    counter = FlopCounterMode(display=False)
+    with counter:
+        model(**batch).loss.backward()
+    heads = [a.n_heads for a in describe(model).attention]
+    shape = (b, t, t_dec) if TASK[family] == "seq2seq" else (b, t)
+    assert train_ops(arch, heads, [shape]) == counter.get_total_flops()
+
+
+def test_gpt2_has_no_analytic_formula():
+    assert model_arch(wrapped("gpt2", "lora"), PeftConfig()) is None
+
+
 # --- the real MiniLM: OPs and an AoH client round per method -------------------------------
 
 
@@ -209,7 +244,7 @@ def assert_ops_match_flop_counter(m, fed, rel: float) -> None:
         fed.model(**batch).loss.backward()
     fed.model.zero_grad(set_to_none=True)
     heads = [a.n_heads for a in m.structure.attention]
-    analytic = train_ops(m.arch, heads, [tuple(batch["input_ids"].shape)])
+    analytic = train_ops(m.arch, heads, [batch_shape(batch)])
     assert analytic == pytest.approx(counter.get_total_flops(), rel=rel)
 
 

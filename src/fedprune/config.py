@@ -364,7 +364,9 @@ class RunConfig(_Section):
     target_metric: float = opt(0.85, "Report the first round whose task metric reaches this.")
     eval_every: int = opt(1, "Evaluate the global model every N rounds (and after the last).")
     count_flops: bool = opt(False, "Measure every local step's FLOPs with torch's "
-                            "FlopCounterMode (next to the analytic count).")
+                            "FlopCounterMode (next to the analytic count; under "
+                            "`model.attn_implementation=sdpa` it misses the attention "
+                            "products on a CPU).")
     device: str = opt("auto", "Where the backbone computes (training, importance pass, "
                       "evaluation): 'auto' (CUDA when torch sees a GPU, else the CPU), 'cpu', "
                       "'cuda' or 'cuda:<i>'. Trainable tensors, updates, aggregation and "

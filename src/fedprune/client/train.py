@@ -66,9 +66,16 @@ def _batches(rows: Sequence[dict], indices: torch.Tensor, spec: LocalTrainSpec,
         yield order[start:start + spec.batch_size].tolist()
 
 
+def batch_shape(batch: dict[str, torch.Tensor]) -> tuple[int, ...]:
+    """(batch size, padded length[, decoder length]) of a collated batch: what the analytic
+    OPs (`core.accounting.train_ops`) take."""
+    dec = batch.get("decoder_input_ids")  # seq2seq: the decoder's length too
+    return (*batch["input_ids"].shape, *(dec.shape[1:] if dec is not None else ()))
+
+
 class TrainStats(NamedTuple):
     loss: float                          # mean training loss per example
-    shapes: list[tuple[int, int]]        # (batch size, padded length) of every step
+    shapes: list[tuple[int, ...]]        # (batch size, padded length[, decoder length])
     tokens: int                          # real (non-padding) tokens over all steps
     seconds: float                       # wall time of the local steps
     flops: float | None                  # FlopCounterMode total when counted
@@ -76,7 +83,7 @@ class TrainStats(NamedTuple):
     @property
     def pad_fraction(self) -> float:
         """Share of the computed positions that were padding."""
-        total = sum(b * n for b, n in self.shapes)
+        total = sum(b * n for b, n, *_ in self.shapes)
         return 1.0 - self.tokens / total if total else 0.0
 
 
@@ -151,7 +158,7 @@ def local_train(model: torch.nn.Module, params: dict[str, torch.nn.Parameter],
                     opt.zero_grad(set_to_none=True)
                     loss_sum += loss.item() * len(batch_idx)
                     seen += len(batch_idx)
-                    shapes.append(tuple(batch["input_ids"].shape))
+                    shapes.append(batch_shape(batch))
                     tokens += int(batch["attention_mask"].sum())
     finally:
         for h in hooks:

@@ -1,11 +1,13 @@
 """Analytic training OPs of a local round (nanoGPT `estimate_mfu` style), from the model
-config, the PEFT method, the computing heads per layer and the padded batch shapes.
+config, the PEFT method, the computing heads per attention module and the padded batch shapes.
 
 Counted: matmul FLOPs (2 per multiply-add) of the encoder classifiers (BERT, RoBERTa,
-DistilBERT) and the Llama-style decoders (GQA, gated MLP), as a classifier or a causal LM.
-A batch B x T holds N = BT tokens (T grows by the T_p soft-prompt tokens under prompt
-tuning, in every layer; prefix tuning adds T_p keys and values, not queries). Per layer with
-H_l computing query heads of size d_h (and H_l KV / H KV heads under GQA), width d:
+DistilBERT), the Llama-style decoders (GQA, gated MLP; a classifier or a causal LM) and the
+encoder-decoders (T5, BART: encoder self-attention, decoder self- and cross-attention). A
+stack's batch B x T holds N = BT tokens (T grows by the T_p soft-prompt tokens under prompt
+tuning, on the input the prompts are prepended to; prefix tuning adds T_p keys and values, not
+queries). Per attention block with H_l computing query heads of size d_h (H_l KV / H KV heads
+under GQA), width d, T_k keys (T in self-attention, the encoder's length in cross-attention):
 
     forward  = sum_proj 2N in out                 q, k, v, o; FFN up, down (and gate)
              + 2 * 2B H_l T T_k d_h               scores QK^T and probabilities @ V
@@ -14,18 +16,20 @@ H_l computing query heads of size d_h (and H_l KV / H KV heads under GQA), width
              | 2N d C  or  2N d V                 decoders: a score / LM head at every position
 
 A matmul's backward computes its input gradient when its input needs one (2N in out more) and
-its weight gradient when the weight trains (2N in out more); the attention products compute
-dP when Q or K needs a gradient and dQ, dK, dV as each needs one. Every layer input needs a
-gradient except layer 0's under LoRA, IA3 and prefix tuning (the embeddings are frozen):
-there q, k, v compute no input gradient and Q, K, V need one only where something trains
-(LoRA on that projection; IA3's key and value scalings; the prefix's keys and values).
-Prompt tuning and full fine-tuning train the inputs. Trainable matmuls per `peft.method`:
-LoRA's A and B; every projection ('full'); the task head always (a classifier; an LM head only
-under 'full'). H_l is the number of kept heads in `structural` mode and all heads otherwise
-(adapter mode still runs every head). Non-matmul work (softmax, norms, activations, IA3's
-scalings) is left out; FlopCounterMode counts the same matmuls, which is the cross-check
-(tests/test_peft.py, tests/test_bench_prufed.py). AoH's Table 6 gives these terms per method
-in O() form.
+its weight gradient when the weight trains (2N in out more); the attention products compute dP
+when Q or K needs a gradient and dQ, dK, dV as each needs one. Whether an input needs a
+gradient is tracked through the residual stream: the embeddings are frozen (except under
+'prompt' and 'full'), so the first layer's q, k, v compute no input gradient and its Q, K, V
+need one only where something trains (LoRA on that projection, IA3's key and value scalings,
+the prefix's keys and values); from there on the stream carries one. A decoder's cross-
+attention keys and values read the encoder output, which always carries one. Trainable matmuls
+per `peft.method`: LoRA's A and B; every one ('full'); the task head always (a classifier; an
+LM head only under 'full'). H_l is the number of kept heads in `structural` mode and all heads
+otherwise (adapter mode still runs every head). Non-matmul work (softmax, norms, activations,
+IA3's scalings, T5's position biases) is left out; FlopCounterMode counts the same matmuls —
+exactly equal on tiny models of every family and method (tests/test_peft.py) — except that
+it counts no attention products under the CPU's SDPA kernel. GPT-2 (fused q/k/v) has no
+formula yet. AoH's Table 6 gives these terms per method in O() form.
 """
 
 from __future__ import annotations
@@ -50,68 +54,108 @@ class Arch:
     decoder: bool = False         # head at every position (else pooler + classifier on one)
     gated: bool = False           # gate/up/down MLP (else up/down)
     lm_head: bool = False         # the head is the (frozen unless 'full') LM head
-    pooler_trains: bool = False   # RoBERTa's classifier.dense: part of the trained head
+    pooler_trains: bool = False   # trained with the head: RoBERTa's classifier.dense,
+                                  # DistilBERT's pre_classifier (peft modules_to_save)
     method: str = "lora"          # peft.method
     lora_r: int = 0               # 0 unless method 'lora'
     lora_targets: tuple[str, ...] = ()  # of PROJECTIONS
     virtual_tokens: int = 0       # T_p of prompt / prefix tuning
+    # encoder-decoder (T5, BART): the first `encoder_layers` entries of heads per layer are
+    # the encoder's, then self and cross attention of each decoder layer; batches are
+    # (b, encoder length, decoder length); 0 = not an encoder-decoder
+    encoder_layers: int = 0
+    dec_head_dim: int = 0         # 0: = head_dim
+    dec_ffn: int = 0              # 0: = ffn
 
     def __post_init__(self) -> None:
         if unknown := set(self.lora_targets) - set(PROJECTIONS):
             raise ValueError(f"unknown LoRA targets {sorted(unknown)}; known: {PROJECTIONS}")
 
-    def projections(self, heads: int) -> dict[str, tuple[int, int]]:
-        """(in, out) features of each Linear of one layer with ``heads`` computing heads."""
-        d, f = self.hidden, self.ffn
-        q = heads * self.head_dim
-        kv = q * (self.kv_heads or self.heads) // self.heads
-        ffn = {"gate": (d, f), "up": (d, f), "down": (f, d)} if self.gated else \
-            {"up": (d, f), "down": (f, d)}
-        return {"q": (d, q), "k": (d, kv), "v": (d, kv), "o": (q, d), **ffn}
+
+class _Count:
+    """Training FLOPs of one batch, block by block, tracking whether the residual stream
+    carries a gradient (it does once anything below it trains)."""
+
+    def __init__(self, arch: Arch, b: int) -> None:
+        self.arch, self.b, self.full = arch, b, arch.method == "full"
+        self.lora = set(arch.lora_targets) if arch.method == "lora" else set()
+
+    def linear(self, n: int, i: int, o: int, input_grad: bool, name: str) -> float:
+        """Y = X W on n rows (W: [i, o]), with LoRA (A: [i, r], B: [r, o]) if targeted."""
+        f = 2 * n * i * o * (1 + input_grad + self.full)
+        if name in self.lora:  # both LoRA weights train; B's input always needs a gradient
+            r = self.arch.lora_r
+            f += 2 * n * r * o * 3 + 2 * n * i * r * (2 + input_grad)
+        return f
+
+    def attention(self, heads: int, head_dim: int, t_q: int, t_k: int, x_grad: bool,
+                  src_grad: bool) -> tuple[float, bool]:
+        """Queries (and the residual) from the stream x, keys / values from src (x itself in
+        self-attention); returns (FLOPs, whether the stream after it carries a gradient)."""
+        a, (b, full, lora) = self.arch, (self.b, self.full, self.lora)
+        q = heads * head_dim
+        kv = q * (a.kv_heads or a.heads) // a.heads
+        trained_kv = a.method in ("ia3", "prefix")  # IA3's scalings, the prefix's keys
+        g = {"q": x_grad or full or "q" in lora,
+             **{p: src_grad or full or p in lora or trained_kv for p in "kv"}}
+        f = self.linear(b * t_q, a.hidden, q, x_grad, "q") + sum(
+            self.linear(b * t_k, a.hidden, kv, src_grad, p) for p in "kv")
+        attn = any(g.values())  # the attention output carries a gradient
+        f += self.linear(b * t_q, q, a.hidden, attn, "o")
+        t_k += a.virtual_tokens if a.method == "prefix" else 0
+        product = 2 * b * heads * t_q * t_k * head_dim  # one of QK^T, P @ V
+        # forward both; dP when Q or K needs a gradient; dQ, dK, dV as each needs one
+        f += product * (2 + (g["q"] or g["k"]) + g["q"] + g["k"] + g["v"])
+        return f, x_grad or attn or full or "o" in lora
+
+    def ffn(self, width: int, t: int, x_grad: bool) -> tuple[float, bool]:
+        a, n = self.arch, self.b * t
+        hidden = (x_grad or self.full or a.method == "ia3"  # IA3 scales down's input
+                  or bool(self.lora & {"gate", "up"}))
+        f = sum(self.linear(n, a.hidden, width, x_grad, p)
+                for p in (("gate", "up") if a.gated else ("up",)))
+        f += self.linear(n, width, a.hidden, hidden, "down")
+        return f, x_grad or hidden or self.full or "down" in self.lora
+
+    def stack(self, heads: Sequence[int], head_dim: int, width: int, t: int, x_grad: bool,
+              t_src: int = 0) -> tuple[float, bool]:
+        """Layers of one stack on t positions (``t_src``: an encoder output of that length
+        to cross-attend to, taking ``heads`` as self, cross pairs)."""
+        f, per = 0.0, 2 if t_src else 1
+        for i in range(0, len(heads), per):
+            g, x_grad = self.attention(heads[i], head_dim, t, t, x_grad, x_grad)
+            f += g
+            if t_src:  # the encoder output trains whenever anything in the encoder does
+                g, x_grad = self.attention(heads[i + 1], head_dim, t, t_src, x_grad, True)
+                f += g
+            g, x_grad = self.ffn(width, t, x_grad)
+            f += g
+        return f, x_grad
 
 
-def layer_ops(arch: Arch, heads: int, b: int, t: int, first: bool) -> float:
-    """Training FLOPs of one layer (``first``: layer 0) on a batch of b rows x t tokens."""
-    proj = arch.projections(heads)
-    t_q = t + (arch.virtual_tokens if arch.method == "prompt" else 0)
-    t_k = t_q + (arch.virtual_tokens if arch.method == "prefix" else 0)
-    n, r, full = b * t_q, arch.lora_r, arch.method == "full"
-    lora = set(arch.lora_targets) if arch.method == "lora" else set()
-    x_grad = not first or arch.method in ("prompt", "full")
-    # which of Q, K, V, the attention output and the FFN's hidden activations carry a gradient
-    qkv = {p: x_grad or full or p in lora or (p in "kv" and arch.method in ("ia3", "prefix"))
-           for p in "qkv"}
-    attn = any(qkv.values())
-    ffn_in = x_grad or attn or full or "o" in lora
-    hidden = ffn_in or arch.method == "ia3" or bool(lora & {"gate", "up"})
-    needs = {"q": x_grad, "k": x_grad, "v": x_grad, "o": attn, "gate": ffn_in, "up": ffn_in,
-             "down": hidden}
-    total = 0.0
-    for p, (i, o) in proj.items():
-        mm = 2 * n * i * o
-        total += mm * (1 + needs[p] + full)
-        if p in lora:  # A: [i -> r], B: [r -> o]; both weights train, B's input always
-            total += 2 * n * r * o * 3 + 2 * n * i * r * (2 + needs[p])
-    product = 2 * b * heads * t_q * t_k * arch.head_dim  # one of QK^T, P @ V
-    total += product * (2 + (qkv["q"] or qkv["k"]) + qkv["q"] + qkv["k"] + qkv["v"])
+def train_ops(arch: Arch, heads_per_layer: Sequence[int], batches: Sequence[tuple[int, ...]]
+              ) -> float:
+    """Training FLOPs of local steps over ``batches`` of (batch size, padded length[,
+    decoder length]) through the layers of ``heads_per_layer`` (computing heads of each
+    attention module: fewer layers than the model's for a layer-dropped view)."""
+    a, total = arch, 0.0
+    prompt = a.virtual_tokens if a.method == "prompt" else 0
+    inputs_train = a.method in ("prompt", "full")  # the first layer's input needs a gradient
+    d, c = a.hidden, a.outputs
+    for b, t, *dec in batches:
+        count, t = _Count(a, b), t + prompt
+        if a.encoder_layers:
+            enc = heads_per_layer[:a.encoder_layers]
+            f, _ = count.stack(enc, a.head_dim, a.ffn, t, inputs_train)
+            g, _ = count.stack(heads_per_layer[a.encoder_layers:], a.dec_head_dim or a.head_dim,
+                               a.dec_ffn or a.ffn, dec[0], a.method == "full", t_src=t)
+            n = b * dec[0]  # LM head over the decoder positions
+            total += f + g + 2 * n * d * c * (2 + (a.method == "full"))
+            continue
+        total += count.stack(heads_per_layer, a.head_dim, a.ffn, t, inputs_train)[0]
+        if a.decoder:  # a score / LM head at every position (prompt tuning's virtual ones too)
+            total += 2 * b * t * d * c * (2 + (not a.lm_head or a.method == "full"))
+        else:  # pooler (or RoBERTa's dense) and classifier on the first token of each row
+            trains = a.method == "full" or a.pooler_trains
+            total += 2 * b * d * d * (2 + trains) + 3 * 2 * b * d * c
     return total
-
-
-def head_ops(arch: Arch, b: int, t: int) -> float:
-    """Training FLOPs of the task head on a batch of b rows x t tokens."""
-    d, c = arch.hidden, arch.outputs
-    if arch.decoder:  # at every position (prompt tuning's virtual ones too)
-        n = b * (t + (arch.virtual_tokens if arch.method == "prompt" else 0))
-        return 2 * n * d * c * (2 + (not arch.lm_head or arch.method == "full"))
-    pool = 2 * b * d * d * (3 if arch.method == "full" or arch.pooler_trains else 2)
-    return pool + 3 * 2 * b * d * c
-
-
-def train_ops(arch: Arch, heads_per_layer: Sequence[int],
-              batches: Sequence[tuple[int, int]]) -> float:
-    """Training FLOPs of local steps over ``batches`` of (batch size, padded length) through
-    the layers of ``heads_per_layer`` (computing heads of each: fewer layers than the model's
-    for a layer-dropped view)."""
-    return sum(head_ops(arch, b, t) + sum(layer_ops(arch, heads, b, t, first=layer == 0)
-                                          for layer, heads in enumerate(heads_per_layer))
-               for b, t in batches)

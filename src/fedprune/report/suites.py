@@ -854,7 +854,7 @@ def tasks_report(suite_dir: Path, variants) -> Path:
     lines = [("# FedAvg and AoH at 90 % on classification and headline generation (paper "
              "Table 2)"), "",
              ("Per client and round: KiB up measured on the serialized payloads, analytic GOPs "
-             "(core/accounting.py: encoders and Llama-style decoders) and GFLOPs measured by torch FlopCounterMode "
+             "(core/accounting.py) and GFLOPs measured by torch FlopCounterMode "
              "(forward and backward of the local steps). Final metrics on the validation split "
              "after the last round. AoH runs in `method.aoh.mode` = adapter (the default): "
              "pruned heads' slices are frozen and not sent, but the backbone computes every "
@@ -967,7 +967,7 @@ def backbones_report(suite_dir: Path, variants) -> Path:
               f"whose final accuracy is more than {100 * CHANCE_MARGIN:.0f} points above "
               f"chance. **Untrained** rows are random weights of the published sizes "
               f"(sim/published.py) run for one round: their bytes and OPs are the real "
-              f"backbones', their metrics mean nothing. KiB up, GOPs (analytic: encoders, Llama) and "
+              f"backbones', their metrics mean nothing. KiB up, GOPs (analytic; none for GPT-2) and "
               f"GFLOPs (FlopCounterMode) per client and round."), "", *table, ""]
     return _write(suite_dir, lines)
 

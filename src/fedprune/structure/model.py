@@ -210,8 +210,11 @@ def apply_peft(model: torch.nn.Module, *, method: str, task: str, seed: int, r: 
                            target_modules=projection_names(structure, "kv") + ffn,
                            fan_in_fan_out=structure.transposed)
     elif method == "prompt":
+        # sizes given: peft reads them from config names DistilBERT's config lacks
         config = PromptTuningConfig(task_type=task_type, num_virtual_tokens=num_virtual_tokens,
-                                    prompt_tuning_init=PromptTuningInit.SAMPLE_VOCAB)
+                                    prompt_tuning_init=PromptTuningInit.SAMPLE_VOCAB,
+                                    token_dim=model.get_input_embeddings().embedding_dim,
+                                    num_attention_heads=structure.attention[0].n_heads)
     elif method == "prefix":
         config = PrefixTuningConfig(task_type=task_type, num_virtual_tokens=num_virtual_tokens)
     else:
@@ -221,27 +224,36 @@ def apply_peft(model: torch.nn.Module, *, method: str, task: str, seed: int, r: 
 
 def model_arch(model: torch.nn.Module, peft) -> Arch | None:
     """The numbers OPs accounting needs (``peft``: the `[peft]` section), for the encoder
-    classifiers (BERT, RoBERTa, DistilBERT) and the Llama-style decoders (a classifier or a
-    causal LM); None for other families (GPT-2's fused projections, T5, BART: their
-    formula is not written yet) and for LoRA targets outside q/k/v/o and the MLP's."""
+    classifiers (BERT, RoBERTa, DistilBERT), the Llama-style decoders (a classifier or a
+    causal LM) and the encoder-decoders (T5, BART); None for GPT-2 (its fused q/k/v
+    projection: no formula yet) and for LoRA targets outside q/k/v/o and a Llama MLP's."""
     structure = describe(model)
-    c, attn = model.config, structure.attention[0]
+    c, attn, family = model.config, structure.attention, structure.family
     lora = peft.method == "lora"
     targets = tuple(t.removesuffix("_proj") for t in peft.target_modules) if lora else ()
-    if structure.family not in ("bert", "roberta", "distilbert", "llama") or \
-            not set(targets) <= set(PROJECTIONS):
+    if family == "gpt2" or not set(targets) <= set(PROJECTIONS):
         return None
-    decoder = structure.family == "llama"
+    virtual = peft.num_virtual_tokens if peft.method in ("prompt", "prefix") else 0
+    common = {"method": peft.method, "lora_r": peft.r if lora else 0, "lora_targets": targets,
+              "virtual_tokens": virtual}
+    if family in ("t5", "bart"):
+        encoder = [a for a in attn if a.stack == "encoder"]
+        decoder = next(a for a in attn if a.stack == "decoder")
+        t5 = family == "t5"
+        return Arch(layers=len(structure.layers["encoder"]) + len(structure.layers["decoder"]),
+                    hidden=c.d_model, ffn=c.d_ff if t5 else c.encoder_ffn_dim,
+                    dec_ffn=c.d_ff if t5 else c.decoder_ffn_dim, heads=encoder[0].n_heads,
+                    head_dim=encoder[0].head_dim, dec_head_dim=decoder.head_dim,
+                    outputs=c.vocab_size, gated=t5 and c.is_gated_act, lm_head=True,
+                    encoder_layers=len(encoder), **common)
+    decoder = family == "llama"
     lm = model.get_output_embeddings() is not None
     return Arch(
-        layers=len(structure.attention), hidden=c.hidden_size if decoder else
-        attn.n_heads * attn.head_dim, heads=attn.n_heads, head_dim=attn.head_dim,
-        kv_heads=attn.n_kv_heads,
-        ffn=c.hidden_dim if structure.family == "distilbert" else c.intermediate_size,
+        layers=len(attn), hidden=c.hidden_size if decoder else attn[0].n_heads * attn[0].head_dim,
+        heads=attn[0].n_heads, head_dim=attn[0].head_dim, kv_heads=attn[0].n_kv_heads,
+        ffn=c.hidden_dim if family == "distilbert" else c.intermediate_size,
         outputs=c.vocab_size if lm else c.num_labels, decoder=decoder, gated=decoder,
-        lm_head=lm, pooler_trains=structure.family == "roberta", method=peft.method,
-        lora_r=peft.r if lora else 0, lora_targets=targets,
-        virtual_tokens=peft.num_virtual_tokens if peft.method in ("prompt", "prefix") else 0)
+        lm_head=lm, pooler_trains=family in ("roberta", "distilbert"), **common)
 
 
 def trainable_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:

@@ -2,7 +2,7 @@
 config, the PEFT method, the computing heads per attention module and the padded batch shapes.
 
 Counted: matmul FLOPs (2 per multiply-add) of the encoder classifiers (BERT, RoBERTa,
-DistilBERT), the Llama-style decoders (GQA, gated MLP; a classifier or a causal LM) and the
+DistilBERT), the decoders (GPT-2; Llama-style: GQA, gated MLP; a classifier or a causal LM) and the
 encoder-decoders (T5, BART: encoder self-attention, decoder self- and cross-attention). A
 stack's batch B x T holds N = BT tokens (T grows by the T_p soft-prompt tokens under prompt
 tuning, on the input the prompts are prepended to; prefix tuning adds T_p keys and values, not
@@ -28,8 +28,8 @@ LM head only under 'full'). H_l is the number of kept heads in `structural` mode
 otherwise (adapter mode still runs every head). Non-matmul work (softmax, norms, activations,
 IA3's scalings, T5's position biases) is left out; FlopCounterMode counts the same matmuls —
 exactly equal on tiny models of every family and method (tests/test_peft.py) — except that
-it counts no attention products under the CPU's SDPA kernel. GPT-2 (fused q/k/v) has no
-formula yet. AoH's Table 6 gives these terms per method in O() form.
+it counts no attention products under the CPU's SDPA kernel. GPT-2's fused q/k/v projection
+is one matmul, its LoRA one A / B pair and its IA3 scaling covers queries too. AoH's Table 6 gives these terms per method in O() form.
 """
 
 from __future__ import annotations
@@ -66,6 +66,7 @@ class Arch:
     encoder_layers: int = 0
     dec_head_dim: int = 0         # 0: = head_dim
     dec_ffn: int = 0              # 0: = ffn
+    fused_qkv: bool = False       # one [d, 3 d] q/k/v projection (GPT-2's c_attn)
 
     def __post_init__(self) -> None:
         if unknown := set(self.lora_targets) - set(PROJECTIONS):
@@ -96,10 +97,16 @@ class _Count:
         q = heads * head_dim
         kv = q * (a.kv_heads or a.heads) // a.heads
         trained_kv = a.method in ("ia3", "prefix")  # IA3's scalings, the prefix's keys
-        g = {"q": x_grad or full or "q" in lora,
-             **{p: src_grad or full or p in lora or trained_kv for p in "kv"}}
-        f = self.linear(b * t_q, a.hidden, q, x_grad, "q") + sum(
-            self.linear(b * t_k, a.hidden, kv, src_grad, p) for p in "kv")
+        if a.fused_qkv:  # one matmul; LoRA (A: [d, r], B: [r, 3d]) and IA3 cover its output
+            fused = bool(lora & set("qkv")) or a.method == "ia3"
+            g = {p: x_grad or full or fused or (p != "q" and trained_kv) for p in "qkv"}
+            f = self.linear(b * t_q, a.hidden, q + 2 * kv, x_grad,
+                            "q" if lora & set("qkv") else "")
+        else:
+            g = {"q": x_grad or full or "q" in lora,
+                 **{p: src_grad or full or p in lora or trained_kv for p in "kv"}}
+            f = self.linear(b * t_q, a.hidden, q, x_grad, "q") + sum(
+                self.linear(b * t_k, a.hidden, kv, src_grad, p) for p in "kv")
         attn = any(g.values())  # the attention output carries a gradient
         f += self.linear(b * t_q, q, a.hidden, attn, "o")
         t_k += a.virtual_tokens if a.method == "prefix" else 0

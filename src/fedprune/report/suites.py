@@ -967,7 +967,7 @@ def backbones_report(suite_dir: Path, variants) -> Path:
               f"whose final accuracy is more than {100 * CHANCE_MARGIN:.0f} points above "
               f"chance. **Untrained** rows are random weights of the published sizes "
               f"(sim/published.py) run for one round: their bytes and OPs are the real "
-              f"backbones', their metrics mean nothing. KiB up, GOPs (analytic; none for GPT-2) and "
+              f"backbones', their metrics mean nothing. KiB up, GOPs (analytic) and "
               f"GFLOPs (FlopCounterMode) per client and round."), "", *table, ""]
     return _write(suite_dir, lines)
 

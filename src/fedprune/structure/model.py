@@ -225,14 +225,15 @@ def apply_peft(model: torch.nn.Module, *, method: str, task: str, seed: int, r: 
 def model_arch(model: torch.nn.Module, peft) -> Arch | None:
     """The numbers OPs accounting needs (``peft``: the `[peft]` section), for the encoder
     classifiers (BERT, RoBERTa, DistilBERT), the Llama-style decoders (a classifier or a
-    causal LM) and the encoder-decoders (T5, BART); None for GPT-2 (its fused q/k/v
-    projection: no formula yet) and for LoRA targets outside q/k/v/o and a Llama MLP's."""
+    causal LM: Llama-style, GPT-2) and the encoder-decoders (T5, BART); None for LoRA targets
+    outside q/k/v/o and a Llama MLP's, and for BERT / GPT-2 built with cross-attention."""
     structure = describe(model)
     c, attn, family = model.config, structure.attention, structure.family
     lora = peft.method == "lora"
     targets = tuple(t.removesuffix("_proj") for t in peft.target_modules) if lora else ()
-    if family == "gpt2" or not set(targets) <= set(PROJECTIONS):
-        return None
+    if not set(targets) <= set(PROJECTIONS) or (
+            family not in ("t5", "bart") and any(a.kind == "cross" for a in attn)):
+        return None  # (a decoder-only model's cross-attention runs only beside an encoder)
     virtual = peft.num_virtual_tokens if peft.method in ("prompt", "prefix") else 0
     common = {"method": peft.method, "lora_r": peft.r if lora else 0, "lora_targets": targets,
               "virtual_tokens": virtual}
@@ -246,14 +247,15 @@ def model_arch(model: torch.nn.Module, peft) -> Arch | None:
                     head_dim=encoder[0].head_dim, dec_head_dim=decoder.head_dim,
                     outputs=c.vocab_size, gated=t5 and c.is_gated_act, lm_head=True,
                     encoder_layers=len(encoder), **common)
-    decoder = family == "llama"
+    decoder, gpt2 = family in ("llama", "gpt2"), family == "gpt2"
     lm = model.get_output_embeddings() is not None
+    ffn = {"distilbert": "hidden_dim", "gpt2": "n_inner"}.get(family, "intermediate_size")
     return Arch(
-        layers=len(attn), hidden=c.hidden_size if decoder else attn[0].n_heads * attn[0].head_dim,
-        heads=attn[0].n_heads, head_dim=attn[0].head_dim, kv_heads=attn[0].n_kv_heads,
-        ffn=c.hidden_dim if family == "distilbert" else c.intermediate_size,
-        outputs=c.vocab_size if lm else c.num_labels, decoder=decoder, gated=decoder,
-        lm_head=lm, pooler_trains=family in ("roberta", "distilbert"), **common)
+        layers=len(attn), hidden=attn[0].n_heads * attn[0].head_dim if not decoder else
+        c.hidden_size, heads=attn[0].n_heads, head_dim=attn[0].head_dim,
+        kv_heads=attn[0].n_kv_heads, ffn=getattr(c, ffn) or 4 * c.hidden_size,
+        outputs=c.vocab_size if lm else c.num_labels, decoder=decoder, gated=decoder and not gpt2,
+        lm_head=lm, pooler_trains=family in ("roberta", "distilbert"), fused_qkv=gpt2, **common)
 
 
 def trainable_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:

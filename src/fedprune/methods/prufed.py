@@ -415,7 +415,8 @@ class PruFed(Method):
         finally:
             load_state(params, saved)
             fed.model.train(was_training)
-        metrics = {**self.ops([self.structure.attention[0].n_heads] * len(self.kept[tier]), stats), "tier": float(tier),
+        heads = [self.structure.attention[0].n_heads] * len(self.kept[tier])  # the view's
+        metrics = {**self.ops(heads, stats), "tier": float(tier),
                    "layers": float(len(self.kept[tier]))}
         return LocalResult({k: trained[k] - start[k] for k in trained}, stats.loss,
                            len(indices), metrics=metrics)

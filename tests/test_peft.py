@@ -176,8 +176,8 @@ def test_analytic_ops_of_every_family_equal_flop_counter(family, method):
     """One training step (forward + backward) of each tiny model: `core.accounting` counts
     exactly the matmul FLOPs FlopCounterMode does — encoder-decoders with their decoder
     length and cross-attention, prompt tuning's virtual tokens, GQA, GPT-2's fused q/k/v
-    projection. Eager attention: torch
-    counts no attention products under the CPU's SDPA kernel."""
+    projection. Eager attention: torch counts no attention products under the CPU's SDPA
+    kernel."""
     # GPT-2 without the cross-attention RAW's has (it would run only beside an encoder)
     raw = tf.GPT2LMHeadModel(tf.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=100,
                                            n_positions=32)) if family == "gpt2" else None
@@ -231,8 +231,7 @@ def worlds(tmp_path_factory, tiny_llama):
                                           ("llama", "full")])
 def test_analytic_ops_match_flop_counter(worlds, model, method):
     """One training step's matmul FLOPs by `core.accounting` equal FlopCounterMode's (the
-    tiny Llama classifier: exactly; MiniLM: within 0.1 %, its attention's scale and mask ops
-    aside)."""
+    tiny Llama classifier: exactly; the real MiniLM: within 0.1 %)."""
     cfg, fed = worlds(method, model)
     assert_ops_match_flop_counter(build_method(cfg, fed), fed,
                                   rel=1e-3 if model == "minilm" else 1e-12)

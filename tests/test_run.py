@@ -232,6 +232,14 @@ def test_suite_smoke(tmp_path, name):
               "privacy": "privacy.png", "peft": "peft.png", "tasks": "tasks.png"}.get(name)
     if figure:
         assert (tmp_path / name / figure).stat().st_size > 10_000
+    if name == "table1":  # the ratio to B1: 1x on B1's row, "–" when no B1 row has run
+        from fedprune.report.suites import REPORTS
+
+        assert "| B1-random-sel | 1 |" in text and " | 1.00x | " in text
+        aoh = [v for v in SUITES[name]() if v.label == "AoH-loss-sel-s0"]
+        alone = REPORTS[name](tmp_path / name, aoh).read_text()
+        assert next(x for x in alone.splitlines() if x.startswith("| AoH-loss-sel |")
+                    ).split(" | ")[5] == "–"
     if name == "robustness":  # the attack x rule table against the clean run
         assert "| scaling | " in text and "(+0.0)" in text.split("| clean |")[1].split("\n")[0]
     if name == "peft":  # a row per PEFT method: FedAvg's figures, AoH's sparsity (or none)

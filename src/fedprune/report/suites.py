@@ -647,8 +647,8 @@ def table1_report(suite_dir: Path, variants) -> Path:
     groups: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
         groups.setdefault(r["label"].rsplit("-s", 1)[0], []).append(r)
-    b1 = groups.get("B1-random-sel") or next(iter(groups.values()))
-    b1_kib = float(np.mean([r["kib_up"] for r in b1]))
+    b1 = groups.get("B1-random-sel")  # absent when only some rows ran (--only)
+    b1_kib = float(np.mean([r["kib_up"] for r in b1])) if b1 else None
     table = [("| row | seeds | final acc | round at target | KiB up / client | vs B1 | "
              "analytic GOPs / client |"), "|---|---|---|---|---|---|---|"]
     for name, rs in groups.items():
@@ -657,7 +657,8 @@ def table1_report(suite_dir: Path, variants) -> Path:
         gops = [r["gops"] for r in rs if r["gops"] is not None]
         table.append(f"| {name} | {len(rs)} | {mean_sd([r['final_accuracy'] for r in rs], '.4f')}"
                      f" | {mean_sd(reached, '.1f')} ({len(reached)}/{len(rs)} reached) | "
-                     f"{kib:,.1f} | {b1_kib / kib:.2f}x | {mean_sd(gops, ',.2f')} |")
+                     f"{kib:,.1f} | {f'{b1_kib / kib:.2f}x' if b1_kib else '–'} | "
+                     f"{mean_sd(gops, ',.2f')} |")
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, rs in groups.items():
         curves = [[(r["round"], r["accuracy"]) for r in read_metrics(suite_dir / x["label"])

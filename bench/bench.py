@@ -593,7 +593,7 @@ def child_prufed(examples: int = 32, reps: int = 2, warm: int = 8) -> dict:
         row["speedup"] = full["epoch_s"] / row["epoch_s"]
         row["analytic_speedup"] = 1 / row["flop_ratio"]
         row["ratio_to_analytic"] = row["speedup"] / row["analytic_speedup"]
-    head = 2 * 2 * arch.hidden * arch.outputs * sum(b * t for b, t in full["batches"])  # LM head
+    head = train_ops(arch, [], full["batches"])  # no layers: the LM head alone
     out["lm_head_share_of_full_flops"] = head / full["train_flops"]
     return out
 

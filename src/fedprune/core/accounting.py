@@ -51,7 +51,7 @@ class Arch:
     head_dim: int
     outputs: int                  # classifier labels, or the vocabulary of an LM head
     kv_heads: int = 0             # 0: = heads (no GQA)
-    decoder: bool = False         # head at every position (else pooler + classifier on one)
+    decoder: bool = False         # head at every (decoder) position, else pooler + classifier
     gated: bool = False           # gate/up/down MLP (else up/down)
     lm_head: bool = False         # the head is the (frozen unless 'full') LM head
     pooler_trains: bool = False   # trained with the head: RoBERTa's classifier.dense,
@@ -153,15 +153,14 @@ def train_ops(arch: Arch, heads_per_layer: Sequence[int], batches: Sequence[tupl
         count, t = _Count(a, b), t + prompt
         if a.encoder_layers:
             enc = heads_per_layer[:a.encoder_layers]
-            f, _ = count.stack(enc, a.head_dim, a.ffn, t, inputs_train)
-            g, _ = count.stack(heads_per_layer[a.encoder_layers:], a.dec_head_dim or a.head_dim,
-                               a.dec_ffn or a.ffn, dec[0], a.method == "full", t_src=t)
-            n = b * dec[0]  # LM head over the decoder positions
-            total += f + g + 2 * n * d * c * (2 + (a.method == "full"))
-            continue
-        total += count.stack(heads_per_layer, a.head_dim, a.ffn, t, inputs_train)[0]
-        if a.decoder:  # a score / LM head at every position (prompt tuning's virtual ones too)
-            total += 2 * b * t * d * c * (2 + (not a.lm_head or a.method == "full"))
+            total += count.stack(enc, a.head_dim, a.ffn, t, inputs_train)[0]
+            total += count.stack(heads_per_layer[a.encoder_layers:], a.dec_head_dim or a.head_dim,
+                                 a.dec_ffn or a.ffn, dec[0], a.method == "full", t_src=t)[0]
+        else:
+            total += count.stack(heads_per_layer, a.head_dim, a.ffn, t, inputs_train)[0]
+        if a.decoder:  # a score / LM head at every (decoder) position, prompt tokens included
+            n = b * (dec[0] if a.encoder_layers else t)
+            total += 2 * n * d * c * (2 + (not a.lm_head or a.method == "full"))
         else:  # pooler (or RoBERTa's dense) and classifier on the first token of each row
             trains = a.method == "full" or a.pooler_trains
             total += 2 * b * d * d * (2 + trains) + 3 * 2 * b * d * c

@@ -245,7 +245,8 @@ def model_arch(model: torch.nn.Module, peft) -> Arch | None:
                     hidden=c.d_model, ffn=c.d_ff if t5 else c.encoder_ffn_dim,
                     dec_ffn=c.d_ff if t5 else c.decoder_ffn_dim, heads=encoder[0].n_heads,
                     head_dim=encoder[0].head_dim, dec_head_dim=decoder.head_dim,
-                    outputs=c.vocab_size, gated=t5 and c.is_gated_act, lm_head=True,
+                    outputs=c.vocab_size, gated=t5 and c.is_gated_act, decoder=True,
+                    lm_head=True,
                     encoder_layers=len(encoder), **common)
     decoder, gpt2 = family in ("llama", "gpt2"), family == "gpt2"
     lm = model.get_output_embeddings() is not None

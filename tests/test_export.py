@@ -24,8 +24,10 @@ from fedprune.methods.aoh import AoH
 from fedprune.methods.fedspallm import FedSpaLLM
 from fedprune.methods.prufed import PruFed
 from fedprune.sim import runner
+from fedprune.structure import describe
 from fedprune.structure.layers import layer_view
 from fedprune.structure.model import minilm_path
+from fedprune.structure.prefix import install
 
 FLOAT32 = "model.compute_dtype='float32'"  # the same numbers on every CPU
 
@@ -80,10 +82,11 @@ def test_peft_adapter_loads_and_computes_the_global_model(aoh_run, tmp_path):
         assert text in card, text
 
 
-@pytest.mark.parametrize("peft", ["ia3", "prompt", "full"])
+@pytest.mark.parametrize("peft", ["ia3", "prompt", "prefix", "full"])
 def test_other_peft_methods_export_and_load(peft, tmp_path):
-    """One FedAvg round with IA3 / prompt tuning (a peft adapter folder) and full fine-tuning
-    (a whole transformers model): loaded by peft / transformers, the logits are fedprune's."""
+    """One FedAvg round with IA3 / prompt / prefix tuning (a peft adapter folder; the encoder's
+    prefix run by fedprune's attention, as its card says) and full fine-tuning (a whole
+    transformers model): loaded by peft / transformers, the logits are fedprune's."""
     from fedprune.methods.fedavg import FedAvg
 
     cfg = load_config(None, [f"peft.method='{peft}'", "peft.num_virtual_tokens=4",
@@ -100,10 +103,15 @@ def test_other_peft_methods_export_and_load(peft, tmp_path):
         model = AutoModelForSequenceClassification.from_pretrained(out).eval()
         assert model.config.id2label[0] == fed.label_names[0]
     else:
-        base = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=5)
+        attention = {"attn_implementation": "fedprune"} if peft == "prefix" else {}
+        base = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=5,
+                                                                  **attention)
         model = PeftModel.from_pretrained(base, out).eval()
+        if peft == "prefix":
+            install(model, describe(model))
+            assert "install(model, describe(model))" in (out / "README.md").read_text()
         assert json.loads((out / "adapter_config.json").read_text())["peft_type"] == \
-            {"ia3": "IA3", "prompt": "PROMPT_TUNING"}[peft]
+            {"ia3": "IA3", "prompt": "PROMPT_TUNING", "prefix": "PREFIX_TUNING"}[peft]
     batch = fed.collate(fed.val_rows[:8])
     batch.pop("labels")
     with torch.no_grad():

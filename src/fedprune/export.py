@@ -202,12 +202,22 @@ def export_peft(run: Run, out: Path) -> list[Card]:
     else:
         base = json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"]
         extra = f", num_labels={len(labels)}, id2label={labels}" if labels else ""
-        load = (f"from peft import PeftModel\n"
-                f"from transformers import {auto}, AutoTokenizer\n\n"
-                f"base = {auto}.from_pretrained(\n"
-                f"    {base!r}{extra})\n"
-                f"model = PeftModel.from_pretrained(base, FOLDER).eval()\n"
-                f"tokenizer = AutoTokenizer.from_pretrained(FOLDER)")
+        ours = bool(labels) and cfg.peft.method == "prefix"  # the prefix runs in our attention
+        attention = ", attn_implementation='fedprune'" if ours else ""
+        load = "\n".join([
+            "from peft import PeftModel",
+            f"from transformers import {auto}, AutoTokenizer",
+            *(["from fedprune.structure import describe  # registers 'fedprune' attention",
+               "from fedprune.structure.prefix import install"] if ours else []), "",
+            f"base = {auto}.from_pretrained(", f"    {base!r}{extra}{attention})",
+            "model = PeftModel.from_pretrained(base, FOLDER).eval()",
+            *(["install(model, describe(model))"] if ours else []),
+            "tokenizer = AutoTokenizer.from_pretrained(FOLDER)"])
+        if ours:
+            notes.append("peft 0.21 cannot run prefix tuning on a sequence classifier (it "
+                         "passes the prefix as past_key_values, which this forward does not "
+                         "declare): fedprune's attention adds the prefixes, so the code below "
+                         "needs fedprune installed.")
         kind = f"peft {PEFT_KINDS[cfg.peft.method][0]} adapter"
     return [Card(out, kind, scalar_metrics(final_record(run)), notes, load)]
 

@@ -31,7 +31,10 @@ from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_f
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 from transformers.pytorch_utils import Conv1D
 
+from fedprune.structure.prefix import with_prefix
+
 ATTENTION = "fedprune"  # name of the "auto" attention in transformers' registries
+PROBS_ATTENTION = "fedprune_probs"  # eager maths returning the probabilities
 _WORD = 1 << 16
 _UNSUPPORTED = ("softcap", "sliding_window", "s_aux")  # attention variants we do not compute
 
@@ -101,12 +104,14 @@ class FastDropout(torch.nn.Dropout):
 def lean_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                    position_bias=None, **kwargs):
     """Attention for every family we support. query [b, h, q, d], key / value [b, h_kv, k, d],
-    attention_mask additive [b, 1, q, k] or None; returns ([b, q, h, d], None)."""
+    attention_mask additive [b, 1, q, k] or None; returns ([b, q, h, d], None). An encoder's
+    prefix-tuning keys and values (`structure.prefix`) are prepended here."""
     extra = sorted(k for k in _UNSUPPORTED if kwargs.get(k) is not None)
     if extra:
         raise NotImplementedError(
             f"{type(module).__name__}: model.attn_implementation='auto' does not implement "
             f"{', '.join(extra)}; set model.attn_implementation='sdpa' or 'eager'")
+    key, value, attention_mask = with_prefix(module, key, value, attention_mask)
     if query.is_cuda or not torch.is_grad_enabled():
         if attention_mask is not None and attention_mask.is_floating_point():
             attention_mask = attention_mask.to(query.dtype)  # SDPA wants the query's dtype
@@ -114,6 +119,21 @@ def lean_attention(module, query, key, value, attention_mask, scaling=None, drop
                                         dropout=dropout, scaling=scaling,
                                         position_bias=position_bias, **kwargs)
         return out, None
+    return _eager(module, query, key, value, attention_mask, scaling, dropout,
+                  position_bias)[0], None
+
+
+def probs_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                    position_bias=None, **kwargs):
+    """Eager maths returning ([b, q, h, d], probabilities [b, h, q, k]): the importance pass of
+    a model whose prefixes only fedprune's attention adds (transformers' eager would not)."""
+    key, value, attention_mask = with_prefix(module, key, value, attention_mask)
+    return _eager(module, query, key, value, attention_mask, scaling, dropout, position_bias)
+
+
+def _eager(module, query, key, value, attention_mask, scaling, dropout, position_bias):
+    """(output [b, q, h, d], probabilities [b, h, q, k]) by eager maths, dropout from a fast
+    mask."""
     groups = getattr(module, "num_key_value_groups", 1)
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     scaling = query.size(-1) ** -0.5 if scaling is None else scaling
@@ -125,18 +145,20 @@ def lean_attention(module, query, key, value, attention_mask, scaling=None, drop
     if attention_mask is not None:
         scores = scores + attention_mask[..., :key.shape[-2]].to(scores.dtype)
     probs = torch.softmax(scores, dim=-1)
-    scale = 1.0
+    scale, kept = 1.0, probs
     if module.training and dropout > 0.0:
         keep, scale = keep_mask(probs.shape, dropout, probs.dtype)
-        probs = probs * keep
-    out = torch.matmul(probs, value)
+        kept = probs * keep
+    out = torch.matmul(kept, value)
     out = out * scale if scale != 1.0 else out
-    return out.transpose(1, 2).contiguous(), None
+    return out.transpose(1, 2).contiguous(), probs
 
 
 AttentionInterface.register(ATTENTION, lean_attention)
+AttentionInterface.register(PROBS_ATTENTION, probs_attention)
 # eager masks: additive floats, never skipped for causal attention (eager needs them)
 AttentionMaskInterface.register(ATTENTION, eager_mask)
+AttentionMaskInterface.register(PROBS_ATTENTION, eager_mask)
 
 
 def attn_implementation(name: str) -> str:

@@ -29,7 +29,9 @@ import torch
 from transformers import PreTrainedModel
 
 from fedprune.report.progress import bar
+from fedprune.structure import prefix
 from fedprune.structure.attention import AttentionModule, ModelStructure, StructureError
+from fedprune.structure.compute import PROBS_ATTENTION
 
 __all__ = ["ImportanceAccumulator", "head_importance"]
 
@@ -230,7 +232,8 @@ def _hooks(
 
 @contextmanager
 def _eager_eval(model: torch.nn.Module) -> Iterator[None]:
-    """Eval mode and eager attention for the block; both restored exactly afterwards.
+    """Eval mode and eager attention for the block; both restored exactly afterwards (an
+    encoder with our prefixes: fedprune's eager maths, since transformers' would drop them).
 
     transformers 5 keeps the implementation in `config._attn_implementation` of the model and
     of each sub-model (T5 stacks hold copies); `set_attn_implementation` switches all of them,
@@ -241,7 +244,8 @@ def _eager_eval(model: torch.nn.Module) -> Iterator[None]:
     saved_impl = [(c, c._attn_implementation_internal) for c in configs.values()]
     saved_mode = [(m, m.training) for m in model.modules()]
     try:
-        hf_model.set_attn_implementation("eager")
+        hf_model.set_attn_implementation(
+            PROBS_ATTENTION if getattr(model, prefix.FLAG, False) else "eager")
         model.eval()
         yield
     finally:

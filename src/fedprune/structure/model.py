@@ -31,6 +31,7 @@ from transformers import (
 
 from fedprune.core.accounting import PROJECTIONS, Arch
 from fedprune.report.progress import steps
+from fedprune.structure import prefix
 from fedprune.structure.attention import ModelStructure, describe, projection_names
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -190,7 +191,8 @@ def apply_peft(model: torch.nn.Module, *, method: str, task: str, seed: int, r: 
       input embeddings, initialised from randomly sampled vocabulary embeddings.
     * 'prefix': peft prefix tuning without a reparameterisation MLP (P-tuning v2): one
       [T_p, L * 2 * kv_heads * head_dim] embedding holding every layer's key and value
-      prefixes (decoder-only models).
+      prefixes; peft's cache carries them in a causal LM, fedprune's attention in a
+      classifier (`structure.prefix`: peft cannot feed a classifier's forward).
     * 'full': no wrapper; every parameter trainable.
 
     The classification head is trainable in every case; random initialisation is from
@@ -216,10 +218,17 @@ def apply_peft(model: torch.nn.Module, *, method: str, task: str, seed: int, r: 
                                     token_dim=model.get_input_embeddings().embedding_dim,
                                     num_attention_heads=structure.attention[0].n_heads)
     elif method == "prefix":
-        config = PrefixTuningConfig(task_type=task_type, num_virtual_tokens=num_virtual_tokens)
+        first = structure.attention[0]  # sizes given: peft misreads DistilBERT's config
+        config = PrefixTuningConfig(task_type=task_type, num_virtual_tokens=num_virtual_tokens,
+                                    num_layers=len(structure.attention),
+                                    num_attention_heads=first.n_kv_heads,
+                                    token_dim=first.n_kv_heads * first.head_dim)
     else:
         raise ValueError(f"unknown peft method {method!r}")
-    return get_peft_model(model, config)
+    wrapped = get_peft_model(model, config)
+    if method == "prefix" and task == "classification":  # peft cannot feed a classifier
+        prefix.install(wrapped, describe(wrapped))
+    return wrapped
 
 
 def model_arch(model: torch.nn.Module, peft) -> Arch | None:

@@ -19,7 +19,8 @@ One run measures, each in its own process (so that peak RSS is its own):
   each client holding the same number of examples (a seeded sample of the training set, so
   that only C changes); evaluation only after the last round, which is not timed;
 - structural: one local epoch of AoH with 50 % and 90 % of MiniLM's heads removed
-  (mode 'structural') against all heads: measured speedup and analytic FLOP reduction;
+  (mode 'structural') against all heads, and mode 'detached' (pruned heads without
+  gradient) against mode 'adapter': measured speedup and analytic FLOP reduction;
 - prufed: one client's local epoch (`PruFed.local`) per device tier of configs/prufed.toml
   on SmolLM2-135M-Instruct, keeping 100 / 75 / 50 / 25 % of the 30 decoder layers
   (top-alternate), all on the same examples: measured speedup over full depth against the
@@ -80,6 +81,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from contextlib import nullcontext
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -471,8 +473,8 @@ def child_structural(reps: int = 2, warm: int = 0) -> dict:
     from fedprune.core.accounting import train_ops
     from fedprune.methods import build_method
     from fedprune.methods.heads import eq7_keep
-    from fedprune.structure.headmap import structural_keep
-    from fedprune.structure.headview import structural_view
+    from fedprune.structure.headmap import structural_keep, unit_mask
+    from fedprune.structure.headview import detached_heads, structural_view
 
     cfg = job(10, 2, 1, "method.name=aoh", "method.aoh.mode=structural")
     fed = build(cfg)
@@ -496,6 +498,31 @@ def child_structural(reps: int = 2, warm: int = 0) -> dict:
         heads = [int(keep[a.path].sum()) for a in method.structure.attention]
         out[str(sparsity)] = {"epoch_s": min(times[1:]), "heads": heads,
                               "train_ops": train_ops(method.arch, heads, stats.shapes)}
+    # mode 'detached' against mode 'adapter' (both: pruned slices frozen, every head forward)
+    every = [a.n_heads for a in method.structure.attention]
+    for sparsity in (0.5, 0.9):
+        keep = eq7_keep(scores, sparsity, "layer")
+        frozen = {k: ~v for k, v in unit_mask(method.units, keep, fed.initial).items()}
+        for mode in ("adapter", "detached"):
+            times = []
+            for rep in range(reps + 1):
+                load_state(fed.params, fed.initial)
+                with detached_heads(fed.model, method.structure, keep) if mode == "detached" \
+                        else nullcontext():
+                    stats = local_train(fed.model, fed.params, fed.train_rows,
+                                        idx[:warm] if rep == 0 and warm else idx, fed.collate,
+                                        method.spec, seed=rep, frozen=frozen)
+                times.append(stats.seconds)
+            grads = [(int(keep[a.path].sum()),
+                      int(keep[a.path].view(a.n_kv_heads, -1).any(1).sum()))
+                     for a in method.structure.attention]
+            out[f"{mode}-{sparsity}"] = {
+                "epoch_s": min(times[1:]), "train_ops": train_ops(
+                    method.arch, every, stats.shapes,
+                    grad_heads=grads if mode == "detached" else None)}
+        d, a = out[f"detached-{sparsity}"], out[f"adapter-{sparsity}"]
+        d["speedup_vs_adapter"] = a["epoch_s"] / d["epoch_s"]
+        d["analytic_speedup_vs_adapter"] = a["train_ops"] / d["train_ops"]
     full = out["0.0"]
     out["importance_share_of_epoch"] = out["importance_s"] / full["epoch_s"]
     for s in ("0.5", "0.9"):
@@ -798,6 +825,10 @@ def main() -> None:
             print(f"structural {s}: epoch {r['epoch_s']:.2f} s, speedup {r['speedup']:.2f}x "
                   f"vs analytic {r['analytic_speedup']:.2f}x (ratio {r['ratio_to_analytic']:.2f}, "
                   f"{100 * r['share_of_analytic_gain']:.0f} % of the gain)", flush=True)
+            a, d = results["structural"][f"adapter-{s}"], results["structural"][f"detached-{s}"]
+            print(f"detached {s}: epoch {d['epoch_s']:.2f} s against adapter mode's "
+                  f"{a['epoch_s']:.2f} s: {d['speedup_vs_adapter']:.2f}x vs analytic "
+                  f"{d['analytic_speedup_vs_adapter']:.2f}x", flush=True)
         save("structural", t0)
     if "prufed" in args.only:
         t0 = time.perf_counter()

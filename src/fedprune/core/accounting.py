@@ -25,8 +25,9 @@ the prefix's keys and values); from there on the stream carries one. A decoder's
 attention keys and values read the encoder output, which always carries one. Trainable matmuls
 per `peft.method`: LoRA's A and B; every one ('full'); the task head always (a classifier; an
 LM head only under 'full'). H_l is the number of kept heads in `structural` mode and all heads
-otherwise (adapter mode still runs every head). Non-matmul work (softmax, norms, activations,
-IA3's scalings, T5's position biases) is left out; FlopCounterMode counts the same matmuls —
+otherwise (adapter mode still runs every head; `detached` mode runs every head forward, but
+only the kept heads' q/k/v rows and o columns backward: ``grad_heads``). Non-matmul work
+(softmax, norms, activations, IA3's scalings, T5's position biases) is left out; FlopCounterMode counts the same matmuls —
 exactly equal on tiny models of every family and method (tests/test_peft.py) — except that
 it counts no attention products under the CPU's SDPA kernel. GPT-2's fused q/k/v projection
 is one matmul, its LoRA one A / B pair and its IA3 scaling covers queries too. AoH's Table 6 gives these terms per method in O() form.
@@ -81,34 +82,42 @@ class _Count:
         self.arch, self.b, self.full = arch, b, arch.method == "full"
         self.lora = set(arch.lora_targets) if arch.method == "lora" else set()
 
-    def linear(self, n: int, i: int, o: int, input_grad: bool, name: str) -> float:
-        """Y = X W on n rows (W: [i, o]), with LoRA (A: [i, r], B: [r, o]) if targeted."""
-        f = 2 * n * i * o * (1 + input_grad + self.full)
+    def linear(self, n: int, i: int, o: int, input_grad: bool, name: str,
+               i_grad: int | None = None, o_grad: int | None = None) -> float:
+        """Y = X W on n rows (W: [i, o]), with LoRA (A: [i, r], B: [r, o]) if targeted.
+        ``i_grad`` / ``o_grad``: the input columns / output columns of W whose input gradient
+        is computed (AoH's detached mode: the kept heads'; LoRA's gradients stay whole)."""
+        i_grad, o_grad = i if i_grad is None else i_grad, o if o_grad is None else o_grad
+        f = 2 * n * i * o * (1 + self.full) + 2 * n * i_grad * o_grad * input_grad
         if name in self.lora:  # both LoRA weights train; B's input always needs a gradient
             r = self.arch.lora_r
             f += 2 * n * r * o * 3 + 2 * n * i * r * (2 + input_grad)
         return f
 
     def attention(self, heads: int, head_dim: int, t_q: int, t_k: int, x_grad: bool,
-                  src_grad: bool) -> tuple[float, bool]:
+                  src_grad: bool, grad_heads: tuple[int, int] | None = None
+                  ) -> tuple[float, bool]:
         """Queries (and the residual) from the stream x, keys / values from src (x itself in
-        self-attention); returns (FLOPs, whether the stream after it carries a gradient)."""
+        self-attention); returns (FLOPs, whether the stream after it carries a gradient).
+        ``grad_heads``: (query, KV) heads whose projections' input gradients are computed
+        (detached mode); None: all."""
         a, (b, full, lora) = self.arch, (self.b, self.full, self.lora)
         q = heads * head_dim
         kv = q * (a.kv_heads or a.heads) // a.heads
+        q_g, kv_g = (q, kv) if grad_heads is None else (h * head_dim for h in grad_heads)
         trained_kv = a.method in ("ia3", "prefix")  # IA3's scalings, the prefix's keys
         if a.fused_qkv:  # one matmul; LoRA (A: [d, r], B: [r, 3d]) and IA3 cover its output
             fused = bool(lora & set("qkv")) or a.method == "ia3"
             g = {p: x_grad or full or fused or (p != "q" and trained_kv) for p in "qkv"}
             f = self.linear(b * t_q, a.hidden, q + 2 * kv, x_grad,
-                            "q" if lora & set("qkv") else "")
+                            "q" if lora & set("qkv") else "", o_grad=q_g + 2 * kv_g)
         else:
             g = {"q": x_grad or full or "q" in lora,
                  **{p: src_grad or full or p in lora or trained_kv for p in "kv"}}
-            f = self.linear(b * t_q, a.hidden, q, x_grad, "q") + sum(
-                self.linear(b * t_k, a.hidden, kv, src_grad, p) for p in "kv")
+            f = self.linear(b * t_q, a.hidden, q, x_grad, "q", o_grad=q_g) + sum(
+                self.linear(b * t_k, a.hidden, kv, src_grad, p, o_grad=kv_g) for p in "kv")
         attn = any(g.values())  # the attention output carries a gradient
-        f += self.linear(b * t_q, q, a.hidden, attn, "o")
+        f += self.linear(b * t_q, q, a.hidden, attn, "o", i_grad=q_g)
         t_k += a.virtual_tokens if a.method == "prefix" else 0
         product = 2 * b * heads * t_q * t_k * head_dim  # one of QK^T, P @ V
         # forward both; dP when Q or K needs a gradient; dQ, dK, dV as each needs one
@@ -125,26 +134,32 @@ class _Count:
         return f, x_grad or hidden or self.full or "down" in self.lora
 
     def stack(self, heads: Sequence[int], head_dim: int, width: int, t: int, x_grad: bool,
-              t_src: int = 0) -> tuple[float, bool]:
+              t_src: int = 0, grad_heads: Sequence[tuple[int, int]] | None = None
+              ) -> tuple[float, bool]:
         """Layers of one stack on t positions (``t_src``: an encoder output of that length
         to cross-attend to, taking ``heads`` as self, cross pairs)."""
         f, per = 0.0, 2 if t_src else 1
+        grads = [None] * len(heads) if grad_heads is None else grad_heads
         for i in range(0, len(heads), per):
-            g, x_grad = self.attention(heads[i], head_dim, t, t, x_grad, x_grad)
+            g, x_grad = self.attention(heads[i], head_dim, t, t, x_grad, x_grad, grads[i])
             f += g
             if t_src:  # the encoder output trains whenever anything in the encoder does
-                g, x_grad = self.attention(heads[i + 1], head_dim, t, t_src, x_grad, True)
+                g, x_grad = self.attention(heads[i + 1], head_dim, t, t_src, x_grad, True,
+                                           grads[i + 1])
                 f += g
             g, x_grad = self.ffn(width, t, x_grad)
             f += g
         return f, x_grad
 
 
-def train_ops(arch: Arch, heads_per_layer: Sequence[int], batches: Sequence[tuple[int, ...]]
-              ) -> float:
+def train_ops(arch: Arch, heads_per_layer: Sequence[int], batches: Sequence[tuple[int, ...]],
+              grad_heads: Sequence[tuple[int, int]] | None = None) -> float:
     """Training FLOPs of local steps over ``batches`` of (batch size, padded length[,
     decoder length]) through the layers of ``heads_per_layer`` (computing heads of each
-    attention module: fewer layers than the model's for a layer-dropped view)."""
+    attention module: fewer layers than the model's for a layer-dropped view).
+    ``grad_heads``: per attention module, (query heads, KV heads) whose q/k/v rows and o
+    columns take part in the backward (AoH's detached mode: the others are computed without
+    gradient); None: all."""
     a, total = arch, 0.0
     prompt = a.virtual_tokens if a.method == "prompt" else 0
     inputs_train = a.method in ("prompt", "full")  # the first layer's input needs a gradient
@@ -152,12 +167,15 @@ def train_ops(arch: Arch, heads_per_layer: Sequence[int], batches: Sequence[tupl
     for b, t, *dec in batches:
         count, t = _Count(a, b), t + prompt
         if a.encoder_layers:
-            enc = heads_per_layer[:a.encoder_layers]
-            total += count.stack(enc, a.head_dim, a.ffn, t, inputs_train)[0]
-            total += count.stack(heads_per_layer[a.encoder_layers:], a.dec_head_dim or a.head_dim,
-                                 a.dec_ffn or a.ffn, dec[0], a.method == "full", t_src=t)[0]
+            e = a.encoder_layers
+            total += count.stack(heads_per_layer[:e], a.head_dim, a.ffn, t, inputs_train,
+                                 grad_heads=None if grad_heads is None else grad_heads[:e])[0]
+            total += count.stack(heads_per_layer[e:], a.dec_head_dim or a.head_dim,
+                                 a.dec_ffn or a.ffn, dec[0], a.method == "full", t_src=t,
+                                 grad_heads=None if grad_heads is None else grad_heads[e:])[0]
         else:
-            total += count.stack(heads_per_layer, a.head_dim, a.ffn, t, inputs_train)[0]
+            total += count.stack(heads_per_layer, a.head_dim, a.ffn, t, inputs_train,
+                                 grad_heads=grad_heads)[0]
         if a.decoder:  # a score / LM head at every (decoder) position, prompt tokens included
             n = b * (dec[0] if a.encoder_layers else t)
             total += 2 * n * d * c * (2 + (not a.lm_head or a.method == "full"))

@@ -34,9 +34,9 @@ class AoHConfig(HeadPruningConfig):
         self.require(self.importance_samples >= 0, "importance_samples",
                      f"must be >= 0, got {self.importance_samples}")
         self.require(self.eps >= 0, "eps", f"must be >= 0, got {self.eps}")
-        self.require(not (self.mode == "structural" and self.importance == "after"),
-                     "importance", "'after' needs method.aoh.mode='adapter': structural "
-                     "pruning must know the kept heads before training")
+        self.require(not (self.mode != "adapter" and self.importance == "after"),
+                     "importance", f"'after' needs method.aoh.mode='adapter': {self.mode} "
+                     f"pruning must know the kept heads before training")
 
 
 class AoH(HeadPruning):

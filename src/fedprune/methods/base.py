@@ -120,11 +120,12 @@ class Method:
             raise ConfigError(f"`data.task` = {cfg.data.task!r} with `method.name` = "
                               f"{cls.name!r}: it builds its own {cls.task} world (its task "
                               f"options are in [method.{cls.name}]); leave data.task empty")
-        if cfg.peft.method == "prefix" and not cfg.data.task:
-            raise ConfigError("`peft.method` = 'prefix' without `data.task`: peft 0.21 refuses "
-                              "prefix tuning for transformers 5's sequence classifiers (their "
-                              "forward declares no past_key_values); set data.task (a "
-                              "decoder-only model) or choose another peft.method")
+        if cfg.peft.method == "prefix" and cls.task == "classification" and \
+                not cfg.data.task and cfg.model.attn_implementation != "auto":
+            raise ConfigError(f"`peft.method` = 'prefix' with `model.attn_implementation` = "
+                              f"{cfg.model.attn_implementation!r}: a classifier's prefixes are "
+                              f"added by fedprune's own attention (structure/prefix.py); set "
+                              f"it to 'auto'")
         if cfg.data.task and cfg.attack.kind == "label_flip":
             raise ConfigError(f"`attack.kind` = 'label_flip' with `data.task` = "
                               f"{cfg.data.task!r}: label flipping needs a classification task")
@@ -188,12 +189,14 @@ class Method:
         all of them); SCAFFOLD leaves c_i unchanged elsewhere."""
         return {}
 
-    def ops(self, heads_per_layer: list[int], stats: TrainStats) -> dict[str, float]:
+    def ops(self, heads_per_layer: list[int], stats: TrainStats,
+            grad_heads: list[tuple[int, int]] | None = None) -> dict[str, float]:
         """Client metrics of the local steps: wall time, padding share, analytic training OPs
-        (where a formula exists) and the FlopCounterMode measurement (when run.count_flops)."""
+        (where a formula exists; `train_ops`) and the FlopCounterMode measurement (when
+        run.count_flops)."""
         out = {"train_s": stats.seconds, "pad_fraction": stats.pad_fraction}
         if self.arch:
-            out["train_ops"] = train_ops(self.arch, heads_per_layer, stats.shapes)
+            out["train_ops"] = train_ops(self.arch, heads_per_layer, stats.shapes, grad_heads)
         if stats.flops is not None:
             out["train_flops_measured"] = stats.flops
         return out

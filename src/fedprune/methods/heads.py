@@ -3,7 +3,8 @@
 Both follow DESIGN.md Method A: per client and round a score per attention head, Eq. 7 keeps
 the heads scoring at least the s-quantile (scope global or per layer), the client trains only
 the kept heads' slices (mode `adapter`: pruned slices frozen; `structural`: pruned heads
-removed from the forward and backward) and sends only those slices plus one weight per head.
+removed from the forward and backward; `detached`: pruned heads computed without gradient)
+and sends only those slices plus one weight per head.
 The server turns the head weights into per-row / per-column aggregation weights of the
 head-mapped tensors (`owned_mean`); every other tensor weighs |D_c| (Eq. 5).
 """
@@ -11,6 +12,7 @@ head-mapped tensors (`owned_mean`); every other tensor weighs |D_c| (Eq. 5).
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -23,7 +25,7 @@ from fedprune.core.robust import cap_shares
 from fedprune.core.update import ClientUpdate, InvalidUpdate, State, Weight
 from fedprune.methods.base import LocalResult, Method
 from fedprune.structure.headmap import head_units, structural_keep, unit_mask
-from fedprune.structure.headview import structural_view
+from fedprune.structure.headview import detached_heads, structural_view
 
 ALPHA_MAX = 1.0 + 1e-4  # head weights are mean max-softmax probabilities (B2: U(0, 1)):
 # above 1 (with float32 rounding slack) no honest client sends them
@@ -38,8 +40,11 @@ class HeadPruningConfig(MethodOptions):
     scope: str = opt("global", "Quantile of Eq. 7 over all heads or within each layer.",
                      ("global", "layer"))
     mode: str = opt("adapter", "'adapter': pruned heads' PEFT slices frozen and not sent; "
-                    "'structural': pruned heads removed from the local forward and backward.",
-                    ("adapter", "structural"))
+                    "'structural': pruned heads removed from the local forward and backward; "
+                    "'detached': pruned heads computed in the forward (exactly the full "
+                    "model's, as in 'adapter') but without gradient, so the backward skips "
+                    "their q/k/v/o matmuls (LoRA only).",
+                    ("adapter", "structural", "detached"))
     head_params: str = opt("AB", "Which trainable coordinates are split by head (pruned, "
                            "sent and aggregated per head): 'AB' = q/k/v's output rows and o's "
                            "input columns (LoRA: B rows of q/k/v, A columns of o; full "
@@ -57,9 +62,10 @@ class HeadPruningConfig(MethodOptions):
                      f"must be in [0, 1), got {self.sparsity}")
         self.require(0 < self.share_cap <= 1, "share_cap",
                      f"must be in (0, 1], got {self.share_cap}")
-        self.require(not (self.mode == "structural" and self.head_params == "B"),
-                     "head_params", "'B' needs mode 'adapter': structural mode removes pruned "
-                     "heads' o columns from the forward, so o's LoRA A must be split by head")
+        self.require(not (self.mode != "adapter" and self.head_params == "B"),
+                     "head_params", f"'B' needs mode 'adapter': {self.mode} mode slices pruned "
+                     f"heads' o columns out of the trained tensors, so o's LoRA A must be "
+                     f"split by head")
 
 
 def eq7_keep(scores: dict[str, torch.Tensor], sparsity: float, scope: str
@@ -117,11 +123,14 @@ class HeadPruning(Method):
                 stats = local_train(fed.model, view.params, fed.train_rows, indices,
                                     fed.collate, self.spec, seed, count_flops=self.count_flops)
                 local = view.scatter(start)
-        elif scores is not None:  # adapter mode: pruned slices frozen
+        elif scores is not None:  # adapter / detached mode: pruned slices frozen
             keep = eq7_keep(scores, m.sparsity, m.scope)
             frozen = {k: ~v for k, v in unit_mask(self.units, keep, start).items()}
-            stats = local_train(fed.model, fed.params, fed.train_rows, indices, fed.collate,
-                                self.spec, seed, frozen=frozen, count_flops=self.count_flops)
+            with (detached_heads(fed.model, self.structure, keep) if m.mode == "detached"
+                  else nullcontext()):
+                stats = local_train(fed.model, fed.params, fed.train_rows, indices, fed.collate,
+                                    self.spec, seed, frozen=frozen,
+                                    count_flops=self.count_flops)
             local = snapshot(fed.params)
         else:  # importance after training: train everything, prune the upload
             stats = local_train(fed.model, fed.params, fed.train_rows, indices, fed.collate,
@@ -137,9 +146,15 @@ class HeadPruning(Method):
             d = value - start[key]
             delta[key] = d * masks[key] if key in masks else d  # pruned slices send nothing
         alpha = {p + ALPHA: torch.where(keep[p], scores[p], 0.0).float() for p in scores}
-        computing = [int(keep[a.path].sum()) if m.mode == "structural" else a.n_heads
-                     for a in self.structure.attention]
-        metrics = {"score_s": score_s, **self.ops(computing, stats),
+        attns = self.structure.attention
+        kept = [int(keep[a.path].sum()) for a in attns]  # query heads
+        everything = [a.n_heads for a in attns]
+        ops = (self.ops(kept, stats) if m.mode == "structural" else
+               self.ops(everything, stats, grad_heads=[  # (query, KV heads) backward
+                   (q, int(keep[a.path].view(a.n_kv_heads, -1).any(1).sum()))
+                   for a, q in zip(attns, kept, strict=True)])
+               if m.mode == "detached" else self.ops(everything, stats))
+        metrics = {"score_s": score_s, **ops,
                    "kept_heads": float(sum(int(k.sum()) for k in keep.values()))}
         return LocalResult(delta, stats.loss, len(indices), alpha, metrics)
 
@@ -164,15 +179,15 @@ class HeadPruning(Method):
                               "prompt tuning has no head map to prune; set "
                               "`peft.prompt_head_chunks` = true for the AoH paper's d/H column "
                               "chunks, or choose another peft.method")
-        if mode == "structural" and pm != "lora":
-            raise ConfigError(f"`method.{cls.name}.mode` = 'structural' with `peft.method` = "
+        if mode != "adapter" and pm != "lora":
+            raise ConfigError(f"`method.{cls.name}.mode` = {mode!r} with `peft.method` = "
                               f"{pm!r}: the structural view slices LoRA tensors only so far; "
                               "use mode 'adapter'")
 
     @classmethod
     def scaffold_unsupported(cls, options) -> str | None:
-        if options.mode == "structural":
-            return (f"`method.{cls.name}.mode` = 'structural' trains each round's kept heads "
+        if options.mode != "adapter":
+            return (f"`method.{cls.name}.mode` = {options.mode!r} trains each round's kept heads "
                     f"as smaller tensors, but SCAFFOLD's control variates need trainables of "
                     f"one fixed shape; use mode 'adapter'")
         return super().scaffold_unsupported(options)

@@ -36,7 +36,7 @@ class Variant:
 
 def ablation() -> list[Variant]:
     """Paper Table 1: B1, B2, AoH x random / loss selection at 90 % sparsity, plus AoH with
-    structural pruning (measured compute)."""
+    structural pruning and with detached pruned heads (measured compute)."""
     s = ("method.aoh.sparsity=0.9",)
     return [
         Variant("B1-fedavg", ("method.name='fedavg'", "federation.selection='random'")),
@@ -46,6 +46,7 @@ def ablation() -> list[Variant]:
         Variant("AoH-random-sel", ("method.name='aoh'", "federation.selection='random'", *s)),
         Variant("AoH-loss-sel", (*AOH, *s)),
         Variant("AoH-loss-sel-structural", (*AOH, *s, "method.aoh.mode='structural'")),
+        Variant("AoH-loss-sel-detached", (*AOH, *s, "method.aoh.mode='detached'")),
     ]
 
 
@@ -161,7 +162,8 @@ def privacy() -> list[Variant]:
 
 # issue 13 item 6 (AoH Table 3): each PEFT method with FedAvg and with AoH at rising sparsity.
 # Learning rates are the methods' usual ones, not tuned here: LoRA 1e-3 (the base), IA3 3e-3
-# (Liu et al. 2022), prompt tuning 3e-2 (AdamW; Lester et al. used 0.3 with Adafactor), full
+# (Liu et al. 2022), prompt tuning 3e-2 (AdamW; Lester et al. used 0.3 with Adafactor),
+# P-tuning v2 1e-2 (Liu et al. 2022 searched 5e-3 ... 1e-2 for BERT-sized encoders), full
 # fine-tuning 5e-5 (BERT's fine-tuning range).
 PEFT_VARIANTS = {"lora-r4": ("peft.r=4", "peft.alpha=8.0"),
                  "lora-r8": ("peft.r=8", "peft.alpha=16.0"),
@@ -169,6 +171,7 @@ PEFT_VARIANTS = {"lora-r4": ("peft.r=4", "peft.alpha=8.0"),
                  "ia3": ("peft.method='ia3'", "federation.lr=3e-3"),
                  "prompt": ("peft.method='prompt'", "peft.prompt_head_chunks=true",
                             "federation.lr=3e-2"),
+                 "prefix": ("peft.method='prefix'", "federation.lr=1e-2"),
                  "full": ("peft.method='full'", "federation.lr=5e-5")}
 PEFT_SPARSITY = (0.5, 0.7, 0.9)
 

@@ -1,9 +1,11 @@
-"""Structural head pruning: a temporary view of the one backbone without the pruned heads.
+"""Structural head pruning: temporary views of the one backbone that compute less for pruned heads.
 
 `structural_view` (AoH pruning mode `structural`, DESIGN "Pruning (Eq. 7)") slices the pruned
 heads out of the model for the duration of a `with` block, so the local forward and backward
-really compute less, and restores the shared backbone exactly afterwards (through patch.py).
-Which heads are kept comes from headmap.py (`structural_keep`).
+really compute less; `detached_heads` (mode `detached`) keeps every head in the forward but
+lets no gradient through the pruned ones, so only the backward shrinks. Both restore the
+shared backbone exactly afterwards (through patch.py). Which heads are kept comes from
+headmap.py (`structural_keep`).
 
 Everything is derived from `ModelStructure` (module paths + fused offsets, asserted by
 `attention.describe`); the only per-family knowledge here is `_VIEW_FAMILIES`: which head-count
@@ -27,7 +29,7 @@ from fedprune.structure.attention import AttentionModule, ModelStructure
 from fedprune.structure.headmap import structural_keep
 from fedprune.structure.patch import Patcher, base_layer, bias_only, patched
 
-__all__ = ["StructuralView", "structural_view"]
+__all__ = ["StructuralView", "detached_heads", "structural_view"]
 
 
 # --- structural view: family table ----------------------------------------------------------
@@ -348,3 +350,84 @@ def _adapt_core(patcher: Patcher, model: nn.Module, family: _ViewFamily,
         forward = family.forward(core, core.forward, attn, heads.nonzero().flatten())
         if forward is not None:
             patcher.set(core, "forward", forward)
+
+
+# --- detached heads: every head forward, the kept ones backward ----------------------------
+
+
+class _KeptGrad(torch.autograd.Function):
+    """y = forward(x) in full; dL/dx = dL/dy through the kept output rows (q/k/v: dy[..., kept]
+    @ W[kept]) or into the kept input columns only (o: dy @ W[:, kept], zero elsewhere). The
+    weight is frozen, so nothing else needs a gradient and x is not saved."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, forward: Callable[[Tensor], Tensor], kept_weight: Tensor,
+                kept: Tensor, rows: bool) -> Tensor:
+        ctx.kept_weight, ctx.kept, ctx.rows, ctx.width = kept_weight, kept, rows, x.shape[-1]
+        return forward(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        w = ctx.kept_weight.to(grad.dtype)
+        if ctx.rows:  # w: [kept out, in]
+            dx = grad.index_select(-1, ctx.kept) @ w
+        else:  # w: [out, kept in]
+            dx = grad.new_zeros(*grad.shape[:-1], ctx.width).index_copy_(-1, ctx.kept, grad @ w)
+        return dx, None, None, None, None
+
+
+class _MaskGrad(torch.autograd.Function):
+    """Identity forward; the gradient zeroed outside the kept input columns."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, keep: Tensor) -> Tensor:
+        ctx.keep = keep
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad * ctx.keep.to(grad.dtype), None
+
+
+@contextmanager
+def detached_heads(model: nn.Module, structure: ModelStructure,
+                   keep_query: Mapping[str, Tensor]) -> Iterator[None]:
+    """Pruned heads computed in the forward but without gradient, for the `with` block (AoH
+    pruning mode `detached`). ``keep_query[path]``: bool [n_heads] of kept query heads; a KV
+    head (GQA) takes part in the backward when any head of its group is kept.
+
+    The forward is the full model's. o's input gradient is zero on the pruned heads' columns,
+    so no gradient reaches their attention, queries, keys or values (exactly zero there), and
+    the frozen base weights of q/k/v / o compute their input gradients only for the kept
+    heads' rows / columns — the backward's projection matmuls shrink with the kept heads
+    (attention's own backward still runs for every head, on zeros for the pruned ones). The
+    trainables are untouched: the caller freezes the pruned heads' slices (adapter mode's
+    masks), and they receive zero gradient anyway.
+    """
+    with patched() as patcher:
+        for path, cut in _cuts(structure, keep_query).items():
+            module = model.get_submodule(path)
+            base = base_layer(module)
+            conv = isinstance(base, Conv1D)  # weight [in, out] instead of Linear's [out, in]
+            rows = cut.cols is None
+            index = (cut.row_index() if rows else cut.cols).to(base.weight.device)
+            w = base.weight.detach()
+            w = w.T if conv else w  # [out, in]
+            kept_weight = w.index_select(0 if rows else 1, index).contiguous()
+            forward = base.forward
+
+            def partial(x: Tensor, *args: Any, _f=forward, _w=kept_weight, _i=index,
+                        _r=rows, **kwargs: Any) -> Tensor:
+                return _KeptGrad.apply(x, _f, _w, _i, _r)
+
+            patcher.set(base, "forward", partial)
+            if not rows and base is not module:  # o's LoRA path: no gradient into pruned heads
+                mask = torch.zeros(w.shape[1], dtype=torch.bool, device=index.device)
+                mask[index] = True
+                outer = module.forward
+
+                def masked(x: Tensor, *args: Any, _f=outer, _m=mask, **kwargs: Any) -> Tensor:
+                    return _f(_MaskGrad.apply(x, _m), *args, **kwargs)
+
+                patcher.set(module, "forward", masked)
+        yield

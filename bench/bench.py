@@ -782,9 +782,9 @@ def main() -> None:
             print(f"C={c:5d} K={k:3d}  plain {p['sec_per_round_steady']:6.2f} s/round "
                   f"(train {p['train_gflops']:.0f} GFLOP/s)  fedprune "
                   f"{f['sec_per_round_steady']:6.2f} s/round (train {f['train_gflops']:.0f} "
-                  f"GFLOP/s, {f['compute_dtype']})  speedup {row['speedup']:.2f}x  RSS "
-                  f"{f['peak_rss_mb']:.0f} / {p['peak_rss_mb']:.0f} MB  acc "
-                  f"{f['accuracy']:.3f} / {p['accuracy']:.3f}", flush=True)
+                  f"GFLOP/s, {f['compute_dtype']})  speedup {row['speedup']:.2f}x  RSS plain / "
+                  f"fedprune {p['peak_rss_mb']:.0f} / {f['peak_rss_mb']:.0f} MB  acc "
+                  f"{p['accuracy']:.3f} / {f['accuracy']:.3f}", flush=True)
         results["grid"] = rows
         save("grid", t0)
     if "smollm2" in args.only:

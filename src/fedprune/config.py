@@ -102,9 +102,10 @@ class PeftConfig(_Section):
                       "'prompt' (`peft.num_virtual_tokens` soft-prompt embeddings, Lester et "
                       "al. 2021), 'prefix' (`peft.num_virtual_tokens` key/value prefixes in "
                       "every layer, without reparameterisation: P-tuning v2, Liu et al. 2022; "
-                      "decoder-only models on a data.task only: peft 0.21 refuses it for "
-                      "transformers 5's sequence classifiers and breaks on its encoder-decoder "
-                      "caches), 'full' (every backbone weight: full fine-tuning). A "
+                      "classifiers (added by fedprune's attention: model.attn_implementation "
+                      "'auto') and decoder-only models on a data.task (peft's cache); not "
+                      "encoder-decoders, whose caches peft 0.21's prefixes break), 'full' "
+                      "(every backbone weight: full fine-tuning). A "
                       "classifier's head is trained with each.", PEFT_METHODS)
     r: int = opt(16, "LoRA rank.")
     alpha: float = opt(32.0, "LoRA scaling alpha (the update is scaled by alpha / r).")

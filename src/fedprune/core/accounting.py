@@ -27,8 +27,9 @@ per `peft.method`: LoRA's A and B; every one ('full'); the task head always (a c
 LM head only under 'full'). H_l is the number of kept heads in `structural` mode and all heads
 otherwise (adapter mode still runs every head; `detached` mode runs every head forward, but
 only the kept heads' q/k/v rows and o columns backward: ``grad_heads``). Non-matmul work
-(softmax, norms, activations, IA3's scalings, T5's position biases) is left out; FlopCounterMode counts the same matmuls —
-exactly equal on tiny models of every family and method (tests/test_peft.py) — except that
+(softmax, norms, activations, IA3's scalings, T5's position biases) is left out;
+FlopCounterMode counts the same matmuls — exactly equal on tiny models of every family and
+method (tests/test_peft.py, test_prefix.py, test_detached.py) — except that
 it counts no attention products under the CPU's SDPA kernel. GPT-2's fused q/k/v projection
 is one matmul, its LoRA one A / B pair and its IA3 scaling covers queries too. AoH's Table 6 gives these terms per method in O() form.
 """

@@ -43,7 +43,8 @@ class HeadPruningConfig(MethodOptions):
                     "'structural': pruned heads removed from the local forward and backward; "
                     "'detached': pruned heads computed in the forward (exactly the full "
                     "model's, as in 'adapter') but without gradient, so the backward skips "
-                    "their q/k/v/o matmuls (LoRA only).",
+                    "their projections' input-gradient matmuls (LoRA only; the README "
+                    "measures its accuracy cost).",
                     ("adapter", "structural", "detached"))
     head_params: str = opt("AB", "Which trainable coordinates are split by head (pruned, "
                            "sent and aggregated per head): 'AB' = q/k/v's output rows and o's "
@@ -181,13 +182,13 @@ class HeadPruning(Method):
                               "chunks, or choose another peft.method")
         if mode != "adapter" and pm != "lora":
             raise ConfigError(f"`method.{cls.name}.mode` = {mode!r} with `peft.method` = "
-                              f"{pm!r}: the structural view slices LoRA tensors only so far; "
+                              f"{pm!r}: mode {mode!r} is implemented for LoRA only so far; "
                               "use mode 'adapter'")
 
     @classmethod
     def scaffold_unsupported(cls, options) -> str | None:
-        if options.mode != "adapter":
-            return (f"`method.{cls.name}.mode` = {options.mode!r} trains each round's kept heads "
+        if options.mode == "structural":
+            return (f"`method.{cls.name}.mode` = 'structural' trains each round's kept heads "
                     f"as smaller tensors, but SCAFFOLD's control variates need trainables of "
                     f"one fixed shape; use mode 'adapter'")
         return super().scaffold_unsupported(options)

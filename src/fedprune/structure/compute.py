@@ -104,7 +104,7 @@ class FastDropout(torch.nn.Dropout):
 def lean_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                    position_bias=None, **kwargs):
     """Attention for every family we support. query [b, h, q, d], key / value [b, h_kv, k, d],
-    attention_mask additive [b, 1, q, k] or None; returns ([b, q, h, d], None). An encoder's
+    attention_mask additive [b, 1, q, k] or None; returns ([b, q, h, d], None). A classifier's
     prefix-tuning keys and values (`structure.prefix`) are prepended here."""
     extra = sorted(k for k in _UNSUPPORTED if kwargs.get(k) is not None)
     if extra:

@@ -4,8 +4,8 @@ peft 0.21 builds the prefix of a sequence classifier (`PrefixTuningConfig`, no
 reparameterisation: one [T_p, L * 2 * KV * d] embedding) but hands it to the model as
 ``past_key_values``, which none of transformers 5's classifiers declares (BERT, RoBERTa and
 DistilBERT have no cache; Llama's and GPT-2's classifiers take it only through ``**kwargs``,
-so peft refuses them). Here the same embedding, in peft's layout (viewed as [T_p, L * 2, KV, d]; layer l's keys are row 2l of
-the second axis, its values row 2l + 1), is prepended to each self-attention module's keys and
+so peft refuses them). Here the same embedding, in peft's layout (viewed as [T_p, L * 2, KV,
+d]; layer l's keys are row 2l of the second axis, its values row 2l + 1), is prepended to each self-attention module's keys and
 values inside fedprune's attention functions (`structure.compute`), and the additive mask
 gains T_p zero columns in front: every token attends to the prefix, the prefix itself is never
 a query — what peft's cache does for a causal LM, except that no position is shifted by T_p

@@ -127,3 +127,22 @@ def test_analytic_ops_match_flop_counter(fed, keep_frac):
     f.model.zero_grad(set_to_none=True)
     analytic = train_ops(m.arch, heads, [tuple(batch["input_ids"].shape)])
     assert analytic == pytest.approx(counter.get_total_flops(), rel=0.10)
+
+
+def test_heads_trained_counts_the_union_of_kept_heads(fed):
+    """After one AoH round of two clients at 90 %, `heads_trained` is the share of head units
+    (MiniLM, LoRA on q/k/v/o: a query and a KV unit per head) of the heads either client
+    kept — by hand from their head weights; 0 before any round; FedAvg logs none."""
+    f = fed[1]
+    m = method(fed, "aoh", sparsity=0.9, importance_samples=16)
+    assert m.server_metrics(f.initial) == {"heads_trained": 0.0}
+    results = {c: m.local({k: v.clone() for k, v in f.initial.items()}, c, seed=c)
+               for c in (0, 1)}
+    updates = [m.decode(m.encode(r), client_id=c) for c, r in results.items()]
+    state = m.aggregate(f.initial, updates, 1.0)
+    union = {(p, h) for r in results.values() for p, w in alpha(r).items()
+             for h in (w > 0).nonzero().flatten().tolist()}
+    assert len(union) > max(int((w > 0).sum()) for r in results.values()
+                            for w in [torch.cat(list(alpha(r).values()))])  # they differ
+    assert m.server_metrics(state) == {"heads_trained": 2 * len(union) / (2 * 72)}
+    assert method(fed).server_metrics(state) == {}

@@ -283,6 +283,11 @@ class Method:
         for the method; default: any step is."""
         return stepped
 
+    def server_metrics(self, state: State) -> dict[str, float]:
+        """Figures of the global state logged every round next to the validation metrics
+        (head-pruned methods: which heads the server has ever aggregated); none here."""
+        return {}
+
     def evaluate(self, state: State) -> dict[str, float]:
         """The global model's validation metrics (the keys of ``metrics``): a classifier's
         loss and accuracy, or a generation task's response perplexity and score."""

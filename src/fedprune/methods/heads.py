@@ -209,6 +209,17 @@ class HeadPruning(Method):
         return {**out, **result.extra}
 
     # --- server side ---
+    def server_metrics(self, state: State) -> dict[str, float]:
+        """``heads_trained``: the share of head units (one head's slices of the head-mapped
+        tensors, `head_units`) whose global values have left their round-0 values — the heads
+        some client has trained and the server aggregated (a unit no client keeps never moves).
+        Derived from the state, so a resumed run logs the same."""
+        initial = self.fed.initial
+        moved = sum(any(not torch.equal(state[s.key].narrow(s.dim, s.start, s.stop - s.start),
+                                        initial[s.key].narrow(s.dim, s.start, s.stop - s.start))
+                        for s in unit.slices) for unit in self.units)
+        return {"heads_trained": moved / len(self.units)}
+
     def from_wire(self, update: ClientUpdate) -> ClientUpdate:
         """Kept slices -> full-shaped deltas (zeros elsewhere); head weights -> per-row /
         per-column weights of the head-mapped tensors."""

@@ -42,8 +42,8 @@ COLUMNS = [("variant", "label", ""), ("final acc", "final_accuracy", ".4f"),
            ("best acc", "best_accuracy", ".4f"), ("round at target", "round_at_target", ""),
            ("s to target", "seconds_to_target", ",.0f"),
            ("KiB up / client", "kib_up", ",.1f"), ("analytic GOPs / client", "gops", ",.2f"),
-           ("measured GFLOPs / client", "gflops", ",.2f"), ("s / round", "seconds_per_round",
-                                                           ".1f")]
+           ("measured GFLOPs / client", "gflops", ",.2f"),
+           ("heads trained", "heads_trained", ".3f"), ("s / round", "seconds_per_round", ".1f")]
 
 
 def _enrich(row: dict[str, Any]) -> dict[str, Any]:
@@ -639,7 +639,8 @@ REPORTS["optimizers"] = optimizers_report
 def table1_report(suite_dir: Path, variants) -> Path:
     """Paper Table 1 at the paper's scale: per row (method x selection), mean ± sd over the
     seeds run of final accuracy, rounds to target, upload per client and its ratio to B1,
-    analytic training OPs per client; accuracy curves (mean over seeds)."""
+    analytic training OPs per client, share of head units ever aggregated (head-pruned
+    rows); accuracy curves (mean over seeds)."""
     done = [v for v in variants if (suite_dir / v.label / "global.safetensors").is_file()]
     if not done:
         return _write(suite_dir, ["# Table 1 at the paper's scale", "", "No finished run yet."])
@@ -650,15 +651,16 @@ def table1_report(suite_dir: Path, variants) -> Path:
     b1 = groups.get("B1-random-sel")  # absent when only some rows ran (--only)
     b1_kib = float(np.mean([r["kib_up"] for r in b1])) if b1 else None
     table = [("| row | seeds | final acc | round at target | KiB up / client | vs B1 | "
-             "analytic GOPs / client |"), "|---|---|---|---|---|---|---|"]
+             "analytic GOPs / client | heads trained |"), "|---|---|---|---|---|---|---|---|"]
     for name, rs in groups.items():
         reached = [r["round_at_target"] for r in rs if r["round_at_target"] is not None]
         kib = float(np.mean([r["kib_up"] for r in rs]))
         gops = [r["gops"] for r in rs if r["gops"] is not None]
+        trained = [r["heads_trained"] for r in rs if r["heads_trained"] is not None]
         table.append(f"| {name} | {len(rs)} | {mean_sd([r['final_accuracy'] for r in rs], '.4f')}"
                      f" | {mean_sd(reached, '.1f')} ({len(reached)}/{len(rs)} reached) | "
                      f"{kib:,.1f} | {f'{b1_kib / kib:.2f}x' if b1_kib else '–'} | "
-                     f"{mean_sd(gops, ',.2f')} |")
+                     f"{mean_sd(gops, ',.2f')} | {mean_sd(trained, '.3f')} |")
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, rs in groups.items():
         curves = [[(r["round"], r["accuracy"]) for r in read_metrics(suite_dir / x["label"])

@@ -78,6 +78,7 @@ def summarize(run_dir: Path) -> dict[str, Any]:
         "pad_fraction": _client_mean(records, "pad_fraction"),
         **({"dp_epsilon": records[-1]["dp_epsilon"], "dp_delta": config["dp"]["delta"]}
            if "dp_epsilon" in records[-1] else {}),  # client-level DP spent (core/privacy)
+        "heads_trained": records[-1].get("heads_trained"),  # head-pruned methods
     }
 
 
@@ -134,7 +135,10 @@ def write_report(run_dir: Path) -> Path:
          f"{s['cpu'] or '?'}; peak RSS " + (f"{s['peak_rss_mb']:,.0f} MB" if s["peak_rss_mb"]
                                             else "?")),
         *([(f"- client-level DP (DP-FedAvg): (ε, δ) = ({s['dp_epsilon']:.3g}, {s['dp_delta']:g})"
-           " after the last round (Opacus RDP accountant)")] if "dp_epsilon" in s else []), "",
+           " after the last round (Opacus RDP accountant)")] if "dp_epsilon" in s else []),
+        *([(f"- head units ever trained and aggregated: {100 * s['heads_trained']:.1f} % (the "
+            f"rest of the head-mapped slices are still at their initial values)")]
+          if s["heads_trained"] is not None else []), "",
         f"![{metric} and loss]({metric}.png)", "",
         markdown_table(read_metrics(run_dir), metric), "",
     ])

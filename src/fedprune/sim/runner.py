@@ -337,8 +337,9 @@ def after_training(server: ServerState, valid: list[ClientUpdate]) -> ServerStat
 def evaluate_global(method: Method, cfg: ExperimentConfig, state: State, rnd: int
                     ) -> dict[str, float | None]:
     """The method's validation metrics on evaluation rounds (every ``run.eval_every`` and
-    the last), with their seconds; None on the others."""
-    scores: dict[str, float | None] = dict.fromkeys(method.metrics)
+    the last), with their seconds, None on the others; its server metrics every round."""
+    scores: dict[str, float | None] = {**dict.fromkeys(method.metrics),
+                                       **method.server_metrics(state)}
     scores["eval_s"] = 0.0
     if rnd % cfg.run.eval_every == 0 or rnd == cfg.federation.rounds:
         t0 = time.perf_counter()

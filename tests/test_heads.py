@@ -240,17 +240,18 @@ def assert_same(model: torch.nn.Module, before: dict[str, tuple[object, torch.Te
     assert module_attributes(model) == attrs
 
 
-def context(model: torch.nn.Module, structure: ModelStructure,
-            index: int) -> Callable[[], torch.Tensor]:
+def context(model: torch.nn.Module, structure: ModelStructure, index: int,
+            forward: Callable[[torch.nn.Module], object] | None = None
+            ) -> Callable[[], torch.Tensor]:
     """A function returning the o-projection input (the context) of attention module `index`
-    on the fixed batch."""
+    on the fixed batch (``forward(model)``; default `run`)."""
     o = model.get_submodule(structure.attention[index].o.module)
 
     def capture() -> torch.Tensor:
         seen = []
         handle = o.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach()))
         with torch.no_grad():
-            run(model)
+            (forward or run)(model)
         handle.remove()
         return seen[0]
 

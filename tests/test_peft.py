@@ -86,8 +86,14 @@ def test_prefix_kv_heads_change_only_their_query_groups():
     u = next(u for u in units if u.path == s.attention[1].path and u.index == 1)
     assert u.slices == (HeadSlice(key, 1, 40, 48), HeadSlice(key, 1, 56, 64))
     assert u.query_heads == (3, 4, 5)
+    assert_units_change_only_their_heads(model, s, units)
+
+
+def assert_units_change_only_their_heads(model, s, units, forward=None) -> None:
+    """Perturbing each unit's slices changes the context of its own query heads only (of its
+    attention module; ``forward`` as in `test_heads.context`)."""
     for index, attn in enumerate(s.attention):
-        capture = context(model, s, index)
+        capture = context(model, s, index, forward)
         for unit in (u for u in units if u.path == attn.path):
             before = capture()
             perturb(model, unit, seed=index)

@@ -11,8 +11,12 @@ import dataclasses
 import pytest
 import torch
 import transformers as tf
-from test_heads import RAW, changed_heads, perturb
-from test_peft import assert_only_kept_heads_travel, assert_ops_match_flop_counter
+from test_heads import RAW
+from test_peft import (
+    assert_only_kept_heads_travel,
+    assert_ops_match_flop_counter,
+    assert_units_change_only_their_heads,
+)
 from torch.utils.flop_counter import FlopCounterMode
 
 from fedprune.client.world import build
@@ -49,21 +53,6 @@ def classifier(family: str) -> torch.nn.Module:
     with torch.no_grad():
         prompt_weight(model).normal_(0, 1.0)
     return model.eval()
-
-
-def context_of(model: torch.nn.Module, s, index: int):
-    """A function returning attention module ``index``'s context (o's input) on IDS."""
-    o = model.get_submodule(s.attention[index].o.module)
-
-    def capture() -> torch.Tensor:
-        seen = []
-        handle = o.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach()))
-        with torch.no_grad():
-            model(input_ids=IDS, attention_mask=MASK)
-        handle.remove()
-        return seen[0]
-
-    return capture
 
 
 def prompt_weight(model: torch.nn.Module) -> torch.Tensor:
@@ -132,12 +121,8 @@ def test_prefix_kv_heads_change_only_their_heads(family):
         u = next(u for u in units if u.path == s.attention[1].path and u.index == 5)
         assert u.slices == (HeadSlice(key, 1, 96 + 20, 96 + 24), HeadSlice(key, 1, 144 + 20,
                                                                             144 + 24))
-    for index, attn in enumerate(s.attention):
-        capture = context_of(model, s, index)
-        for unit in (u for u in units if u.path == attn.path):
-            before = capture()
-            perturb(model, unit, seed=index)
-            assert changed_heads(before, capture(), attn.head_dim) == list(unit.query_heads)
+    assert_units_change_only_their_heads(
+        model, s, units, lambda m: m(input_ids=IDS, attention_mask=MASK))
 
 
 def test_importance_pass_sees_the_prefix_keys():

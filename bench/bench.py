@@ -81,7 +81,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -474,7 +474,7 @@ def child_structural(reps: int = 2, warm: int = 0) -> dict:
     from fedprune.methods import build_method
     from fedprune.methods.heads import eq7_keep
     from fedprune.structure.headmap import structural_keep, unit_mask
-    from fedprune.structure.headview import detached_heads, structural_view
+    from fedprune.structure.headview import detached_grad_heads, detached_heads, structural_view
 
     cfg = job(10, 2, 1, "method.name=aoh", "method.aoh.mode=structural")
     fed = build(cfg)
@@ -485,42 +485,47 @@ def child_structural(reps: int = 2, warm: int = 0) -> dict:
     scores = method.scores(fed.initial, idx, seed=0)
     out = {"importance_s": time.perf_counter() - t0,
            "importance_samples": cfg.method.own.importance_samples, "client_examples": len(idx)}
-    for sparsity in (0.0, 0.5, 0.9):
-        keep = structural_keep(method.structure, eq7_keep(scores, sparsity, "layer"))
+    def epoch(view, frozen=None) -> tuple[float, object]:
+        """Fastest of ``reps`` local epochs after the warm-up one, each inside ``view()``
+        (a context yielding the trainables): (seconds, the last epoch's stats)."""
         times = []
         for rep in range(reps + 1):  # the first pass warms up
             load_state(fed.params, fed.initial)
-            with structural_view(fed.model, method.structure, keep) as view:
-                stats = local_train(fed.model, view.params, fed.train_rows,
+            with view() as params:
+                stats = local_train(fed.model, params, fed.train_rows,
                                     idx[:warm] if rep == 0 and warm else idx, fed.collate,
-                                    method.spec, seed=rep)
+                                    method.spec, seed=rep, frozen=frozen)
             times.append(stats.seconds)
+        return min(times[1:]), stats
+
+    @contextmanager
+    def structural(keep):
+        with structural_view(fed.model, method.structure, keep) as view:
+            yield view.params
+
+    @contextmanager
+    def detached(keep):
+        with detached_heads(fed.model, method.structure, keep):
+            yield fed.params
+
+    for sparsity in (0.0, 0.5, 0.9):
+        keep = structural_keep(method.structure, eq7_keep(scores, sparsity, "layer"))
+        seconds, stats = epoch(lambda k=keep: structural(k))
         heads = [int(keep[a.path].sum()) for a in method.structure.attention]
-        out[str(sparsity)] = {"epoch_s": min(times[1:]), "heads": heads,
+        out[str(sparsity)] = {"epoch_s": seconds, "heads": heads,
                               "train_ops": train_ops(method.arch, heads, stats.shapes)}
     # mode 'detached' against mode 'adapter' (both: pruned slices frozen, every head forward)
     every = [a.n_heads for a in method.structure.attention]
     for sparsity in (0.5, 0.9):
         keep = eq7_keep(scores, sparsity, "layer")
         frozen = {k: ~v for k, v in unit_mask(method.units, keep, fed.initial).items()}
-        for mode in ("adapter", "detached"):
-            times = []
-            for rep in range(reps + 1):
-                load_state(fed.params, fed.initial)
-                with detached_heads(fed.model, method.structure, keep) if mode == "detached" \
-                        else nullcontext():
-                    stats = local_train(fed.model, fed.params, fed.train_rows,
-                                        idx[:warm] if rep == 0 and warm else idx, fed.collate,
-                                        method.spec, seed=rep, frozen=frozen)
-                times.append(stats.seconds)
-            grads = [(int(keep[a.path].sum()),
-                      int(keep[a.path].view(a.n_kv_heads, -1).any(1).sum()))
-                     for a in method.structure.attention]
-            out[f"{mode}-{sparsity}"] = {
-                "epoch_s": min(times[1:]), "train_ops": train_ops(
-                    method.arch, every, stats.shapes,
-                    grad_heads=grads if mode == "detached" else None)}
-        d, a = out[f"detached-{sparsity}"], out[f"adapter-{sparsity}"]
+        seconds, stats = epoch(lambda: nullcontext(fed.params), frozen)
+        a = out[f"adapter-{sparsity}"] = {
+            "epoch_s": seconds, "train_ops": train_ops(method.arch, every, stats.shapes)}
+        seconds, stats = epoch(lambda k=keep: detached(k), frozen)
+        d = out[f"detached-{sparsity}"] = {
+            "epoch_s": seconds, "train_ops": train_ops(
+                method.arch, every, stats.shapes, detached_grad_heads(method.structure, keep))}
         d["speedup_vs_adapter"] = a["epoch_s"] / d["epoch_s"]
         d["analytic_speedup_vs_adapter"] = a["train_ops"] / d["train_ops"]
     full = out["0.0"]

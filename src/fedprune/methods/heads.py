@@ -25,7 +25,7 @@ from fedprune.core.robust import cap_shares
 from fedprune.core.update import ClientUpdate, InvalidUpdate, State, Weight
 from fedprune.methods.base import LocalResult, Method
 from fedprune.structure.headmap import head_units, structural_keep, unit_mask
-from fedprune.structure.headview import detached_heads, structural_view
+from fedprune.structure.headview import detached_grad_heads, detached_heads, structural_view
 
 ALPHA_MAX = 1.0 + 1e-4  # head weights are mean max-softmax probabilities (B2: U(0, 1)):
 # above 1 (with float32 rounding slack) no honest client sends them
@@ -147,13 +147,10 @@ class HeadPruning(Method):
             d = value - start[key]
             delta[key] = d * masks[key] if key in masks else d  # pruned slices send nothing
         alpha = {p + ALPHA: torch.where(keep[p], scores[p], 0.0).float() for p in scores}
-        attns = self.structure.attention
-        kept = [int(keep[a.path].sum()) for a in attns]  # query heads
-        everything = [a.n_heads for a in attns]
-        ops = (self.ops(kept, stats) if m.mode == "structural" else
-               self.ops(everything, stats, grad_heads=[  # (query, KV heads) backward
-                   (q, int(keep[a.path].view(a.n_kv_heads, -1).any(1).sum()))
-                   for a, q in zip(attns, kept, strict=True)])
+        everything = [a.n_heads for a in self.structure.attention]
+        ops = (self.ops([int(keep[a.path].sum()) for a in self.structure.attention], stats)
+               if m.mode == "structural" else
+               self.ops(everything, stats, detached_grad_heads(self.structure, keep))
                if m.mode == "detached" else self.ops(everything, stats))
         metrics = {"score_s": score_s, **ops,
                    "kept_heads": float(sum(int(k.sum()) for k in keep.values()))}

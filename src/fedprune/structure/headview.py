@@ -29,7 +29,7 @@ from fedprune.structure.attention import AttentionModule, ModelStructure
 from fedprune.structure.headmap import structural_keep
 from fedprune.structure.patch import Patcher, base_layer, bias_only, patched
 
-__all__ = ["StructuralView", "detached_heads", "structural_view"]
+__all__ = ["StructuralView", "detached_grad_heads", "detached_heads", "structural_view"]
 
 
 # --- structural view: family table ----------------------------------------------------------
@@ -387,6 +387,16 @@ class _MaskGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         return grad * ctx.keep.to(grad.dtype), None
+
+
+def detached_grad_heads(structure: ModelStructure, keep_query: Mapping[str, Tensor]
+                        ) -> list[tuple[int, int]]:
+    """Per attention module, the (query, KV) heads whose projections take part in the backward
+    under `detached_heads` (`core.accounting.train_ops`' ``grad_heads``): the kept query heads,
+    and the KV heads with any kept query head in their group."""
+    return [(int(keep_query[a.path].sum()),
+             int(keep_query[a.path].view(a.n_kv_heads, a.group_size).any(dim=1).sum()))
+            for a in structure.attention]
 
 
 @contextmanager

@@ -46,6 +46,7 @@ from fedprune.config import ConfigError, ExperimentConfig, from_dict
 from fedprune.core.update import State
 from fedprune.methods import METHODS
 from fedprune.report.metrics import read_metrics
+from fedprune.structure import prefix
 from fedprune.structure.layers import layer_view
 from fedprune.structure.model import load_tokenizer, resolve, trainable_parameters
 
@@ -202,7 +203,7 @@ def export_peft(run: Run, out: Path) -> list[Card]:
     else:
         base = json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"]
         extra = f", num_labels={len(labels)}, id2label={labels}" if labels else ""
-        ours = bool(labels) and cfg.peft.method == "prefix"  # the prefix runs in our attention
+        ours = getattr(fed.model, prefix.FLAG, False)  # the prefix runs in our attention
         attention = ", attn_implementation='fedprune'" if ours else ""
         load = "\n".join([
             "from peft import PeftModel",

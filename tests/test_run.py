@@ -15,6 +15,7 @@ from fedprune.client.world import build
 from fedprune.config import ConfigError, load_config
 from fedprune.core.selection import History
 from fedprune.methods import METHODS
+from fedprune.report.summary import summarize
 from fedprune.sim import runner
 from fedprune.sim.checkpoint import CheckpointError
 from fedprune.structure.compute import resolve_device, resolve_dtype
@@ -270,8 +271,18 @@ def test_suite_smoke(tmp_path, name):
         row = next(x for x in text.splitlines() if x.startswith("| AoH-z1.0-a0.05 |"))
         assert f"| {epsilon(1.0, 0.5, 1, 1e-5):.2f} |" in row and "| 0.05 |" in row
     if name == "noniid":  # two clients' importance logged each round, one value per head
-        rec = json.loads((tmp_path / name / "AoH-iid" / "metrics.jsonl").read_text())
+        rec = json.loads((tmp_path / name / "AoH-iid-s0" / "metrics.jsonl").read_text())
         assert len(rec["observed"]["alpha"]["0"]) == 72
+        row = next(x for x in text.splitlines() if x.startswith("| dir0.1 | 1 |")).split(" | ")
+        acc = {r: summarize(tmp_path / name / f"{r}-dir0.1-s0")["final_accuracy"]
+               for r in ("FedAvg", "AoH")}
+        assert row[2:5] == [f"{acc['FedAvg']:.4f}", f"{acc['AoH']:.4f}",
+                            f"{100 * (acc['AoH'] - acc['FedAvg']):+.1f} |"]
+    if name == "sparsity":  # a row per mode and sparsity; structural from 50 % on
+        rows = [x.split(" | ")[:3] for x in text.splitlines()
+                if x.startswith(("| adapter |", "| structural |"))]
+        assert rows == [["| adapter", f"{s:.2f}", "1"] for s in (0, 0.5, 0.7, 0.9, 0.95)] + [
+            ["| structural", f"{s:.2f}", "1"] for s in (0.5, 0.7, 0.9, 0.95)]
 
 
 def test_optimizers_suite_smoke_report(tmp_path):

@@ -102,43 +102,89 @@ def ablation_report(suite_dir: Path, variants) -> Path:
     return _write(suite_dir, text)
 
 
-def sparsity_report(suite_dir: Path, variants) -> Path:
-    rows = _rows(suite_dir, variants)
+def _seed_groups(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Rows grouped by label without its ``-s<seed>`` suffix, in first-seen order."""
+    groups: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
-        options = r["cfg"]["method"]["aoh"]
-        r["mode"], r["sparsity"] = options["mode"], options["sparsity"]
+        groups.setdefault(r["label"].rsplit("-s", 1)[0], []).append(r)
+    return groups
+
+
+def _finished(suite_dir: Path, variants) -> list:
+    return [v for v in variants if (suite_dir / v.label / "global.safetensors").is_file()]
+
+
+def sparsity_report(suite_dir: Path, variants) -> Path:
+    """Fig. 4: per mode and sparsity, mean ± sd over the seeds run of final accuracy and
+    rounds to target; upload, analytic OPs and heads trained; the three against sparsity."""
+    rows = _rows(suite_dir, _finished(suite_dir, variants))
+    if not rows:
+        return _write(suite_dir, ["# Sparsity sweep (paper Fig. 4)", "", "No finished run yet."])
+    points = {}  # (mode, sparsity) -> rows over seeds
+    for rs in _seed_groups(rows).values():
+        options = rs[0]["cfg"]["method"]["aoh"]
+        points[(options["mode"], options["sparsity"])] = rs
+    table = [("| mode | sparsity | seeds | final acc | round at target | KiB up / client | "
+              "analytic GOPs / client | heads trained |"), "|---|---|---|---|---|---|---|---|"]
+    for (mode, sp), rs in sorted(points.items()):
+        reached = [r["round_at_target"] for r in rs if r["round_at_target"] is not None]
+        table.append(
+            f"| {mode} | {sp:.2f} | {len(rs)} | "
+            f"{mean_sd([r['final_accuracy'] for r in rs], '.4f')} | "
+            f"{mean_sd(reached, '.1f')} ({len(reached)}/{len(rs)} reached) | "
+            f"{np.mean([r['kib_up'] for r in rs]):,.1f} | "
+            f"{mean_sd([r['gops'] for r in rs if r['gops'] is not None], ',.2f')} | "
+            f"{mean_sd([r['heads_trained'] for r in rs if r['heads_trained'] is not None], '.3f')} |")
     fig, axes = plt.subplots(1, 3, figsize=(13, 4))
     for mode in ("adapter", "structural"):
-        sel = [r for r in rows if r["mode"] == mode]
-        xs = [100 * r["sparsity"] for r in sel]
+        # sparsity 0 prunes nothing: the structural curve starts from the adapter run
+        sel = sorted((sp, rs) for (m, sp), rs in points.items() if m == mode or sp == 0)
+        if not sel:
+            continue
+        xs = [100 * sp for sp, _ in sel]
         for ax, key, label in zip(axes, ("final_accuracy", "kib_up", "gops"),
-                                  ("final accuracy", "KiB up / client / round",
+                                  ("final accuracy (mean ± sd over seeds)",
+                                   "KiB up / client / round",
                                    "analytic training GOPs / client / round"), strict=True):
-            ax.plot(xs, [r[key] for r in sel], marker="o", label=mode)
+            vals = [[r[key] for r in rs if r[key] is not None] for _, rs in sel]
+            ax.errorbar(xs, [np.mean(v) if v else np.nan for v in vals],
+                        yerr=[np.std(v) if v else 0.0 for v in vals], marker="o", capsize=3,
+                        label=mode)
             ax.set(xlabel="head sparsity (%)", ylabel=label)
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle("AoH against sparsity (Fig. 4)")
     save_figure(fig, suite_dir / "sparsity.png")
-    cols = [COLUMNS[0], ("mode", "mode", ""), ("sparsity", "sparsity", ".2f"), *COLUMNS[1:]]
-    text = [*_header("Sparsity sweep (paper Fig. 4)", rows), _table(rows, cols), "",
-            "![sparsity](sparsity.png)", ""]
+    text = [*_header("Sparsity sweep (paper Fig. 4)", rows), *table, "",
+            "![sparsity](sparsity.png)", "", _table(rows, COLUMNS), ""]
     return _write(suite_dir, text)
 
 
 def noniid_report(suite_dir: Path, variants) -> Path:
-    rows = _rows(suite_dir, variants)
-    by = {r["label"]: r for r in rows}
-    parts = list(dict.fromkeys(v.label.split("-", 1)[1] for v in variants))
-    table = ["| partition | FedAvg acc | AoH acc | AoH − FedAvg |", "|---|---|---|---|"]
+    """Table 5 / Fig. 5: per partition, FedAvg's and AoH's final accuracy (mean ± sd over the
+    seeds run) and AoH − FedAvg paired by seed; two clients' head importance over rounds."""
+    rows = _rows(suite_dir, _finished(suite_dir, variants))
+    if not rows:
+        return _write(suite_dir, ["# Non-IID (paper Table 5, Fig. 5)", "", "No finished run yet."])
+    acc = {r["label"]: r["final_accuracy"] for r in rows}
+    keys = [tuple(label.rsplit("-s", 1)[0].split("-", 1)) + (label.rsplit("-s", 1)[1],)
+            for label in acc]  # (method, partition, seed)
+    parts = list(dict.fromkeys(k[1] for k in keys))
+    table = ["| partition | seeds | FedAvg acc | AoH acc | AoH − FedAvg (points, paired) |",
+             "|---|---|---|---|---|"]
     for p in parts:
-        fa, ao = by[f"FedAvg-{p}"]["final_accuracy"], by[f"AoH-{p}"]["final_accuracy"]
-        table.append(f"| {p} | {fa:.4f} | {ao:.4f} | {100 * (ao - fa):+.1f} |")
-    dist = _importance_figure(suite_dir, parts)
+        seeds = [k[2] for k in keys if k[:2] == ("AoH", p) and ("FedAvg", p, k[2]) in keys]
+        fa = [acc[f"FedAvg-{p}-s{s}"] for s in seeds]
+        ao = [acc[f"AoH-{p}-s{s}"] for s in seeds]
+        diff = [100 * (a - f) for a, f in zip(ao, fa, strict=True)]
+        table.append(f"| {p} | {len(seeds)} | {mean_sd(fa, '.4f')} | {mean_sd(ao, '.4f')} | "
+                     f"{mean_sd(diff, '+.1f')} |")
+    aoh = {p: [f"AoH-{p}-s{k[2]}" for k in keys if k[:2] == ("AoH", p)] for p in parts}
+    dist = _importance_figure(suite_dir, {p: labels for p, labels in aoh.items() if labels})
     text = [*_header("Non-IID (paper Table 5, Fig. 5)", rows), *table, "",
             ("Head importance (Eq. 6) of clients 0 and 1 on the global model every round, and "
-             "the Euclidean distance between them (mean over rounds): "
+             "the Euclidean distance between them (mean over rounds and seeds): "
              + ", ".join(f"{p} {d:.3f}" for p, d in dist.items())), "",
             "![importance](importance.png)", "", _table(rows, COLUMNS), ""]
     return _write(suite_dir, text)
@@ -150,30 +196,35 @@ def _observed_alpha(run_dir: Path) -> dict[str, np.ndarray]:
     return {c: np.array([r["observed"]["alpha"][c] for r in recs]).T for c in ("0", "1")}
 
 
-def _importance_figure(suite_dir: Path, parts: list[str]) -> dict[str, float]:
-    """Heatmaps of clients 0 and 1 (IID and the most skewed partition) and their distance;
-    returns the mean distance over rounds for every partition."""
-    alpha = {p: _observed_alpha(suite_dir / f"AoH-{p}") for p in parts}
-    dist = {p: np.linalg.norm(a["0"] - a["1"], axis=0) for p, a in alpha.items()}
+def _importance_figure(suite_dir: Path, runs: dict[str, list[str]]) -> dict[str, float]:
+    """Heatmaps of clients 0 and 1 (first run of the first and the last partition of `runs`:
+    partition -> AoH run labels) and their distance; returns the mean distance over rounds
+    and runs for every partition."""
+    alpha = {p: [_observed_alpha(suite_dir / label) for label in labels]
+             for p, labels in runs.items()}
+    dist = {p: [np.linalg.norm(a["0"] - a["1"], axis=0) for a in runs_alpha]
+            for p, runs_alpha in alpha.items()}
+    parts = list(runs)
     shown = [parts[0], parts[-1]]
     fig, axes = plt.subplots(2, 3, figsize=(15, 7))
-    vmax = max(alpha[p][c].max() for p in shown for c in ("0", "1"))
+    vmax = max(alpha[p][0][c].max() for p in shown for c in ("0", "1"))
     for row, part in enumerate(shown):
         for col, c in enumerate(("0", "1")):
-            heads, rounds = alpha[part][c].shape
-            im = axes[row, col].imshow(alpha[part][c], aspect="auto", vmin=0, vmax=vmax,
+            heads, rounds = alpha[part][0][c].shape
+            im = axes[row, col].imshow(alpha[part][0][c], aspect="auto", vmin=0, vmax=vmax,
                                        cmap="viridis", interpolation="nearest",
                                        extent=(0.5, rounds + 0.5, heads - 0.5, -0.5))
-            axes[row, col].set(title=f"{part}: client {c}", xlabel="round",
+            axes[row, col].set(title=f"{runs[part][0]}: client {c}", xlabel="round",
                                ylabel="head (layer-major)")
             fig.colorbar(im, ax=axes[row, col])
-        d = dist[part]
-        axes[row, 2].plot(range(1, len(d) + 1), d, marker="o")
+        for label, d in zip(runs[part], dist[part], strict=True):
+            axes[row, 2].plot(range(1, len(d) + 1), d, marker=".", label=label)
         axes[row, 2].set(title=f"{part}: ||alpha_0 - alpha_1||", xlabel="round")
         axes[row, 2].grid(alpha=0.3)
+        axes[row, 2].legend(fontsize=7)
     fig.suptitle("Head importance over rounds, IID vs non-IID (Fig. 5)")
     save_figure(fig, suite_dir / "importance.png", dpi=100)
-    return {p: float(d.mean()) for p, d in dist.items()}
+    return {p: float(np.mean([d.mean() for d in ds])) for p, ds in dist.items()}
 
 
 def _write(suite_dir: Path, lines: list[str]) -> Path:
@@ -641,13 +692,11 @@ def table1_report(suite_dir: Path, variants) -> Path:
     seeds run of final accuracy, rounds to target, upload per client and its ratio to B1,
     analytic training OPs per client, share of head units ever aggregated (head-pruned
     rows); accuracy curves (mean over seeds)."""
-    done = [v for v in variants if (suite_dir / v.label / "global.safetensors").is_file()]
+    done = _finished(suite_dir, variants)
     if not done:
         return _write(suite_dir, ["# Table 1 at the paper's scale", "", "No finished run yet."])
-    rows = [_enrich(_row(v.label, suite_dir / v.label)) for v in done]
-    groups: dict[str, list[dict[str, Any]]] = {}
-    for r in rows:
-        groups.setdefault(r["label"].rsplit("-s", 1)[0], []).append(r)
+    rows = _rows(suite_dir, done)
+    groups = _seed_groups(rows)
     b1 = groups.get("B1-random-sel")  # absent when only some rows ran (--only)
     b1_kib = float(np.mean([r["kib_up"] for r in b1])) if b1 else None
     table = [("| row | seeds | final acc | round at target | KiB up / client | vs B1 | "

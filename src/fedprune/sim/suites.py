@@ -60,11 +60,20 @@ def table1(seeds: tuple[int, ...] = (0, 1, 2)) -> list[Variant]:
             for seed in seeds for row, extra in rows.items() for sel in ("random", "loss")]
 
 
-def sparsity() -> list[Variant]:
-    """Paper Fig. 4: AoH (loss selection) at s = 0, 50, 70, 90, 95 %, both pruning modes."""
-    return [Variant(f"AoH-{mode}-s{round(100 * s):02d}",
-                    (*AOH, f"method.aoh.sparsity={s}", f"method.aoh.mode='{mode}'"))
-            for mode in ("adapter", "structural") for s in (0.0, 0.5, 0.7, 0.9, 0.95)]
+SWEEP_SEEDS = (0, 1, 2)
+
+
+def sparsity(seeds: tuple[int, ...] = SWEEP_SEEDS) -> list[Variant]:
+    """Paper Fig. 4: AoH (loss selection) at s = 0, 50, 70, 90, 95 % in adapter mode and at
+    50 - 95 % in structural mode (at 0 it is the adapter run), per seed (labels
+    ``AoH-<mode>-<s %>-s<seed>``). Structural pruning needs the kept heads before training,
+    so its runs score heads before, whatever the base config says."""
+    modes = {"adapter": (), "structural": ("method.aoh.mode='structural'",
+                                           "method.aoh.importance='before'")}
+    return [Variant(f"AoH-{mode}-{round(100 * s):02d}-s{seed}",
+                    (*AOH, f"method.aoh.sparsity={s}", *extra, f"run.seed={seed}"))
+            for seed in seeds for mode, extra in modes.items()
+            for s in (0.0, 0.5, 0.7, 0.9, 0.95) if s or mode == "adapter"]
 
 
 PARTITIONS = {"iid": ("partition.scheme='iid'",),
@@ -72,10 +81,12 @@ PARTITIONS = {"iid": ("partition.scheme='iid'",),
                  for a in (2.0, 0.5, 0.1)}}
 
 
-def noniid() -> list[Variant]:
-    """Paper Table 5 and Fig. 5: FedAvg and AoH on IID and Dirichlet(2.0, 0.5, 0.1) data."""
-    return [Variant(f"{method}-{part}", (*extra, *p), observe=method == "AoH")
-            for part, p in PARTITIONS.items()
+def noniid(seeds: tuple[int, ...] = SWEEP_SEEDS) -> list[Variant]:
+    """Paper Table 5 and Fig. 5: FedAvg and AoH on IID and Dirichlet(2.0, 0.5, 0.1) data, per
+    seed (labels ``<method>-<partition>-s<seed>``)."""
+    return [Variant(f"{method}-{part}-s{seed}", (*extra, *p, f"run.seed={seed}"),
+                    observe=method == "AoH")
+            for seed in seeds for part, p in PARTITIONS.items()
             for method, extra in (("FedAvg", ("method.name='fedavg'",)),
                                   ("AoH", (*AOH, "method.aoh.sparsity=0.9")))]
 
@@ -400,6 +411,7 @@ SMOKES = {"fedspallm": FEDSPALLM_SMOKE, "prufed": PRUFED_SMOKE}
 SMOKE_VARIANTS: dict[str, Callable[[], list[Variant]]] = {
     "prufed": prufed_smoke, "optimizers": lambda: optimizers(seeds=(0,)),
     "table1": lambda: table1(seeds=(0,)),
+    "sparsity": lambda: sparsity(seeds=(0,)), "noniid": lambda: noniid(seeds=(0,)),
     "peft": lambda: [v for v in peft(("ia3", "prompt"))
                      if v.label in ("ia3-FedAvg", "ia3-AoH-s50", "prompt-AoH-s50")],
     "privacy": lambda: [v for v in privacy() if v.label in ("FedAvg-nodp", "AoH-z1.0-a0.05")],

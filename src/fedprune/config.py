@@ -138,7 +138,9 @@ class PeftConfig(_Section):
 @dataclass
 class DataConfig(_Section):
     _name = "data"
-    dataset: str = opt("bbc_news", "'bbc_news' (bundled), a paper dataset ('mnli', "
+    dataset: str = opt("bbc_news", "'bbc_news' (bundled: 2,225 articles, 5 categories), "
+                       "'austen_books' (bundled: 50-word passages of four Austen novels, "
+                       "which novel, 4 balanced classes), a paper dataset ('mnli', "
                        "'20newsgroups', 'xlsum', 'e2e_nlg'; online only), a local .csv/.json/"
                        ".jsonl/.txt file, or a hub dataset name.")
     text_column: str = opt("text", "Column holding the input text.")

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import datasets
 
-BUNDLED = {"bbc_news"}
+BUNDLED = {"bbc_news", "austen_books"}
+PASSAGE_WORDS = 50  # austen_books: words per passage (~64 MiniLM tokens)
 LOCAL_BUILDERS = {
     ".csv": "csv",
     ".json": "json",
@@ -201,7 +202,7 @@ def _load_bundled(source: str, split: str) -> datasets.Dataset:
             f"bundled source {source!r} has only the split 'train', got split={split!r}; "
             "use train_val_split for held-out data"
         )
-    return _load_bbc_news()
+    return _load_bbc_news() if source == "bbc_news" else _load_austen_books()
 
 
 def _bbc_root() -> Path:
@@ -232,6 +233,35 @@ def _load_bbc_news() -> datasets.Dataset:
             "label": datasets.ClassLabel(names=names),
         }
     )
+    return datasets.Dataset.from_dict(rows, features=features)
+
+
+def _load_austen_books(words: int = PASSAGE_WORDS) -> datasets.Dataset:
+    """Which of the four bundled Austen novels a passage comes from: a second classification
+    corpus built from public, packaged text (not BBC News), 4 balanced classes.
+
+    Each book's paragraphs (`fedprune.data.texts`) are joined into one word stream and cut
+    into consecutive, non-overlapping passages of `words` words; every book contributes the
+    same number n of passages (n = the shortest book's count), evenly spaced through it, so
+    chance is 1/4. Labels = the sorted book names; "position" = the passage's index in its
+    book. Deterministic: identical on every machine and run.
+    """
+    from fedprune.data.texts import book_names, paragraphs, read_book  # texts imports us
+
+    names = book_names()
+    streams = {b: " ".join(paragraphs(read_book(b))).split() for b in names}
+    counts = {b: len(w) // words for b, w in streams.items()}
+    n = min(counts.values())
+    rows: dict[str, list] = {"text": [], "label": [], "position": []}
+    for label, book in enumerate(names):
+        for i in range(n):
+            at = i * counts[book] // n  # evenly spaced passage indices, ascending, distinct
+            rows["text"].append(" ".join(streams[book][at * words:(at + 1) * words]))
+            rows["label"].append(label)
+            rows["position"].append(at)
+    features = datasets.Features({"text": datasets.Value("string"),
+                                  "label": datasets.ClassLabel(names=names),
+                                  "position": datasets.Value("int32")})
     return datasets.Dataset.from_dict(rows, features=features)
 
 

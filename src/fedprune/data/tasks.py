@@ -473,6 +473,10 @@ TASKS: dict[str, TaskSpec] = {
         "bbc_news", ("classification",), ("accuracy",), ("train",),
         lambda split: load_source("bbc_news", split=split), None,
         "BBC News category classification (bundled)"),
+    "austen_books": TaskSpec(
+        "austen_books", ("classification",), ("accuracy",), ("train",),
+        lambda split: load_source("austen_books", split=split), None,
+        "which of four Austen novels a 50-word passage comes from (bundled)"),
     "bbc_headline": TaskSpec(
         "bbc_headline", _GENERATION, ROUGE_TYPES, ("train",), bbc_headline_rows, rouge,
         "BBC News article body -> headline (bundled)"),

@@ -78,6 +78,29 @@ def test_bbc_news_has_only_a_train_split() -> None:
         load_source("bbc_news", split="test")
 
 
+def test_austen_books_are_balanced_disjoint_passages_of_each_novel() -> None:
+    """Every passage is 50 consecutive words of its novel (checked against the raw book's
+    own whitespace split), the same count per novel, evenly spaced and non-overlapping."""
+    import gzip
+
+    ds = load_source("austen_books")
+    folder = Path(__file__).parents[1] / "src" / "fedprune" / "data" / "books"
+    books = sorted(p.name.removesuffix(".txt.gz") for p in folder.glob("*.txt.gz"))
+    assert "austen_books" in BUNDLED and ds.features["label"].names == books
+    words = {b: gzip.decompress((folder / f"{b}.txt.gz").read_bytes()).decode().split()
+             for b in books}
+    n = min(len(w) // 50 for w in words.values())
+    assert ds.num_rows == 4 * n and np.bincount(ds["label"]).tolist() == [n] * 4
+    for label, book in enumerate(books):
+        rows = ds.filter(lambda r, label=label: r["label"] == label)
+        at = np.asarray(rows["position"])
+        assert at[0] == 0 and np.all(np.diff(at) >= 1) and at[-1] < len(words[book]) // 50
+        for i in (0, 1, n // 2, n - 1):
+            assert rows[i]["text"].split() == words[book][50 * at[i]:50 * (at[i] + 1)]
+    with pytest.raises(DataError, match="split"):
+        load_source("austen_books", split="test")
+
+
 def test_local_csv_with_string_labels_maps_to_sorted_ints(tmp_path: Path) -> None:
     path = tmp_path / "reviews.csv"
     path.write_text("sentence,category,id\ngood film,pos,1\nawful,neg,2\nfine,neutral,3\n"

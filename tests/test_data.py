@@ -175,7 +175,7 @@ def test_hub_loaders_cover_the_papers_datasets() -> None:
     assert HUB_LOADERS["mnli"].text_pair_column == "hypothesis"
     assert HUB_LOADERS["xlsum"].config == "english"
     assert HUB_LOADERS["e2e_nlg"].target_column == "human_reference"
-    assert BUNDLED == {"bbc_news"}
+    assert BUNDLED == {"bbc_news", "austen_books"}
 
 
 # --- train / validation split ---------------------------------------------------------------

@@ -211,6 +211,14 @@ def test_cli_report(two_rounds):
     assert res.exit_code == 0 and "final_accuracy" in res.output
 
 
+def test_suite_header_names_every_seed_run():
+    from fedprune.report.suites import _seeds_phrase
+
+    rows = [{"cfg": {"run": {"seed": s}}} for s in (2, 0, 1, 0)]
+    assert _seeds_phrase(rows) == "seeds 0, 1, 2"
+    assert _seeds_phrase(rows[1:2]) == "seed 0"
+
+
 @pytest.mark.parametrize("name", ["ablation", "sparsity", "noniid", "table1", "robustness",
                                   "privacy", "peft", "tasks", "backbones"])
 def test_suite_smoke(tmp_path, name):
@@ -233,6 +241,8 @@ def test_suite_smoke(tmp_path, name):
               "privacy": "privacy.png", "peft": "peft.png", "tasks": "tasks.png"}.get(name)
     if figure:
         assert (tmp_path / name / figure).stat().st_size > 10_000
+    if name in ("ablation", "sparsity"):
+        assert "seed 0." in text
     if name == "table1":  # the ratio to B1: 1x on B1's row, "–" when no B1 row has run
         from fedprune.report.suites import REPORTS
 

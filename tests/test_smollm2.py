@@ -32,3 +32,19 @@ def test_smollm2_converts_exactly_and_describes_as_gqa_llama():
         out, want = model(ids, labels=ids), ref(ids, labels=ids)
     assert torch.allclose(out.logits, want.logits, atol=1e-4)
     assert 5 < torch.exp(out.loss).item() < 200  # a real language model on Austen
+
+
+def test_two_processes_converting_at_once_both_get_the_one_cached_folder(tmp_path):
+    # pytest workers convert into the same cache at the same time: neither may fail
+    import subprocess
+    import sys
+
+    code = ("import sys; from pathlib import Path; from fedprune.structure.model import "
+            "smollm2_path; print(smollm2_path(Path(sys.argv[1])))")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    results = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in results]
+    assert {out.strip() for out, _ in results} == {str(tmp_path / "smollm2-135m-instruct")}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["smollm2-135m-instruct"]

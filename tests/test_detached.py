@@ -190,5 +190,7 @@ def test_detached_needs_lora_and_importance_before_and_allows_scaffold():
         check("peft.method='ia3'")
     with pytest.raises(ConfigError, match=r"'after' needs method.aoh.mode='adapter': detached"):
         check("method.aoh.importance='after'")
-    with pytest.raises(ConfigError, match=r"'B' needs mode 'adapter': detached"):
+    with pytest.raises(ConfigError, match=r"`method.aoh.head_params` = 'B' with mode "
+                                          r"'detached'.*within q, k, v"):
         check("method.aoh.head_params='B'")
+    check("method.aoh.head_params='B'", "peft.target_modules=['q', 'v']")  # o trains nothing

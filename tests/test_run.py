@@ -241,8 +241,18 @@ def test_suite_smoke(tmp_path, name):
               "privacy": "privacy.png", "peft": "peft.png", "tasks": "tasks.png"}.get(name)
     if figure:
         assert (tmp_path / name / figure).stat().st_size > 10_000
-    if name in ("ablation", "sparsity"):
+    if name in ("ablation", "sparsity", "table1"):
         assert "seed 0." in text
+    if name == "ablation":  # each mode against B1 and against adapter mode; no B1, no B1 lines
+        from fedprune.report.suites import REPORTS
+
+        b1, adapter = text.split("Against AoH's adapter mode (AoH-loss-sel):")
+        assert b1.count("\n- ") == 8 and adapter.count("\n- ") == 5
+        top = [x for x in adapter.splitlines() if x.startswith("- AoH-loss-sel-top")]
+        assert len(top) == 3 and all(float(x.split("upload ")[1].split("x")[0]) > 1 for x in top)
+        two = [v for v in SUITES[name]() if v.label in ("AoH-loss-sel", "AoH-loss-sel-top1")]
+        alone = REPORTS[name](tmp_path / name, two).read_text()
+        assert "Against B1" not in alone and "- AoH-loss-sel-top1: upload" in alone
     if name == "table1":  # the ratio to B1: 1x on B1's row, "–" when no B1 row has run
         from fedprune.report.suites import REPORTS
 
@@ -296,15 +306,17 @@ def test_suite_smoke(tmp_path, name):
 
 
 def test_sparsity_suite_resolves_on_the_paper_preset():
-    # the preset maps B rows only (P = {B}), which structural mode refuses; LoRA on q and v
-    # trains nothing on o, so the structural runs' 'AB' is the same head map
+    # the preset maps B rows only (P = {B}); structural mode takes that where nothing on o
+    # trains (LoRA on q and v), and scores heads before training
+    from fedprune.methods import METHODS
     from fedprune.sim.suites import sparsity, variant_config
 
     for v in sparsity():
         cfg = variant_config(ROOT / "configs/paper_table1.toml", [], v)
+        METHODS["aoh"].check(cfg)
         aoh = cfg.method.own
-        assert (aoh.mode, aoh.head_params) == (("structural", "AB") if "structural" in v.label
-                                               else ("adapter", "B"))
+        assert (aoh.mode, aoh.importance, aoh.head_params) == (
+            ("structural", "before", "B") if "structural" in v.label else ("adapter", "after", "B"))
 
 
 def test_optimizers_suite_smoke_report(tmp_path):

@@ -26,7 +26,9 @@ attention keys and values read the encoder output, which always carries one. Tra
 per `peft.method`: LoRA's A and B; every one ('full'); the task head always (a classifier; an
 LM head only under 'full'). H_l is the number of kept heads in `structural` mode and all heads
 otherwise (adapter mode still runs every head; `detached` mode runs every head forward, but
-only the kept heads' q/k/v rows and o columns backward: ``grad_heads``). Non-matmul work
+only the kept heads' q/k/v rows and o columns backward: ``grad_heads``). Under AoH's
+`top_layers` the LoRA of the lowest ``frozen_layers`` layers computes but does not train, so
+the stream carries no gradient below the first trained layer. Non-matmul work
 (softmax, norms, activations, IA3's scalings, T5's position biases) is left out;
 FlopCounterMode counts the same matmuls — exactly equal on tiny models of every family and
 method (tests/test_peft.py, test_prefix.py, test_detached.py) — except that
@@ -81,7 +83,13 @@ class _Count:
 
     def __init__(self, arch: Arch, b: int) -> None:
         self.arch, self.b, self.full = arch, b, arch.method == "full"
-        self.lora = set(arch.lora_targets) if arch.method == "lora" else set()
+        self.targets = set(arch.lora_targets) if arch.method == "lora" else set()
+        self.lora, self.frozen_lora = self.targets, set()  # the current layer's LoRA
+
+    def layer(self, trains: bool) -> None:
+        """The next layer's LoRA trains, or only computes (below AoH's ``top_layers``)."""
+        self.lora, self.frozen_lora = ((self.targets, set()) if trains
+                                       else (set(), self.targets))
 
     def linear(self, n: int, i: int, o: int, input_grad: bool, name: str,
                i_grad: int | None = None, o_grad: int | None = None) -> float:
@@ -93,6 +101,8 @@ class _Count:
         if name in self.lora:  # both LoRA weights train; B's input always needs a gradient
             r = self.arch.lora_r
             f += 2 * n * r * o * 3 + 2 * n * i * r * (2 + input_grad)
+        elif name in self.frozen_lora:  # forward; the input gradient if the stream needs one
+            f += 2 * n * self.arch.lora_r * (i + o) * (1 + input_grad)
         return f
 
     def attention(self, heads: int, head_dim: int, t_q: int, t_k: int, x_grad: bool,
@@ -111,7 +121,7 @@ class _Count:
             fused = bool(lora & set("qkv")) or a.method == "ia3"
             g = {p: x_grad or full or fused or (p != "q" and trained_kv) for p in "qkv"}
             f = self.linear(b * t_q, a.hidden, q + 2 * kv, x_grad,
-                            "q" if lora & set("qkv") else "", o_grad=q_g + 2 * kv_g)
+                            "q" if self.targets & set("qkv") else "", o_grad=q_g + 2 * kv_g)
         else:
             g = {"q": x_grad or full or "q" in lora,
                  **{p: src_grad or full or p in lora or trained_kv for p in "kv"}}
@@ -135,13 +145,15 @@ class _Count:
         return f, x_grad or hidden or self.full or "down" in self.lora
 
     def stack(self, heads: Sequence[int], head_dim: int, width: int, t: int, x_grad: bool,
-              t_src: int = 0, grad_heads: Sequence[tuple[int, int]] | None = None
-              ) -> tuple[float, bool]:
+              t_src: int = 0, grad_heads: Sequence[tuple[int, int]] | None = None,
+              frozen_layers: int = 0) -> tuple[float, bool]:
         """Layers of one stack on t positions (``t_src``: an encoder output of that length
-        to cross-attend to, taking ``heads`` as self, cross pairs)."""
+        to cross-attend to, taking ``heads`` as self, cross pairs); the LoRA of the first
+        ``frozen_layers`` layers does not train."""
         f, per = 0.0, 2 if t_src else 1
         grads = [None] * len(heads) if grad_heads is None else grad_heads
         for i in range(0, len(heads), per):
+            self.layer(i // per >= frozen_layers)
             g, x_grad = self.attention(heads[i], head_dim, t, t, x_grad, x_grad, grads[i])
             f += g
             if t_src:  # the encoder output trains whenever anything in the encoder does
@@ -154,14 +166,18 @@ class _Count:
 
 
 def train_ops(arch: Arch, heads_per_layer: Sequence[int], batches: Sequence[tuple[int, ...]],
-              grad_heads: Sequence[tuple[int, int]] | None = None) -> float:
+              grad_heads: Sequence[tuple[int, int]] | None = None, frozen_layers: int = 0
+              ) -> float:
     """Training FLOPs of local steps over ``batches`` of (batch size, padded length[,
     decoder length]) through the layers of ``heads_per_layer`` (computing heads of each
     attention module: fewer layers than the model's for a layer-dropped view).
     ``grad_heads``: per attention module, (query heads, KV heads) whose q/k/v rows and o
     columns take part in the backward (AoH's detached mode: the others are computed without
-    gradient); None: all."""
+    gradient); None: all. ``frozen_layers``: the LoRA of the lowest layers does not train (AoH's
+    ``top_layers``; a single-stack model), so no gradient flows below the first trained one."""
     a, total = arch, 0.0
+    if frozen_layers and a.encoder_layers:
+        raise ValueError("frozen_layers: only for a single-stack (encoder or decoder) model")
     prompt = a.virtual_tokens if a.method == "prompt" else 0
     inputs_train = a.method in ("prompt", "full")  # the first layer's input needs a gradient
     d, c = a.hidden, a.outputs
@@ -176,7 +192,7 @@ def train_ops(arch: Arch, heads_per_layer: Sequence[int], batches: Sequence[tupl
                                  grad_heads=None if grad_heads is None else grad_heads[e:])[0]
         else:
             total += count.stack(heads_per_layer, a.head_dim, a.ffn, t, inputs_train,
-                                 grad_heads=grad_heads)[0]
+                                 grad_heads=grad_heads, frozen_layers=frozen_layers)[0]
         if a.decoder:  # a score / LM head at every (decoder) position, prompt tokens included
             n = b * (dec[0] if a.encoder_layers else t)
             total += 2 * n * d * c * (2 + (not a.lm_head or a.method == "full"))

@@ -190,13 +190,15 @@ class Method:
         return {}
 
     def ops(self, heads_per_layer: list[int], stats: TrainStats,
-            grad_heads: list[tuple[int, int]] | None = None) -> dict[str, float]:
+            grad_heads: list[tuple[int, int]] | None = None, frozen_layers: int = 0
+            ) -> dict[str, float]:
         """Client metrics of the local steps: wall time, padding share, analytic training OPs
         (where a formula exists; `train_ops`) and the FlopCounterMode measurement (when
         run.count_flops)."""
         out = {"train_s": stats.seconds, "pad_fraction": stats.pad_fraction}
         if self.arch:
-            out["train_ops"] = train_ops(self.arch, heads_per_layer, stats.shapes, grad_heads)
+            out["train_ops"] = train_ops(self.arch, heads_per_layer, stats.shapes, grad_heads,
+                                         frozen_layers)
         if stats.flops is not None:
             out["train_flops_measured"] = stats.flops
         return out

@@ -12,7 +12,8 @@ head-mapped tensors (`owned_mean`); every other tensor weighs |D_c| (Eq. 5).
 from __future__ import annotations
 
 import time
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -53,6 +54,12 @@ class HeadPruningConfig(MethodOptions):
                            "paper's P = {B}, Sect. 3.1; o's A is then shared like q/k/v's A). "
                            "Same thing when nothing on o trains (LoRA on q and v, IA3).",
                            ("AB", "B"))
+    top_layers: int = opt(0, "Only heads of the top K layers can be kept, and nothing below "
+                          "them trains or is sent (their PEFT tensors stay frozen), so the "
+                          "backward pass stops at the lowest of the K; the forward stays the "
+                          "full model's. Eq. 7 ranks the K layers' heads and keeps as many "
+                          "as over the whole model (at most all K layers' heads). 0 = every "
+                          "layer. Mode 'adapter', LoRA, an encoder or a decoder.")
     share_cap: float = opt(1.0, "No client's share of any head's aggregation weight exceeds "
                            "this (water-filling over the head's owners each round, "
                            "core.robust.cap_shares; fewer than 1/cap owners weigh equally); "
@@ -63,10 +70,11 @@ class HeadPruningConfig(MethodOptions):
                      f"must be in [0, 1), got {self.sparsity}")
         self.require(0 < self.share_cap <= 1, "share_cap",
                      f"must be in (0, 1], got {self.share_cap}")
-        self.require(not (self.mode != "adapter" and self.head_params == "B"),
-                     "head_params", f"'B' needs mode 'adapter': {self.mode} mode slices pruned "
-                     f"heads' o columns out of the trained tensors, so o's LoRA A must be "
-                     f"split by head")
+        self.require(self.top_layers >= 0, "top_layers",
+                     f"must be >= 0 (0 = every layer), got {self.top_layers}")
+        self.require(not (self.top_layers and self.mode != "adapter"), "top_layers",
+                     f"needs mode 'adapter' (got {self.mode!r}): the layers below train "
+                     f"nothing, the top ones train as in adapter mode")
 
 
 def eq7_keep(scores: dict[str, torch.Tensor], sparsity: float, scope: str
@@ -78,6 +86,21 @@ def eq7_keep(scores: dict[str, torch.Tensor], sparsity: float, scope: str
                 for p, a in scores.items()}
     threshold = torch.quantile(torch.cat(list(scores.values())).double(), sparsity)
     return {p: a >= threshold.to(a.dtype) for p, a in scores.items()}
+
+
+@contextmanager
+def frozen_outside(every: dict[str, torch.nn.Parameter], trained: dict[str, torch.nn.Parameter]
+                   ) -> Iterator[None]:
+    """The parameters of ``every`` not in ``trained`` need no gradient while inside, so
+    autograd records nothing below the lowest trained layer."""
+    rest = [p for k, p in every.items() if k not in trained and p.requires_grad]
+    for p in rest:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in rest:
+            p.requires_grad_(True)
 
 
 def kept_index(mask: torch.Tensor, dim: int) -> torch.Tensor:
@@ -105,6 +128,45 @@ class HeadPruning(Method):
         self.key_shape = {k: tuple(n if i == d else 1 for i, n in enumerate(fed.initial[k].shape))
                           for k, d in self.key_dim.items()}
         self.n_heads = {a.path: a.n_heads for a in self.structure.attention}
+        self.frozen_layers, self.band, self.untrained = self._top_layers(fed)
+
+    def _top_layers(self, fed) -> tuple[int, set[str], set[str]]:
+        """`top_layers` K as (layers below the K, attention paths of the K, trainable keys
+        below the K): everything below stays frozen, unsent and out of the backward."""
+        k, stacks = self.options.top_layers, self.structure.layers
+        if not k:
+            return 0, set(self.n_heads), set()
+        where = f"`method.{self.name}.top_layers` = {k}"
+        if len(stacks) != 1:
+            raise ConfigError(f"{where}: an encoder-decoder has no single stack of layers to "
+                              "train the top of; use 0")
+        (layers,) = stacks.values()
+        if k > len(layers):
+            raise ConfigError(f"{where}: the model has {len(layers)} layers")
+        below = len(layers) - k
+        band = {a.path for a in self.structure.attention if a.layer >= below}
+        untrained = {key for key in fed.initial
+                     if any(key.startswith(path + ".") for path in layers[:below])}
+        return below, band, untrained
+
+    def kept(self, scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Eq. 7 over the heads that may train: with `top_layers`, heads below the band score
+        -1 (below any score, all >= 0), so a global quantile keeps as many heads as without
+        it, all in the band."""
+        m = self.options
+        if len(self.band) == len(self.n_heads):
+            return eq7_keep(scores, m.sparsity, m.scope)
+        ranked = {p: s if p in self.band else torch.full_like(s, -1.0) for p, s in scores.items()}
+        return {p: k & (p in self.band) for p, k in eq7_keep(ranked, m.sparsity, m.scope).items()}
+
+    def trained_params(self) -> dict[str, torch.nn.Parameter]:
+        """The live parameters that train this round (all but those below `top_layers`)."""
+        return {k: p for k, p in self.fed.params.items() if k not in self.untrained}
+
+    def expected_keys(self, client_id: int) -> set[str]:
+        """Every trainable tensor but the non-head-mapped ones below `top_layers` (never
+        sent; the head-mapped ones arrive with no kept rows)."""
+        return set(self.fed.initial) - (self.untrained - set(self.key_dim))
 
     # --- client side ---
     def scores(self, start: State, indices: np.ndarray, seed: int) -> dict[str, torch.Tensor]:
@@ -119,31 +181,37 @@ class HeadPruning(Method):
                   if self.importance == "before" else None)
         score_s = time.perf_counter() - t0
         if m.mode == "structural":
-            keep = structural_keep(self.structure, eq7_keep(scores, m.sparsity, m.scope))
+            keep = structural_keep(self.structure, self.kept(scores))
             with structural_view(fed.model, self.structure, keep) as view:
                 stats = local_train(fed.model, view.params, fed.train_rows, indices,
                                     fed.collate, self.spec, seed, count_flops=self.count_flops)
                 local = view.scatter(start)
         elif scores is not None:  # adapter / detached mode: pruned slices frozen
-            keep = eq7_keep(scores, m.sparsity, m.scope)
-            frozen = {k: ~v for k, v in unit_mask(self.units, keep, start).items()}
+            keep = self.kept(scores)
+            params = self.trained_params()
+            frozen = {k: ~v for k, v in unit_mask(self.units, keep, start).items()
+                      if k in params}
             with (detached_heads(fed.model, self.structure, keep) if m.mode == "detached"
-                  else nullcontext()):
-                stats = local_train(fed.model, fed.params, fed.train_rows, indices, fed.collate,
+                  else frozen_outside(fed.params, params)):
+                stats = local_train(fed.model, params, fed.train_rows, indices, fed.collate,
                                     self.spec, seed, frozen=frozen,
                                     count_flops=self.count_flops)
             local = snapshot(fed.params)
-        else:  # importance after training: train everything, prune the upload
-            stats = local_train(fed.model, fed.params, fed.train_rows, indices, fed.collate,
-                                self.spec, seed, count_flops=self.count_flops)
+        else:  # importance after training: train everything (in the band), prune the upload
+            params = self.trained_params()
+            with frozen_outside(fed.params, params):
+                stats = local_train(fed.model, params, fed.train_rows, indices, fed.collate,
+                                    self.spec, seed, count_flops=self.count_flops)
             local = snapshot(fed.params)
             t0 = time.perf_counter()
             scores = self.noised(self.scores(local, indices, seed), seed)
             score_s = time.perf_counter() - t0
-            keep = eq7_keep(scores, m.sparsity, m.scope)
+            keep = self.kept(scores)
         masks = unit_mask(self.units, keep, start)
         delta = {}
         for key, value in local.items():
+            if key in self.untrained and key not in masks:
+                continue  # below `top_layers`: never trained, never sent
             d = value - start[key]
             delta[key] = d * masks[key] if key in masks else d  # pruned slices send nothing
         alpha = {p + ALPHA: torch.where(keep[p], scores[p], 0.0).float() for p in scores}
@@ -151,7 +219,8 @@ class HeadPruning(Method):
         ops = (self.ops([int(keep[a.path].sum()) for a in self.structure.attention], stats)
                if m.mode == "structural" else
                self.ops(everything, stats, detached_grad_heads(self.structure, keep))
-               if m.mode == "detached" else self.ops(everything, stats))
+               if m.mode == "detached" else
+               self.ops(everything, stats, frozen_layers=self.frozen_layers))
         metrics = {"score_s": score_s, **ops,
                    "kept_heads": float(sum(int(k.sum()) for k in keep.values()))}
         return LocalResult(delta, stats.loss, len(indices), alpha, metrics)
@@ -177,6 +246,16 @@ class HeadPruning(Method):
                               "prompt tuning has no head map to prune; set "
                               "`peft.prompt_head_chunks` = true for the AoH paper's d/H column "
                               "chunks, or choose another peft.method")
+        if (mode != "adapter" and cfg.method.own.head_params == "B"
+                and not (pm == "lora" and set(cfg.peft.target_modules) <= set("qkv"))):
+            raise ConfigError(f"`method.{cls.name}.head_params` = 'B' with mode {mode!r}: that "
+                              "mode slices pruned heads' o columns out of the trained tensors, "
+                              "so o's LoRA A must be split by head ('AB'); 'B' works where "
+                              "nothing on o trains (`peft.target_modules` within q, k, v)")
+        if cfg.method.own.top_layers and pm != "lora":
+            raise ConfigError(f"`method.{cls.name}.top_layers` with `peft.method` = {pm!r}: "
+                              "implemented for LoRA only so far (prompts and prefixes sit "
+                              "below every layer); use 0")
         if mode != "adapter" and pm != "lora":
             raise ConfigError(f"`method.{cls.name}.mode` = {mode!r} with `peft.method` = "
                               f"{pm!r}: mode {mode!r} is implemented for LoRA only so far; "
@@ -188,6 +267,10 @@ class HeadPruning(Method):
             return (f"`method.{cls.name}.mode` = 'structural' trains each round's kept heads "
                     f"as smaller tensors, but SCAFFOLD's control variates need trainables of "
                     f"one fixed shape; use mode 'adapter'")
+        if options.top_layers:
+            return (f"`method.{cls.name}.top_layers` = {options.top_layers} sends nothing of "
+                    f"the layers below, but SCAFFOLD's control variates cover every trainable "
+                    f"tensor; use top_layers = 0")
         return super().scaffold_unsupported(options)
 
     def trained_mask(self, result: LocalResult) -> State:

@@ -91,20 +91,29 @@ def _curves(suite_dir: Path, variants, path: Path, title: str) -> None:
     save_figure(fig, path)
 
 
+def _against(rows: list[dict], base: str, labels: tuple[str, ...], title: str) -> list[str]:
+    """Upload, OPs and accuracy of the rows whose label starts with one of ``labels`` against
+    the row labelled ``base`` (nothing when it has not run)."""
+    ref = next((r for r in rows if r["label"] == base), None)
+    lines = [f"- {r['label']}: upload {ref['kib_up'] / r['kib_up']:.2f}x smaller"
+             + (f", analytic training OPs {ref['gops'] / r['gops']:.2f}x smaller"
+                if r["gops"] else "")
+             + (f", measured FLOPs {ref['gflops'] / r['gflops']:.2f}x smaller"
+                if r["gflops"] else "")
+             + f", accuracy {100 * (r['final_accuracy'] - ref['final_accuracy']):+.1f} points"
+             for r in rows if ref is not None and r is not ref and r["label"].startswith(labels)]
+    return [title, *lines, ""] if lines else []
+
+
 def ablation_report(suite_dir: Path, variants) -> Path:
     rows = _rows(suite_dir, variants)
     _curves(suite_dir, variants, suite_dir / "accuracy_curves.png",
             "Ablation: accuracy over rounds (Fig. 3)")
-    b1 = rows[0]
-    ratios = [f"- {r['label']}: upload {b1['kib_up'] / r['kib_up']:.2f}x smaller than B1"
-              + (f", analytic training OPs {b1['gops'] / r['gops']:.2f}x smaller"
-                 if r["gops"] else "")
-              + (f", measured FLOPs {b1['gflops'] / r['gflops']:.2f}x smaller"
-                 if r["gflops"] else "")
-              + f", accuracy {100 * (r['final_accuracy'] - b1['final_accuracy']):+.1f} points"
-              for r in rows[1:]]
     text = [*_header("Ablation (paper Table 1)", rows), _table(rows, COLUMNS), "",
-            "Against B1 (FedAvg):", *ratios, "", "![accuracy curves](accuracy_curves.png)", ""]
+            *_against(rows, "B1-fedavg", ("",), "Against B1 (FedAvg):"),
+            *_against(rows, "AoH-loss-sel", ("AoH-loss-sel-",),
+                      "Against AoH's adapter mode (AoH-loss-sel):"),
+            "![accuracy curves](accuracy_curves.png)", ""]
     return _write(suite_dir, text)
 
 
@@ -728,7 +737,7 @@ def table1_report(suite_dir: Path, variants) -> Path:
     rounds_axis(ax)
     ax.legend(fontsize=8)
     save_figure(fig, suite_dir / "table1_curves.png")
-    text = [*_header("Table 1 at the paper's scale (configs/paper_table1.toml)", rows[:1]),
+    text = [*_header("Table 1 at the paper's scale (configs/paper_table1.toml)", rows),
             *table, "", "![accuracy curves](table1_curves.png)", "", _table(rows, COLUMNS), ""]
     return _write(suite_dir, text)
 

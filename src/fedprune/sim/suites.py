@@ -47,6 +47,8 @@ def ablation() -> list[Variant]:
         Variant("AoH-loss-sel", (*AOH, *s)),
         Variant("AoH-loss-sel-structural", (*AOH, *s, "method.aoh.mode='structural'")),
         Variant("AoH-loss-sel-detached", (*AOH, *s, "method.aoh.mode='detached'")),
+        *(Variant(f"AoH-loss-sel-top{k}", (*AOH, *s, f"method.aoh.top_layers={k}"))
+          for k in (1, 2, 3)),
     ]
 
 
@@ -67,11 +69,9 @@ def sparsity(seeds: tuple[int, ...] = SWEEP_SEEDS) -> list[Variant]:
     """Paper Fig. 4: AoH (loss selection) at s = 0, 50, 70, 90, 95 % in adapter mode and at
     50 - 95 % in structural mode (at 0 it is the adapter run), per seed (labels
     ``AoH-<mode>-<s %>-s<seed>``). Structural pruning needs the kept heads before training,
-    so its runs score heads before, whatever the base config says, and split o's LoRA A by
-    head too (the paper preset's P = {B} is the same thing there: it trains nothing on o)."""
+    so its runs score heads before, whatever the base config says."""
     modes = {"adapter": (), "structural": ("method.aoh.mode='structural'",
-                                           "method.aoh.importance='before'",
-                                           "method.aoh.head_params='AB'")}
+                                           "method.aoh.importance='before'")}
     return [Variant(f"AoH-{mode}-{round(100 * s):02d}-s{seed}",
                     (*AOH, f"method.aoh.sparsity={s}", *extra, f"run.seed={seed}"))
             for seed in seeds for mode, extra in modes.items()

@@ -118,18 +118,25 @@ def eager(model: torch.nn.Module) -> torch.nn.Module:
     return model.train()
 
 
-@pytest.mark.parametrize("family", ["bert", "llama", "gpt2", "bart", "t5"])
-def test_analytic_ops_equal_flop_counter(family):
-    """One training step with detached heads: `train_ops` with ``grad_heads`` = the kept
-    (query, KV) heads counts exactly FlopCounterMode's matmul FLOPs (forward every head;
-    backward the kept heads' projection input gradients, LoRA whole; GQA groups, GPT-2's
-    fused q/k/v, cross-attention): fewer than adapter mode's, more than structural mode's."""
+def counted_model(family: str) -> torch.nn.Module:
+    """A tiny LoRA model of ``family`` in eager attention (FlopCounterMode sees its products);
+    GPT-2 with Conv1D's fan-in-fan-out LoRA; BERT's classifier trains."""
     raw = tf.GPT2LMHeadModel(tf.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=100,
                                            n_positions=32)) if family == "gpt2" else None
     model = eager(with_lora(raw, fan_in_fan_out=True) if raw is not None else
                   FAMILIES[family]())
     if family == "bert":  # the classifier trains, as peft's modules_to_save makes it
         model.get_base_model().classifier.requires_grad_(True)
+    return model
+
+
+@pytest.mark.parametrize("family", ["bert", "llama", "gpt2", "bart", "t5"])
+def test_analytic_ops_equal_flop_counter(family):
+    """One training step with detached heads: `train_ops` with ``grad_heads`` = the kept
+    (query, KV) heads counts exactly FlopCounterMode's matmul FLOPs (forward every head;
+    backward the kept heads' projection input gradients, LoRA whole; GQA groups, GPT-2's
+    fused q/k/v, cross-attention): fewer than adapter mode's, more than structural mode's."""
+    model = counted_model(family)
     s = describe(model)
     keep = random_keep(s, 1)
     arch = model_arch(model, PeftConfig(method="lora", r=4))

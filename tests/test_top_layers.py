@@ -10,9 +10,8 @@ import dataclasses
 
 import pytest
 import torch
-import transformers as tf
-from test_detached import eager
-from test_heads import FAMILIES, IDS, with_lora
+from test_detached import counted_model
+from test_heads import FAMILIES, IDS
 from test_peft import assert_only_kept_heads_travel
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -33,12 +32,7 @@ def test_analytic_ops_equal_flop_counter(family):
     ``frozen_layers`` = 1 counts exactly FlopCounterMode's matmul FLOPs (the frozen layer's
     forward with its LoRA, no backward below the second layer), fewer than with every layer
     training; the frozen layer gets no gradient at all."""
-    raw = tf.GPT2LMHeadModel(tf.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=100,
-                                           n_positions=32)) if family == "gpt2" else None
-    model = eager(with_lora(raw, fan_in_fan_out=True) if raw is not None else
-                  FAMILIES[family]())
-    if family == "bert":  # the classifier trains, as peft's modules_to_save makes it
-        model.get_base_model().classifier.requires_grad_(True)
+    model = counted_model(family)
     s = describe(model)
     (layers,) = s.layers.values()
     assert len(layers) == 2

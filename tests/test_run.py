@@ -14,10 +14,12 @@ from fedprune.cli import app
 from fedprune.client.world import build
 from fedprune.config import ConfigError, load_config
 from fedprune.core.selection import History
+from fedprune.data import DataError
 from fedprune.methods import METHODS
 from fedprune.report.summary import summarize
 from fedprune.sim import runner
 from fedprune.sim.checkpoint import CheckpointError
+from fedprune.sim.suites import observe_importance
 from fedprune.structure.compute import resolve_device, resolve_dtype
 
 ROOT = __import__("pathlib").Path(__file__).parents[1]
@@ -419,3 +421,56 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(CheckpointError, match="checkpoint .*checkpoint.safetensors is corrupt"):
         runner.run(small_cfg(tmp_path, "federation.rounds=2"), run_dir, resume=True,
                    progress=False)
+
+
+@pytest.mark.parametrize("policy", ["random", "poisson", "loss", "pow-d"])
+def test_clients_without_data_are_never_selected(tmp_path, policy):
+    cfg = small_cfg(tmp_path, "federation.num_clients=8", "federation.clients_per_round=3",
+                    f"federation.selection='{policy}'")
+    sizes = np.array([5, 0, 7, 0, 0, 3, 9, 4])
+    held = np.flatnonzero(sizes)
+    losses = {0: 1.0, 2: 3.0, 5: 0.5, 6: 2.0, 7: 4.0, 1: 99.0}  # 1 can hold no loss: ignored
+    server = runner.ServerState(client_loss=losses, global_loss=0.2)
+    seen = set()
+    for rnd in range(1, 41):
+        chosen = runner.select_clients(cfg, sizes, server, rnd)
+        assert set(chosen) <= set(held.tolist()) and chosen == sorted(chosen)
+        seen |= set(chosen)
+        # the policy over the 5 clients that hold data, renumbered 0..4 and mapped back
+        sub = History(sizes[held], {j: losses[c] for j, c in enumerate(held)}, 0.2)
+        options = {"d": 0} if policy == "pow-d" else {}
+        direct = runner.SELECTORS[policy](rnd, sub, 3, cfg.run.seed, **options)
+        assert chosen == [int(held[j]) for j in direct]
+    if policy in ("loss", "pow-d"):  # by hand: the 3 highest L_c (- L_g) of 0, 2, 5, 6, 7
+        # (pow-d: d = min(5, 2K) draws every client that holds data)
+        assert seen == {7, 2, 6}
+    else:
+        assert seen == set(held.tolist())
+
+
+def test_selection_over_full_partitions_is_unchanged(tmp_path):
+    cfg = small_cfg(tmp_path, "federation.num_clients=8", "federation.clients_per_round=3")
+    sizes = np.arange(1, 9)
+    server = runner.ServerState()
+    for rnd in range(1, 6):
+        assert (runner.select_clients(cfg, sizes, server, rnd)
+                == runner.SELECTORS["random"](rnd, History(sizes), 3, cfg.run.seed))
+
+
+def test_aoh_runs_with_an_empty_client_and_refuses_too_few(tmp_path, caplog):
+    # Dirichlet at small alpha with min_partition_size = 0 leaves clients without data: AoH's
+    # importance (Eq. 6) has no sample there, so such a client must never be selected
+    cfg = small_cfg(tmp_path, "method.name='aoh'", "federation.clients_per_round=3",
+                    "federation.selection='loss'")
+    fed = METHODS["aoh"].world(cfg)
+    fed.client_indices[1] = fed.client_indices[1][:0]
+    run_dir = runner.run(cfg, tmp_path / "e", progress=False, fed=fed,
+                         observe=observe_importance)  # the noniid suite's observer
+    records = metrics(run_dir)
+    assert [r["selected"] for r in records] == [[0, 2, 3]] * 2 and not records[0]["rejected"]
+    assert list(records[0]["observed"]["alpha"]) == ["0", "2"]  # the two that hold data
+    assert "1 of 4 clients hold no training examples" in caplog.text
+    fed.client_indices[2] = fed.client_indices[2][:0]
+    with pytest.raises(DataError, match=r"only 2 of 4 clients hold training examples .*"
+                                        r"`federation.clients_per_round` = 3"):
+        runner.run(cfg, tmp_path / "f", progress=False, fed=fed)

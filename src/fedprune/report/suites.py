@@ -198,7 +198,8 @@ def noniid_report(suite_dir: Path, variants) -> Path:
     aoh = {p: [f"AoH-{p}-s{k[2]}" for k in keys if k[:2] == ("AoH", p)] for p in parts}
     dist = _importance_figure(suite_dir, {p: labels for p, labels in aoh.items() if labels})
     text = [*_header("Non-IID (paper Table 5, Fig. 5)", rows), *table, "",
-            ("Head importance (Eq. 6) of clients 0 and 1 on the global model every round, and "
+            ("Head importance (Eq. 6) of the two lowest-numbered clients that hold data (0 and "
+             "1 unless a partition left one empty) on the global model every round, and "
              "the Euclidean distance between them (mean over rounds and seeds): "
              + ", ".join(f"{p} {d:.3f}" for p, d in dist.items())), "",
             "![importance](importance.png)", "", _table(rows, COLUMNS), ""]
@@ -206,25 +207,27 @@ def noniid_report(suite_dir: Path, variants) -> Path:
 
 
 def _observed_alpha(run_dir: Path) -> dict[str, np.ndarray]:
-    """client -> [n_heads, rounds] importance logged by the suite's observer."""
+    """The two observed clients' ids -> [n_heads, rounds] importance logged by the suite's
+    observer, in client-id order."""
     recs = [r for r in read_metrics(run_dir) if "observed" in r]
-    return {c: np.array([r["observed"]["alpha"][c] for r in recs]).T for c in ("0", "1")}
+    return {c: np.array([r["observed"]["alpha"][c] for r in recs]).T
+            for c in recs[0]["observed"]["alpha"]}
 
 
 def _importance_figure(suite_dir: Path, runs: dict[str, list[str]]) -> dict[str, float]:
-    """Heatmaps of clients 0 and 1 (first run of the first and the last partition of `runs`:
-    partition -> AoH run labels) and their distance; returns the mean distance over rounds
-    and runs for every partition."""
+    """Heatmaps of the two observed clients (first run of the first and the last partition
+    of `runs`: partition -> AoH run labels) and their distance; returns the mean distance
+    over rounds and runs for every partition."""
     alpha = {p: [_observed_alpha(suite_dir / label) for label in labels]
              for p, labels in runs.items()}
-    dist = {p: [np.linalg.norm(a["0"] - a["1"], axis=0) for a in runs_alpha]
+    dist = {p: [np.linalg.norm(np.subtract(*a.values()), axis=0) for a in runs_alpha]
             for p, runs_alpha in alpha.items()}
     parts = list(runs)
     shown = [parts[0], parts[-1]]
     fig, axes = plt.subplots(2, 3, figsize=(15, 7))
-    vmax = max(alpha[p][0][c].max() for p in shown for c in ("0", "1"))
+    vmax = max(a.max() for p in shown for a in alpha[p][0].values())
     for row, part in enumerate(shown):
-        for col, c in enumerate(("0", "1")):
+        for col, c in enumerate(alpha[part][0]):
             heads, rounds = alpha[part][0][c].shape
             im = axes[row, col].imshow(alpha[part][0][c], aspect="auto", vmin=0, vmax=vmax,
                                        cmap="viridis", interpolation="nearest",
@@ -234,7 +237,8 @@ def _importance_figure(suite_dir: Path, runs: dict[str, list[str]]) -> dict[str,
             fig.colorbar(im, ax=axes[row, col])
         for label, d in zip(runs[part], dist[part], strict=True):
             axes[row, 2].plot(range(1, len(d) + 1), d, marker=".", label=label)
-        axes[row, 2].set(title=f"{part}: ||alpha_0 - alpha_1||", xlabel="round")
+        axes[row, 2].set(title=f"{part}: ||alpha_a - alpha_b|| of the two clients",
+                         xlabel="round")
         axes[row, 2].grid(alpha=0.3)
         axes[row, 2].legend(fontsize=7)
     fig.suptitle("Head importance over rounds, IID vs non-IID (Fig. 5)")

@@ -42,7 +42,7 @@ from fedprune.core.selection import SELECTORS, History, round_rng
 from fedprune.core.server_opt import PREFIX as OPT_PREFIX
 from fedprune.core.server_opt import ServerOpt, server_step
 from fedprune.core.update import ClientUpdate, InvalidUpdate, State, validate_update
-from fedprune.data import partition_summary
+from fedprune.data import DataError, partition_summary
 from fedprune.environment import environment
 from fedprune.methods import METHODS, Method
 from fedprune.report.metrics import append_metrics, read_metrics, truncate_metrics, write_csv
@@ -253,9 +253,34 @@ def select_clients(cfg: ExperimentConfig, sizes: np.ndarray, server: ServerState
     """This round's client ids by the configured policy (``SELECTORS``) over the history the
     server holds: |D_c|, each client's last L_c, the last global loss L_g (Eq. 9)."""
     fc = cfg.federation
-    history = History(sizes, dict(server.client_loss), server.global_loss)
     options = {"d": fc.pow_d} if fc.selection == "pow-d" else {}
-    return SELECTORS[fc.selection](rnd, history, fc.clients_per_round, cfg.run.seed, **options)
+    ids = np.flatnonzero(sizes)  # a client with no training examples is never selected
+    if len(ids) == len(sizes):
+        history = History(sizes, dict(server.client_loss), server.global_loss)
+        return SELECTORS[fc.selection](rnd, history, fc.clients_per_round, cfg.run.seed,
+                                       **options)
+    # the policy over the clients that hold data, renumbered 0..len(ids)-1, mapped back
+    loss = {j: server.client_loss[int(c)] for j, c in enumerate(ids)
+            if int(c) in server.client_loss}
+    history = History(sizes[ids], loss, server.global_loss)
+    chosen = SELECTORS[fc.selection](rnd, history, fc.clients_per_round, cfg.run.seed,
+                                     **options)
+    return [int(ids[j]) for j in chosen]
+
+
+def eligible_clients(cfg: ExperimentConfig, sizes: np.ndarray) -> int:
+    """How many clients hold training examples (the population selection draws from);
+    DataError when fewer than `federation.clients_per_round`."""
+    held = int(np.count_nonzero(sizes))
+    if held < len(sizes):
+        log.warning("%d of %d clients hold no training examples (partition.scheme=%r); they "
+                    "are never selected", len(sizes) - held, len(sizes), cfg.partition.scheme)
+    if held < cfg.federation.clients_per_round:
+        raise DataError(f"only {held} of {len(sizes)} clients hold training examples "
+                        f"(partition.scheme={cfg.partition.scheme!r}, "
+                        f"min_partition_size={cfg.partition.min_partition_size}), fewer than "
+                        f"`federation.clients_per_round` = {cfg.federation.clients_per_round}")
+    return held
 
 
 def downlink(method: Method, fc: FederationConfig, state: State, moments: State, cid: int,
@@ -403,12 +428,13 @@ def run(cfg: ExperimentConfig, run_dir: Path | None = None, *, resume: bool = Fa
     kind.check(cfg)  # before anything is written or loaded
     prepare_run_dir(cfg, run_dir, resume)
     fed = kind.world(cfg) if fed is None else fed
+    sizes = np.array([len(ix) for ix in fed.client_indices])
+    held = eligible_clients(cfg, sizes)
     write_environment(fed, run_dir)
     write_partition(fed, run_dir)
     fc = cfg.federation
     method = kind(cfg, fed)
     state, server, moments = initial_state(method, run_dir, resume)
-    sizes = np.array([len(ix) for ix in fed.client_indices])
     bar = tqdm(range(server.round + 1, fc.rounds + 1), total=fc.rounds, initial=server.round,
                desc="rounds", disable=not progress)
     store = ControlStore(run_dir / "clients") if fc.scaffold else None  # clients' c_i
@@ -449,7 +475,7 @@ def run(cfg: ExperimentConfig, run_dir: Path | None = None, *, resume: bool = Fa
             record["aggregated"] = [u.client_id for u in aggregated]
         if cfg.dp.on:  # privacy spent after this round's release
             record["dp_epsilon"] = epsilon(cfg.dp.noise_multiplier,
-                                           fc.clients_per_round / fc.num_clients, rnd,
+                                           fc.clients_per_round / held, rnd,
                                            cfg.dp.delta)
         record.update(exchange.record)
         record["wall_s"] = time.perf_counter() - t0

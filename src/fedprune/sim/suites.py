@@ -421,14 +421,14 @@ SMOKE_VARIANTS: dict[str, Callable[[], list[Variant]]] = {
     "backbones": lambda: backbones({"minilm": ()}, (0.9,), ("t5-small",), (4, 2))}
 
 
-OBSERVED_CLIENTS = (0, 1)
-
-
 def observe_importance(rnd: int, state, method) -> dict:
-    """Eq. 6 importance of clients 0 and 1 on the current global model (before pruning)."""
+    """Eq. 6 importance, on the current global model (before pruning), of the two
+    lowest-numbered clients that hold data (0 and 1 unless a skewed partition left one
+    empty), keyed by client id."""
     fed = method.fed
+    observed = [c for c, ix in enumerate(fed.client_indices) if len(ix)][:2]
     out = {}
-    for cid in OBSERVED_CLIENTS:
+    for cid in observed:
         alpha = method.scores(state, fed.client_indices[cid], seed=cid)
         out[str(cid)] = [round(float(a), 6) for attn in method.structure.attention
                          for a in alpha[attn.path]]

@@ -181,7 +181,8 @@ class PartitionConfig(_Section):
                       "partitioners).", ("iid", "dirichlet", "shards"))
     alpha: float = opt(0.5, "Dirichlet concentration over labels (smaller = more skewed).")
     shards_per_client: int = opt(2, "Label-sorted shards per client for scheme 'shards'.")
-    min_partition_size: int = opt(1, "Smallest client dataset the Dirichlet sampler accepts.")
+    min_partition_size: int = opt(1, "Smallest client dataset the Dirichlet sampler accepts; "
+                                  "0 lets clients without data exist (never selected).")
 
     def validate(self) -> None:
         _check(self.alpha > 0, "partition.alpha", f"must be > 0, got {self.alpha}")

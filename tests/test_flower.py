@@ -15,6 +15,7 @@ import tomllib
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import tomli_w
 
@@ -89,28 +90,47 @@ def refuse_strangers(fed, tmp: Path) -> dict[str, tuple[int, str]]:
             for n in ("unregistered", "wrong-ca")}
 
 
+def kill_serverapp(flwr_run_proc) -> list[int]:
+    """SIGKILL every ServerApp process and the `flwr run` that streams its log (the stream
+    would wait ~1 min for the SuperLink to notice); returns the killed pids."""
+    killed = _serverapps()
+    for pid in killed:
+        os.kill(pid, signal.SIGKILL)
+    flwr_run_proc.kill()
+    flwr_run_proc.wait()
+    return killed
+
+
 @pytest.fixture(scope="module")
 def flower_run(tmp_path_factory, reference):
-    """The 2-client experiment on a TLS + SuperNode-auth federation, with a crash: the
-    ServerApp process is SIGKILLed as soon as round 1 is checkpointed, and a second `flwr run`
-    with `resume=true` continues the run directory on the same SuperNodes (issue 15 item 3 on
-    Flower). The tests below check that the result is the uninterrupted in-process run's.
-    Then, on the same federation, two SuperNodes that must be refused try to join."""
+    """The 2-client experiment on a TLS + SuperNode-auth federation, with two crashes (issue
+    15 item 3 on Flower): the ServerApp process is SIGKILLed inside round 1 (a seeded random
+    moment after the run directory is set up, while the SuperNodes load and train), then,
+    after a `flwr run` with `resume=true` (nothing checkpointed: it starts over), as soon as
+    round 1 is checkpointed; a third `flwr run` with `resume=true` continues the run directory
+    on the same SuperNodes. The tests below check that the result is the uninterrupted
+    in-process run's. Then, on the same federation, two SuperNodes that must be refused try
+    to join."""
     tmp = tmp_path_factory.mktemp("flower-tls")
     run_dir = tmp / "flower-run"
+    moment = np.random.default_rng(15).uniform(0.0, 0.5)  # s after partition.json
+    config = [run_config(reference.overrides, run_dir)]
+    resume = [config[0] + " resume=true"]
     with federation(tmp, 2, tls=True) as fed:
-        first = start_flwr_run(fed, [run_config(reference.overrides, run_dir)], name="first")
+        first = start_flwr_run(fed, config, name="first")
+        wait_for(lambda: (run_dir / "partition.json").is_file(), "the run directory",
+                 timeout=300)
+        time.sleep(moment)
+        killed = kill_serverapp(first)
+        assert killed and records(run_dir) == [], "the ServerApp was not killed in round 1"
+        second = start_flwr_run(fed, resume, name="second")
         # the checkpoint is written (atomically) after round 1's metrics line
         wait_for(lambda: (run_dir / "checkpoint.safetensors").is_file(),
                  "round 1 to be checkpointed", timeout=300)
-        killed = _serverapps()
-        for pid in killed:
-            os.kill(pid, signal.SIGKILL)
-        first.kill()  # its log stream would wait for the SuperLink to notice (~1 min)
-        first.wait()
+        killed = kill_serverapp(second)
         assert killed and len(records(run_dir)) == 1, "the ServerApp was not killed in round 2"
         assert not (run_dir / "global.safetensors").is_file()
-        log = flwr_run(fed, [run_config(reference.overrides, run_dir) + " resume=true"])
+        log = flwr_run(fed, resume)
         refused = refuse_strangers(fed, tmp)
         listed = flwr(fed.env, tmp, "supernode", "ls", "test")
         nodes = [fed.procs.log(f"supernode{i}") for i in range(2)]

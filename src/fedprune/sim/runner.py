@@ -251,17 +251,15 @@ def initial_state(method: Method, run_dir: Path, resume: bool
 def select_clients(cfg: ExperimentConfig, sizes: np.ndarray, server: ServerState,
                    rnd: int) -> list[int]:
     """This round's client ids by the configured policy (``SELECTORS``) over the history the
-    server holds: |D_c|, each client's last L_c, the last global loss L_g (Eq. 9)."""
+    server holds: |D_c|, each client's last L_c, the last global loss L_g (Eq. 9). A client
+    with no training examples is never selected: the policy sees only the clients that hold
+    data, renumbered 0..n-1 (the identity when all do), and its choice is mapped back."""
     fc = cfg.federation
     options = {"d": fc.pow_d} if fc.selection == "pow-d" else {}
-    ids = np.flatnonzero(sizes)  # a client with no training examples is never selected
-    if len(ids) == len(sizes):
-        history = History(sizes, dict(server.client_loss), server.global_loss)
-        return SELECTORS[fc.selection](rnd, history, fc.clients_per_round, cfg.run.seed,
-                                       **options)
-    # the policy over the clients that hold data, renumbered 0..len(ids)-1, mapped back
-    loss = {j: server.client_loss[int(c)] for j, c in enumerate(ids)
-            if int(c) in server.client_loss}
+    ids = np.flatnonzero(sizes)
+    position = np.full(len(sizes), -1)
+    position[ids] = np.arange(len(ids))
+    loss = {int(position[c]): v for c, v in server.client_loss.items() if position[c] >= 0}
     history = History(sizes[ids], loss, server.global_loss)
     chosen = SELECTORS[fc.selection](rnd, history, fc.clients_per_round, cfg.run.seed,
                                      **options)

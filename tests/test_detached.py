@@ -19,7 +19,6 @@ from test_peft import assert_only_kept_heads_travel
 from torch.utils.flop_counter import FlopCounterMode
 from transformers.pytorch_utils import Conv1D
 
-from fedprune.client.world import build
 from fedprune.config import ConfigError, MethodConfig, PeftConfig, load_config
 from fedprune.core.accounting import train_ops
 from fedprune.methods import METHODS, build_method
@@ -155,19 +154,11 @@ def test_analytic_ops_equal_flop_counter(family):
     assert structural < detached < train_ops(arch, every, [shape])
 
 
-@pytest.fixture(scope="module")
-def minilm(tmp_path_factory):
-    cfg = load_config(None, ["model.name='minilm'", "data.max_samples=120",
-                             "data.max_length=32", "federation.num_clients=3",
-                             f"data.cache_dir='{tmp_path_factory.mktemp('cache')}'"])
-    return cfg, build(cfg)
-
-
-def test_aoh_detached_round_on_minilm(minilm):
+def test_aoh_detached_round_on_minilm(minilm_world):
     """AoH at 75 %, mode 'detached', on the real MiniLM: 18 of 72 heads kept; only their slices
     move and travel; analytic OPs below adapter mode's, measured FLOPs equal to them within
     0.1 %."""
-    cfg, fed = minilm
+    cfg, fed = minilm_world
     results = {}
     for mode in ("adapter", "detached"):
         section = METHODS["aoh"].Config(sparsity=0.75, importance_samples=16, mode=mode)

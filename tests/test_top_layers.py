@@ -16,7 +16,6 @@ from test_peft import assert_only_kept_heads_travel
 from torch.utils.flop_counter import FlopCounterMode
 
 from fedprune.client.train import local_train, snapshot
-from fedprune.client.world import build
 from fedprune.config import ConfigError, MethodConfig, PeftConfig, load_config
 from fedprune.core.accounting import train_ops
 from fedprune.methods import METHODS, build_method
@@ -57,14 +56,6 @@ def test_analytic_ops_equal_flop_counter(family):
                   frozen_layers=1)
 
 
-@pytest.fixture(scope="module")
-def minilm(tmp_path_factory):
-    cfg = load_config(None, ["model.name='minilm'", "data.max_samples=120",
-                             "data.max_length=32", "federation.num_clients=3",
-                             f"data.cache_dir='{tmp_path_factory.mktemp('cache')}'"])
-    return cfg, build(cfg)
-
-
 def aoh(cfg, fed, **options):
     section = METHODS["aoh"].Config(importance_samples=16, **options)
     run_cfg = dataclasses.replace(cfg, method=MethodConfig("aoh", {"aoh": section}),
@@ -73,12 +64,12 @@ def aoh(cfg, fed, **options):
     return run_cfg, build_method(run_cfg, fed)
 
 
-def test_kept_heads_lie_in_the_top_layers_as_many_as_without(minilm):
+def test_kept_heads_lie_in_the_top_layers_as_many_as_without(minilm_world):
     """MiniLM (6 layers x 12 heads), K = 2: global scope keeps the same number of heads as
     Eq. 7 over all 72 (here 18 at 75 %), the 18 best-scoring of the top 24; layer scope keeps
     each top layer's quantile and nothing below; with more kept than the band holds, all of
     the band."""
-    cfg, fed = minilm
+    cfg, fed = minilm_world
     scores = {a.path: torch.rand(a.n_heads, generator=torch.Generator().manual_seed(i))
               for i, a in enumerate(describe(fed.model).attention)}
     _, m = aoh(cfg, fed, sparsity=0.75, top_layers=2)
@@ -99,13 +90,13 @@ def test_kept_heads_lie_in_the_top_layers_as_many_as_without(minilm):
 
 
 @pytest.mark.parametrize("importance", ["before", "after"])
-def test_top_layers_round_on_minilm(minilm, importance):
+def test_top_layers_round_on_minilm(minilm_world, importance):
     """AoH at 90 %, K = 2, on the real MiniLM: 8 of 72 heads kept, all in layers 4-5; the
     kept slices equal adapter mode's with everything below layer 4 frozen by gradient masks
     (the same forward, exact gradients of what trains); below layer 4 nothing moves and only
     the head-mapped tensors travel (with no rows); analytic OPs = measured FLOPs, fewer than
     adapter mode's."""
-    cfg, fed = minilm
+    cfg, fed = minilm_world
     start = {k: v.clone() for k, v in fed.initial.items()}
     run_cfg, m = aoh(cfg, fed, sparsity=0.9, top_layers=2, importance=importance)
     res = m.local(start, 0, seed=3)
@@ -138,7 +129,7 @@ def test_top_layers_round_on_minilm(minilm, importance):
     assert ops["train_ops"] < 0.8 * adapter.local(start, 0, seed=3).metrics["train_ops"]
 
 
-def test_top_layers_is_refused_where_it_cannot_work(minilm):
+def test_top_layers_is_refused_where_it_cannot_work(minilm_world):
     def check(*overrides):
         METHODS["aoh"].check(load_config(None, ["method.name='aoh'", *overrides]))
 
@@ -153,7 +144,7 @@ def test_top_layers_is_refused_where_it_cannot_work(minilm):
     with pytest.raises(ConfigError, match=r"`method.aoh.top_layers` = 2 sends nothing.*"
                                           r"SCAFFOLD"):
         check("method.aoh.top_layers=2", "federation.scaffold=true")
-    cfg, fed = minilm
+    cfg, fed = minilm_world
     with pytest.raises(ConfigError, match=r"`method.aoh.top_layers` = 7: the model has 6 "
                                           r"layers"):
         aoh(cfg, fed, top_layers=7)

@@ -1,4 +1,4 @@
-"""Robust aggregation (core/robust.py): median, trimmed mean, Krum and Multi-Krum against
+"""Robust aggregation (core/robust.py): median, trimmed mean, Krum, Multi-Krum and Bulyan against
 Flower's own `flwr.server.strategy.aggregate` on the same inputs; the same rules over partial
 ownership (head rows, renamed layers) by hand; norm clipping; a real run; bad options."""
 
@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from flwr.server.strategy.aggregate import (
+    aggregate_bulyan,
     aggregate_krum,
     aggregate_median,
     aggregate_trimmed_avg,
@@ -17,7 +18,15 @@ from flwr.server.strategy.aggregate import (
 
 from fedprune.config import ConfigError, load_config
 from fedprune.core.aggregate import owned_mean
-from fedprune.core.robust import clip, krum_scores, krum_select, owner_statistic, update_norm
+from fedprune.core.robust import (
+    Combine,
+    bulyan_select,
+    clip,
+    krum_scores,
+    krum_select,
+    owner_statistic,
+    update_norm,
+)
 from fedprune.core.update import ClientUpdate
 from fedprune.sim import runner
 
@@ -41,16 +50,16 @@ def assert_state_equals(state, arrays):
 
 
 def test_median_equals_flowers():
-    ours = owned_mean(X, UPDATES, combine="median")
+    ours = owned_mean(X, UPDATES, combine=Combine("median"))
     assert_state_equals(ours, aggregate_median(flower_results(UPDATES)))
     odd = UPDATES[:5]
-    assert_state_equals(owned_mean(X, odd, combine="median"),
+    assert_state_equals(owned_mean(X, odd, combine=Combine("median")),
                         aggregate_median(flower_results(odd)))
 
 
 @pytest.mark.parametrize("trim", [0.0, 0.2, 0.34])
 def test_trimmed_mean_equals_flowers(trim):
-    ours = owned_mean(X, UPDATES, combine="trimmed_mean", trim=trim)
+    ours = owned_mean(X, UPDATES, combine=Combine("trimmed_mean", trim=trim))
     assert_state_equals(ours, aggregate_trimmed_avg(flower_results(UPDATES), trim))
 
 
@@ -63,6 +72,40 @@ def test_krum_and_multikrum_equal_flowers(f, keep):
     assert_state_equals(ours, theirs)
 
 
+def many_updates(n, outliers):
+    """n dense updates (float64, shapes of X); the ``outliers`` far off in both directions."""
+    gen = torch.Generator().manual_seed(n)
+    return [ClientUpdate(c, {k: torch.randn(v.shape, generator=gen, dtype=torch.float64)
+                             * (30.0 * (-1) ** c if c in outliers else 1.0)
+                             for k, v in X.items()}, 10 + c, 0.1) for c in range(n)]
+
+
+@pytest.mark.parametrize("n, f", [(7, 1), (10, 1), (11, 2), (15, 3)])
+def test_bulyan_equals_flowers(n, f):
+    ups = many_updates(n, outliers=set(range(1, 2 * f + 1, 2)) | {n - 1})
+    chosen = bulyan_select(ups, f)
+    assert len(chosen) == n - 2 * f
+    ours = owned_mean(X, chosen, combine=Combine("bulyan", f=f))
+    theirs = aggregate_bulyan(flower_results(ups), f, aggregate_krum, to_keep=0)
+    assert_state_equals(ours, theirs)
+
+
+def test_bulyan_by_hand():
+    """Five scalar updates 0, 1, 2, 3, 100, f = 1 (the bound 4f + 3 is the config's, not
+    the function's). Squared distances to the n - f - 2 = 2 nearest: scores 5, 2, 2, 5,
+    97² + 98², pick 1 (tie with 2: smaller id); over {0, 2, 3, 4} the 1 nearest: 4, 1, 1,
+    97², pick 2; over {0, 3, 4}: 9, 9, 97², pick 0. θ = n - 2f = 3 chosen {0, 1, 2}; their
+    median 1 and the β = θ - 2f = 1 value nearest it: 1."""
+    x = {"w": torch.zeros(1, dtype=torch.float64)}
+    ups = [ClientUpdate(c, {"w": torch.tensor([v], dtype=torch.float64)}, 1, 0.1)
+           for c, v in enumerate([0.0, 1.0, 2.0, 3.0, 100.0])]
+    chosen = bulyan_select(ups, 1)
+    assert [u.client_id for u in chosen] == [0, 1, 2]
+    assert owned_mean(x, chosen, combine=Combine("bulyan", f=1))["w"].item() == 1.0
+    # f = 0: every update picked, the mean of all k nearest the median = the plain mean
+    assert owned_mean(x, ups, combine=Combine("bulyan", f=0))["w"].item() == 106.0 / 5
+
+
 def test_rules_over_partial_ownership_by_hand():
     """Row weights as AoH's: client 0 owns rows 0, 1; client 1 rows 1, 2; client 2 rows 1, 2
     (its layer renamed onto 'w'); row 3 is owned by nobody."""
@@ -72,10 +115,14 @@ def test_rules_over_partial_ownership_by_hand():
     ups = [ClientUpdate(c, {"l": torch.tensor(v, dtype=torch.float64).view(4, 1)}, 1, 0.1,
                         weights={"l": torch.tensor(r, dtype=torch.float64).view(4, 1)},
                         keymap={"l": "w"}) for c, (r, v) in enumerate(zip(rows, values, strict=True))]
-    median = owned_mean(x, ups, combine="median")["w"].flatten().tolist()
+    median = owned_mean(x, ups, combine=Combine("median"))["w"].flatten().tolist()
     assert median == [1.0, 4.0, 6.0, 0.0]  # owners {0}, {0,1,2}, {1,2}, none (kept)
-    trimmed = owned_mean(x, ups, combine="trimmed_mean", trim=0.34)["w"].flatten().tolist()
-    assert trimmed == [1.0, 4.0, 6.0, 0.0]  # cut floor(0.34 k): 1 of 3 each end, 0 of 2
+    trimmed = owned_mean(x, ups, combine=Combine("trimmed_mean", trim=0.34))
+    assert trimmed["w"].flatten().tolist() == [1.0, 4.0, 6.0, 0.0]  # cut 1 of 3, 0 of 2
+    # Bulyan's combine, f = 1: beta = k - 2 = 1 of 3 owners (the median itself: 4); of 2
+    # owners also 1 (at least one): the nearer to their median 6 — a tie 5 / 7, the smaller
+    bulyan = owned_mean(x, ups, combine=Combine("bulyan", f=1))["w"].flatten().tolist()
+    assert bulyan == [1.0, 4.0, 5.0, 0.0]
     # the weights decide ownership only: importance 2 vs 3 does not tilt the median
     # Krum over the coordinates both clients own: d(0,1) = (2-4)^2 = 4, d(0,2) = 64,
     # d(1,2) = 36 + 4 = 40; n - f - 2 = 1 nearest: scores 4, 4, 40
@@ -86,7 +133,7 @@ def test_rules_over_partial_ownership_by_hand():
 def test_owner_statistic_of_no_owner_is_zero():
     d = torch.tensor([[1.0, 2.0], [3.0, 4.0]], dtype=torch.float64)
     own = torch.tensor([[True, False], [True, False]])
-    assert owner_statistic(d, own, "median").tolist() == [2.0, 0.0]
+    assert owner_statistic(d, own, Combine("median")).tolist() == [2.0, 0.0]
 
 
 def test_clip_by_hand():
@@ -105,7 +152,7 @@ SMALL = ["data.max_samples=160", "data.max_length=48", "federation.num_clients=4
          "method.aoh.importance_samples=8", "federation.rounds=1"]
 
 
-def test_multikrum_and_median_runs(tmp_path):
+def test_multikrum_median_and_bulyan_runs(tmp_path):
     def run(name, *extra):
         cfg = load_config(None, [*SMALL, f"data.cache_dir='{tmp_path / 'cache'}'", *extra])
         out = runner.run(cfg, tmp_path / name, progress=False)
@@ -114,6 +161,9 @@ def test_multikrum_and_median_runs(tmp_path):
     rec = run("mk", "federation.robust='multikrum'", "federation.robust_keep=2")
     assert len(rec["aggregated"]) == 2 and set(rec["aggregated"]) < set(rec["selected"])
     assert run("med", "federation.robust='median'", "federation.clip_norm=0.5")["accuracy"] > 0
+    rec = run("bulyan", "federation.robust='bulyan'", "federation.robust_f=1",
+              "federation.num_clients=7", "federation.clients_per_round=7")
+    assert len(rec["aggregated"]) == 5 and rec["accuracy"] > 0  # theta = n - 2f
 
 
 @pytest.mark.parametrize("bad, pattern", [
@@ -121,10 +171,12 @@ def test_multikrum_and_median_runs(tmp_path):
     ("federation.robust='krum'", r"krum needs federation.clients_per_round >= 2 f \+ 3 = 3"),
     ("federation.clip_norm=-1", "federation.clip_norm"),
     ("federation.robust='mode'", "federation.robust"),
+    ("federation.robust='bulyan'", r"bulyan needs f >= 1 and .* >= 4 f \+ 3 = 3"),
+    ("federation.robust='bulyan' federation.robust_f=1", r">= 4 f \+ 3 = 7 .* got f = 1 and 2"),
 ])
 def test_bad_options_name_the_option(bad, pattern):
     with pytest.raises(ConfigError, match=pattern):
-        load_config(None, [bad])
+        load_config(None, bad.split())
 
 
 def test_cap_shares_by_hand():

@@ -122,7 +122,7 @@ def suite(
               0.5 / 0.1, 3 seeds (126 runs, ~2 min each on 2 cores).
     robustness: FedAvg-LoRA, 20 clients / 10 per round, 20 % attackers: every [attack]
               (sign flip, scaling, noise, ALIE, IPM, label flip) under every robust rule
-              (mean, median, trimmed mean, Krum, Multi-Krum), and AoH under importance
+              (mean, median, trimmed mean, Krum, Multi-Krum, Bulyan), and AoH under importance
               inflation with and without capped, normalised head weights.
     privacy:  DP-FedAvg's accuracy against epsilon: FedAvg-LoRA and AoH at 90 %, 20
               clients, Poisson sampling of 10 per round, clipping 0.5, noise multipliers

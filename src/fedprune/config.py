@@ -234,12 +234,14 @@ class FederationConfig(_Section):
     robust: str = opt("none", "Byzantine-robust aggregation over each coordinate's owners "
                       "(core.robust): 'median' / 'trimmed_mean' (unweighted, in place of the "
                       "method's weighted mean), 'krum' / 'multikrum' (choose the updates the "
-                      "method then averages with its own weights).",
-                      ("none", "median", "trimmed_mean", "krum", "multikrum"))
+                      "method then averages with its own weights), 'bulyan' (El Mhamdi et "
+                      "al. 2018: n - 2f updates chosen by Krum one at a time, then per "
+                      "coordinate the mean of the n - 4f values nearest the median).",
+                      ("none", "median", "trimmed_mean", "krum", "multikrum", "bulyan"))
     robust_trim: float = opt(0.1, "trimmed_mean: fraction of each coordinate's owners cut at "
                              "each end, in [0, 0.5).")
-    robust_f: int = opt(0, "krum / multikrum: number of attackers f assumed among a round's "
-                        "updates (scores sum the n - f - 2 nearest).")
+    robust_f: int = opt(0, "krum / multikrum / bulyan: number of attackers f assumed among "
+                        "a round's updates (Krum scores sum the n - f - 2 nearest).")
     robust_keep: int = opt(0, "multikrum: updates kept; 0 = n - f.")
     clip_norm: float = opt(0.0, "Server-side clipping of each client's update to this L2 norm "
                            "(before any robust rule); 0 = off.")
@@ -279,6 +281,12 @@ class FederationConfig(_Section):
             _check(self.clients_per_round >= 2 * self.robust_f + 3, "federation.robust_f",
                    f"{self.robust} needs federation.clients_per_round >= 2 f + 3 = "
                    f"{2 * self.robust_f + 3}, got {self.clients_per_round}")
+        if self.robust == "bulyan":
+            _check(self.robust_f >= 1 and self.clients_per_round >= 4 * self.robust_f + 3,
+                   "federation.robust_f",
+                   f"bulyan needs f >= 1 and federation.clients_per_round >= 4 f + 3 = "
+                   f"{4 * self.robust_f + 3} (El Mhamdi et al.; Flower's check), got f = "
+                   f"{self.robust_f} and {self.clients_per_round}")
         _check(0 <= self.robust_keep <= self.clients_per_round, "federation.robust_keep",
                f"must be in [0, federation.clients_per_round], got {self.robust_keep}")
         _check(self.clip_norm >= 0, "federation.clip_norm",

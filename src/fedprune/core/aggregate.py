@@ -14,7 +14,7 @@ from typing import Literal
 
 import torch
 
-from fedprune.core.robust import owner_statistic
+from fedprune.core.robust import MEAN, Combine, owner_statistic
 from fedprune.core.update import ClientUpdate, State
 
 Empty = Literal["keep", "zero"]
@@ -22,7 +22,7 @@ Empty = Literal["keep", "zero"]
 
 def owned_mean(global_state: State, updates: Sequence[ClientUpdate], server_lr: float = 1.0,
                eps: float | Mapping[str, float] = 0.0, empty: Empty = "keep",
-               combine: str = "mean", trim: float = 0.0) -> State:
+               combine: Combine = MEAN) -> State:
     """For every global key g, over the updates that hold it (client-id order):
 
         g <- where(S > 0, g + eta * A / (S + eps), g  if empty == "keep" else 0)
@@ -31,9 +31,9 @@ def owned_mean(global_state: State, updates: Sequence[ClientUpdate], server_lr: 
     accumulated in float64 and cast back to g's dtype. A key no update holds keeps its value
     (whatever ``empty`` says: "zero" is for coordinates every owner pruned, FedSpaLLM).
     ``eps`` is one number or one per key (missing keys: 0). One key at a time, so the extra
-    memory is two float64 tensors of the largest key. ``combine`` = "median" /
-    "trimmed_mean" puts that statistic of the owners' deltas (w_c > 0; `core.robust`, with
-    ``trim``) in place of A / (S + eps). Inputs are never mutated.
+    memory is two float64 tensors of the largest key. A robust ``combine`` (median,
+    trimmed mean, Bulyan's; `core.robust`) puts that statistic of the owners' deltas (w_c > 0)
+    in place of A / (S + eps). Inputs are never mutated.
     """
     ordered = sorted(updates, key=lambda u: u.client_id)
     held = [u.local_keys() for u in ordered]  # global -> local key
@@ -47,7 +47,7 @@ def owned_mean(global_state: State, updates: Sequence[ClientUpdate], server_lr: 
             w = update.weight(local[key])
             w = w.double() if isinstance(w, torch.Tensor) else float(w)
             delta = update.delta[local[key]].double()
-            if combine != "mean":
+            if combine.rule != "mean":
                 deltas.append(delta)
                 owners.append(torch.as_tensor(w > 0).expand(delta.shape))
             term = w * delta
@@ -57,8 +57,8 @@ def owned_mean(global_state: State, updates: Sequence[ClientUpdate], server_lr: 
             new[key] = value.clone()
             continue
         e = eps.get(key, 0.0) if isinstance(eps, Mapping) else eps
-        step = (acc / (total + e) if combine == "mean" else
-                owner_statistic(torch.stack(deltas), torch.stack(owners), combine, trim))
+        step = (acc / (total + e) if combine.rule == "mean" else
+                owner_statistic(torch.stack(deltas), torch.stack(owners), combine))
         moved = value.double() + server_lr * step
         if isinstance(total, torch.Tensor) and not bool((total > 0).all()):
             fallback = value.double() if empty == "keep" else torch.zeros_like(moved)

@@ -24,6 +24,7 @@ from functools import partial
 import torch
 
 from fedprune.core.aggregate import owned_mean
+from fedprune.core.robust import MEAN, Combine
 from fedprune.core.threads import one_thread
 from fedprune.core.update import ClientUpdate, State
 
@@ -104,8 +105,7 @@ def _product_delta(delta: State, state: Mapping[str, torch.Tensor], local_a: str
 
 
 def product_mean(state: State, updates: Sequence[ClientUpdate], server_lr: float = 1.0,
-                 a_norm: float | Mapping[str, float] = 0.0, combine: str = "mean",
-                 trim: float = 0.0) -> State:
+                 a_norm: float | Mapping[str, float] = 0.0, combine: Combine = MEAN) -> State:
     """FlexLoRA-style aggregation of the LoRA modules of ``state`` (pairs by `lora_pairs`);
     every other key as `owned_mean`.
 
@@ -118,7 +118,7 @@ def product_mean(state: State, updates: Sequence[ClientUpdate], server_lr: float
     computed by `owned_mean` on the products as extra keys, then (B, A) <- refactor(W, r,
     a_norm) with r = A's rows; ``a_norm`` is one number or one per A key (missing: 0). A
     module no update holds keeps its A and B. An update holding only one of a module's two
-    tensors is an error (ValueError). ``combine`` / ``trim``: `owned_mean`'s robust rule."""
+    tensors is an error (ValueError). ``combine``: `owned_mean`'s robust rule."""
     pairs = lora_pairs(state)
     paired = {*pairs, *pairs.values()}
     views = []
@@ -149,7 +149,7 @@ def product_mean(state: State, updates: Sequence[ClientUpdate], server_lr: float
     if clash:
         raise ValueError(f"state already holds product keys {sorted(clash)[:2]}")
     extended = _Extended(state, current)
-    new = owned_mean(extended, views, server_lr, combine=combine, trim=trim)
+    new = owned_mean(extended, views, server_lr, combine=combine)
     for ga, gb in pairs.items():
         product = new.pop(PRODUCT.format(ga), None)
         if product is None:

@@ -29,7 +29,7 @@ from fedprune.client.train import (
 from fedprune.client.world import Federation, GenerationWorld, build
 from fedprune.config import PEFT_METHODS, ConfigError, MethodOptions
 from fedprune.core.accounting import train_ops
-from fedprune.core.robust import COMBINE
+from fedprune.core.robust import COMBINE, MEAN, Combine
 from fedprune.core.update import ClientUpdate, InvalidUpdate, State
 from fedprune.data.tasks import TASKS, generation_metrics
 from fedprune.structure.attention import describe
@@ -109,8 +109,8 @@ class Method:
         self.arch = model_arch(fed.model, cfg.peft)
         self.count_flops = cfg.run.count_flops
         # a robust combine rule in place of the weighted mean (core.robust), or "mean"
-        self.combine = f.robust if f.robust in COMBINE else "mean"
-        self.trim = f.robust_trim
+        self.combine = (Combine(f.robust, f.robust_trim, f.robust_f) if f.robust in COMBINE
+                        else MEAN)
 
     @classmethod
     def check(cls, cfg: ExperimentConfig) -> None:

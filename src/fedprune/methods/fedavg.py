@@ -35,4 +35,4 @@ class FedAvg(Method):
                            metrics=self.ops(heads, stats))
 
     def aggregate(self, state: State, updates: list[ClientUpdate], server_lr: float) -> State:
-        return owned_mean(state, updates, server_lr, combine=self.combine, trim=self.trim)
+        return owned_mean(state, updates, server_lr, combine=self.combine)

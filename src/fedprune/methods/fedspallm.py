@@ -323,12 +323,10 @@ class FedSpaLLM(Method):
             for key, w in u.delta.items():
                 w.sub_(state[key])
         if o.aggregation == "l0":
-            new = owned_mean(state, updates, server_lr, empty="zero", combine=self.combine,
-                             trim=self.trim)
+            new = owned_mean(state, updates, server_lr, empty="zero", combine=self.combine)
         else:  # baselines: every owner's pruned weights weigh |D_i|
             new = owned_mean(state, [ClientUpdate(u.client_id, u.delta, u.num_examples, u.loss)
-                                     for u in updates], server_lr, combine=self.combine,
-                             trim=self.trim)
+                                     for u in updates], server_lr, combine=self.combine)
         owned = sorted({k for u in updates for k in u.delta})
         for key in owned:
             holders = [u for u in updates if key in u.delta]

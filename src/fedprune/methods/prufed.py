@@ -447,9 +447,8 @@ class PruFed(Method):
         their keymaps); keys nobody sent keep their value. heteagg_product: per LoRA module
         the same mean of the products B_c A_c, refactored to rank r (core.lora)."""
         if self.options.aggregation == "heteagg_product":
-            return product_mean(state, updates, server_lr, self.a_norm, self.combine,
-                                self.trim)
-        return owned_mean(state, updates, server_lr, combine=self.combine, trim=self.trim)
+            return product_mean(state, updates, server_lr, self.a_norm, self.combine)
+        return owned_mean(state, updates, server_lr, combine=self.combine)
 
     def evaluate(self, state: State) -> dict[str, float]:
         """Per tier (its adapters on its kept layers) and for the full-depth model: response

@@ -37,7 +37,7 @@ from fedprune.client.world import Federation
 from fedprune.config import ConfigError, ExperimentConfig, FederationConfig, from_dict
 from fedprune.core.aggregate import ownership
 from fedprune.core.privacy import NOISE_STREAM, dp_mean, epsilon
-from fedprune.core.robust import FILTERS, clip, krum_select
+from fedprune.core.robust import FILTERS, bulyan_select, clip, krum_select
 from fedprune.core.selection import SELECTORS, History, round_rng
 from fedprune.core.server_opt import PREFIX as OPT_PREFIX
 from fedprune.core.server_opt import ServerOpt, server_step
@@ -343,9 +343,11 @@ def server_update(method: Method, cfg: ExperimentConfig, state: State,
 
 def robust_updates(fc: FederationConfig, valid: list[ClientUpdate]) -> list[ClientUpdate]:
     """The updates the server aggregates: each clipped to ``clip_norm`` (when set), then
-    Krum's / Multi-Krum's choice among them (``robust``; `core.robust`)."""
+    Krum's / Multi-Krum's / Bulyan's choice among them (``robust``; `core.robust`)."""
     out = [clip(u, fc.clip_norm) for u in valid] if fc.clip_norm else list(valid)
-    if fc.robust in FILTERS:
+    if fc.robust == "bulyan":
+        out = bulyan_select(out, fc.robust_f)
+    elif fc.robust in FILTERS:
         keep = 1 if fc.robust == "krum" else fc.robust_keep or max(1, len(out) - fc.robust_f)
         out = krum_select(out, fc.robust_f, keep)
     return out

@@ -46,20 +46,36 @@ def tiny_bart(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def worlds(tiny_llama, tiny_bart, tmp_path_factory):
+def tiny_t5(tmp_path_factory):
+    """A random T5 (encoder 2, decoder 1 layer, 4 heads of 8, relative position buckets)
+    with the MiniLM tokenizer."""
+    out = tmp_path_factory.mktemp("tiny-t5")
+    tok = tf.AutoTokenizer.from_pretrained(minilm_path())
+    torch.manual_seed(0)
+    tf.T5ForConditionalGeneration(tf.T5Config(
+        d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=1, num_heads=4,
+        vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.sep_token_id,
+        decoder_start_token_id=tok.cls_token_id)).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def worlds(tiny_llama, tiny_bart, tiny_t5, tmp_path_factory):
     """"llama" (a tiny GQA Llama with the SmolLM2 tokenizer: instruction tuning), "bart"
-    (seq2seq), "llama-prefix" (prefix tuning) -> (cfg, world) on bbc_headline, built once."""
+    (seq2seq), "<family>-prefix" (prefix tuning) -> (cfg, world) on bbc_headline, built
+    once."""
     cache, out = tmp_path_factory.mktemp("cache"), {}
 
     def world(name: str):
         if name not in out:
             family, _, peft = name.partition("-")
-            model = {"llama": tiny_llama, "bart": tiny_bart}[family]
+            model = {"llama": tiny_llama, "bart": tiny_bart, "t5": tiny_t5}[family]
             cfg = load_config(None, [f"model.name='{model}'",
                                      "data.task='bbc_headline'", f"data.cache_dir='{cache}'",
                                      "partition.scheme='dirichlet'", "partition.alpha=0.3",
                                      f"peft.method='{peft or 'lora'}'",
-                                     "peft.num_virtual_tokens=4", *SMALL])
+                                     "peft.num_virtual_tokens=16", *SMALL])
             out[name] = cfg, build(cfg)
         return out[name]
     return world
@@ -93,7 +109,7 @@ def test_causal_world_scores_the_responses_and_deals_rows_by_category(worlds):
     assert METHODS["aoh"].scoring("") == ({"eval_loss": False, "accuracy": True}, "accuracy")
 
 
-@pytest.mark.parametrize("name", ["llama", "llama-prefix", "bart"])
+@pytest.mark.parametrize("name", ["llama", "llama-prefix", "bart", "bart-prefix", "t5-prefix"])
 def test_analytic_ops_of_a_generation_model_match_flop_counter(worlds, name):
     """Instruction tuning of the tiny Llama (LoRA on q/k/v/o; prefix tuning, whose layer 0
     computes no query gradient) and seq2seq BART (its decoder length and cross-attention):
@@ -104,12 +120,14 @@ def test_analytic_ops_of_a_generation_model_match_flop_counter(worlds, name):
     assert_ops_match_flop_counter(m, fed, rel=1e-12)
 
 
-@pytest.mark.parametrize("name", ["llama", "bart", "llama-prefix"])
+@pytest.mark.parametrize("name", ["llama", "bart", "llama-prefix", "bart-prefix", "t5-prefix"])
 def test_aoh_prunes_heads_of_a_generation_model_and_sends_only_the_kept_ones(worlds, name):
     """AoH at 50 %: the kept heads' slices move and travel, the pruned ones do not — for the
     causal model's GQA self-attention (LoRA, and prefix tuning's per-KV-head prefixes, whose
     importance sees the prefix positions as keys) and the seq2seq model's encoder, decoder
-    and cross attention; the payload decodes to the same delta and is smaller."""
+    and cross attention (under prefix tuning its decoder self-attention only, the one peft's
+    seq2seq prefix reaches: Eq. 7 ranks just those heads); the payload decodes to the same
+    delta and is smaller."""
     cfg, fed = worlds(name)
     cfg = aoh(cfg)
     METHODS["aoh"].check(cfg)
@@ -119,16 +137,17 @@ def test_aoh_prunes_heads_of_a_generation_model_and_sends_only_the_kept_ones(wor
     cid = max(range(4), key=lambda c: len(fed.client_indices[c]))
     res = m.local({k: v.clone() for k, v in fed.initial.items()}, cid, seed=3)
     keep = assert_only_kept_heads_travel(m, res, cfg, fed, client_id=cid)
-    total = sum(a.n_heads for a in m.structure.attention)
+    attns = m.structure.attention
+    mapped = ([a for a in attns if a.stack == "decoder" and a.kind == "self"]
+              if name in ("bart-prefix", "t5-prefix") else attns)
+    assert m.mapped == {a.path for a in mapped}  # cross heads are mapped but under a prefix
+    total = sum(a.n_heads for a in mapped)
     assert sum(int(k.sum()) for k in keep.values()) == total // 2
-    kinds = {a.kind for a in m.structure.attention}
-    assert kinds == ({"self", "cross"} if name == "bart" else {"self"})
-    cross = [a.path for a in m.structure.attention if a.kind == "cross"]
-    assert all(any(u.path == p for u in m.units) for p in cross)  # cross heads are mapped
+    assert {a.kind for a in attns} == ({"self"} if name.startswith("llama") else {"self", "cross"})
     assert math.isfinite(res.loss) and res.metrics["kept_heads"] == total // 2
 
 
-@pytest.mark.parametrize("name", ["llama", "bart", "llama-prefix"])
+@pytest.mark.parametrize("name", ["llama", "bart", "llama-prefix", "bart-prefix", "t5-prefix"])
 def test_evaluation_is_response_perplexity_and_rouge_of_greedy_answers(worlds, name):
     """The method's metrics equal the same quantities computed apart: perplexity over all
     validation rows batched one by one, ROUGE of `generate`'s answers to the shown prompts."""
@@ -187,35 +206,43 @@ def test_a_federated_run_on_bbc_category_logs_exact_match_and_is_seeded(family, 
         (run_dir / "global.safetensors").read_bytes()
 
 
-def test_export_of_a_generation_run_is_a_causal_lm_adapter(tiny_llama, tmp_path):
-    """`fedprune export` of an AoH run on headlines: a LoRA adapter on AutoModelForCausalLM
-    whose logits are the run's global model's; the card names the task and that class."""
+@pytest.mark.parametrize("family, peft, auto", [
+    ("tiny_llama", "lora", "AutoModelForCausalLM"),
+    ("tiny_bart", "prefix", "AutoModelForSeq2SeqLM")])
+def test_export_of_a_generation_run_is_a_peft_adapter(family, peft, auto, request, tmp_path):
+    """`fedprune export` of an AoH run on headlines: a peft adapter (LoRA on the causal LM;
+    prefix tuning on BART, whose decoder self-attention alone takes the prefix) on the
+    task's Auto class whose logits are the run's global model's; the card names the task and
+    that class."""
     from peft import PeftModel
 
     from fedprune.client.train import load_state
     from fedprune.export import export_run
 
-    cfg = load_config(None, [f"model.name='{tiny_llama}'", "data.task='bbc_headline'", *SMALL,
+    model = request.getfixturevalue(family)
+    cfg = load_config(None, [f"model.name='{model}'", "data.task='bbc_headline'", *SMALL,
                              "federation.rounds=1", "federation.clients_per_round=2",
                              "method.name='aoh'", "method.aoh.sparsity=0.5",
+                             f"peft.method='{peft}'", "peft.num_virtual_tokens=4",
                              "model.compute_dtype='float32'", f"run.out_dir='{tmp_path}'",
                              "run.name='head'"])
     run_dir = runner.run(cfg, progress=False)
     (out,) = export_run(run_dir, tmp_path / "adapter")
     card = (out / "README.md").read_text()
-    assert "bbc_headline" in card and "AutoModelForCausalLM" in card
-    model = PeftModel.from_pretrained(tf.AutoModelForCausalLM.from_pretrained(tiny_llama),
-                                      out).eval()
+    assert "bbc_headline" in card and auto in card
+    model = PeftModel.from_pretrained(getattr(tf, auto).from_pretrained(model), out).eval()
     fed = build(cfg)
     load_state(fed.params, load_file(run_dir / "global.safetensors"))
+    assert any(not torch.equal(fed.params[k], v) for k, v in fed.initial.items())  # trained
     batch = fed.collate(fed.val_rows[:4])
-    batch.pop("labels")
+    if peft == "lora":
+        batch.pop("labels")
     with torch.no_grad():
         torch.testing.assert_close(model(**batch).logits, fed.model.eval()(**batch).logits,
                                    rtol=1e-5, atol=1e-5)
 
 
-def test_generation_task_config_errors(tiny_bart):
+def test_generation_task_config_errors():
     def check(*overrides):
         cfg = load_config(None, list(overrides))
         METHODS[cfg.method.name].check(cfg)
@@ -223,9 +250,6 @@ def test_generation_task_config_errors(tiny_bart):
     with pytest.raises(ConfigError, match=r"`data.task` = 'bbc_headline' with `method.name` = "
                                           r"'prufed'.*method.prufed"):
         check("method.name='prufed'", "data.task='bbc_headline'")
-    with pytest.raises(ConfigError, match=r"'prefix' with `model.name` = .*encoder-decoder"):
-        build(load_config(None, [f"model.name='{tiny_bart}'", "data.task='bbc_headline'",
-                                 "peft.method='prefix'", *SMALL]))
     with pytest.raises(ConfigError, match=r"'label_flip' with `data.task`"):
         check("method.name='aoh'", "data.task='bbc_headline'", "attack.kind='label_flip'",
               "attack.fraction=0.5")

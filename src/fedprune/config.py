@@ -103,8 +103,9 @@ class PeftConfig(_Section):
                       "al. 2021), 'prefix' (`peft.num_virtual_tokens` key/value prefixes in "
                       "every layer, without reparameterisation: P-tuning v2, Liu et al. 2022; "
                       "classifiers (added by fedprune's attention: model.attn_implementation "
-                      "'auto') and decoder-only models on a data.task (peft's cache); not "
-                      "encoder-decoders, whose caches peft 0.21's prefixes break), 'full' "
+                      "'auto'), decoder-only models on a data.task (peft's cache) and "
+                      "encoder-decoders on a data.task (peft's cache: the decoder's "
+                      "self-attention only)), 'full' "
                       "(every backbone weight: full fine-tuning). A "
                       "classifier's head is trained with each.", PEFT_METHODS)
     r: int = opt(16, "LoRA rank.")

@@ -122,11 +122,6 @@ def build_generation(cfg: ExperimentConfig) -> GenerationWorld:
     path = resolve(cfg.model.name, cache_dir(cfg))
     tokenizer = load_tokenizer(path)
     kind = "seq2seq" if AutoConfig.from_pretrained(path).is_encoder_decoder else "causal_lm"
-    if kind == "seq2seq" and cfg.peft.method == "prefix":
-        raise ConfigError(f"`peft.method` = 'prefix' with `model.name` = {cfg.model.name!r}: "
-                          f"peft 0.21's prefixes break transformers 5's encoder-decoder caches "
-                          f"(a shape error in the cross-attention); use a decoder-only model "
-                          f"or another peft.method")
     ds = load_task(d.task)
     if d.max_samples:
         ds = ds.shuffle(seed=cfg.run.seed).select(range(min(d.max_samples, len(ds))))

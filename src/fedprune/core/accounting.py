@@ -22,7 +22,9 @@ gradient is tracked through the residual stream: the embeddings are frozen (exce
 'prompt' and 'full'), so the first layer's q, k, v compute no input gradient and its Q, K, V
 need one only where something trains (LoRA on that projection, IA3's key and value scalings,
 the prefix's keys and values); from there on the stream carries one. A decoder's cross-
-attention keys and values read the encoder output, which always carries one. Trainable matmuls
+attention keys and values read the encoder output, which carries one when anything in the
+encoder trains. Prefix tuning reaches every self-attention of a one-stack model and only the
+decoder self-attention of an encoder-decoder (peft 0.21's seq2seq prefix). Trainable matmuls
 per `peft.method`: LoRA's A and B; every one ('full'); the task head always (a classifier; an
 LM head only under 'full'). H_l is the number of kept heads in `structural` mode and all heads
 otherwise (adapter mode still runs every head; `detached` mode runs every head forward, but
@@ -106,17 +108,19 @@ class _Count:
         return f
 
     def attention(self, heads: int, head_dim: int, t_q: int, t_k: int, x_grad: bool,
-                  src_grad: bool, grad_heads: tuple[int, int] | None = None
-                  ) -> tuple[float, bool]:
+                  src_grad: bool, grad_heads: tuple[int, int] | None = None,
+                  prefixed: bool = True) -> tuple[float, bool]:
         """Queries (and the residual) from the stream x, keys / values from src (x itself in
         self-attention); returns (FLOPs, whether the stream after it carries a gradient).
         ``grad_heads``: (query, KV) heads whose projections' input gradients are computed
-        (detached mode); None: all."""
+        (detached mode); None: all. ``prefixed``: prefix tuning's keys and values reach this
+        module (`ModelStructure.prefixed`)."""
         a, (b, full, lora) = self.arch, (self.b, self.full, self.lora)
         q = heads * head_dim
         kv = q * (a.kv_heads or a.heads) // a.heads
         q_g, kv_g = (q, kv) if grad_heads is None else (h * head_dim for h in grad_heads)
-        trained_kv = a.method in ("ia3", "prefix")  # IA3's scalings, the prefix's keys
+        prefix = a.method == "prefix" and prefixed
+        trained_kv = a.method == "ia3" or prefix  # IA3's scalings, the prefix's keys
         if a.fused_qkv:  # one matmul; LoRA (A: [d, r], B: [r, 3d]) and IA3 cover its output
             fused = bool(lora & set("qkv")) or a.method == "ia3"
             g = {p: x_grad or full or fused or (p != "q" and trained_kv) for p in "qkv"}
@@ -129,7 +133,7 @@ class _Count:
                 self.linear(b * t_k, a.hidden, kv, src_grad, p, o_grad=kv_g) for p in "kv")
         attn = any(g.values())  # the attention output carries a gradient
         f += self.linear(b * t_q, q, a.hidden, attn, "o", i_grad=q_g)
-        t_k += a.virtual_tokens if a.method == "prefix" else 0
+        t_k += a.virtual_tokens if prefix else 0
         product = 2 * b * heads * t_q * t_k * head_dim  # one of QK^T, P @ V
         # forward both; dP when Q or K needs a gradient; dQ, dK, dV as each needs one
         f += product * (2 + (g["q"] or g["k"]) + g["q"] + g["k"] + g["v"])
@@ -146,19 +150,23 @@ class _Count:
 
     def stack(self, heads: Sequence[int], head_dim: int, width: int, t: int, x_grad: bool,
               t_src: int = 0, grad_heads: Sequence[tuple[int, int]] | None = None,
-              frozen_layers: int = 0) -> tuple[float, bool]:
+              frozen_layers: int = 0, prefixed: bool = True, src_grad: bool = True
+              ) -> tuple[float, bool]:
         """Layers of one stack on t positions (``t_src``: an encoder output of that length
         to cross-attend to, taking ``heads`` as self, cross pairs); the LoRA of the first
-        ``frozen_layers`` layers does not train."""
+        ``frozen_layers`` layers does not train; ``prefixed``: its self-attention gets
+        prefix tuning's keys and values (never cross-attention); ``src_grad``: the encoder
+        output carries a gradient."""
         f, per = 0.0, 2 if t_src else 1
         grads = [None] * len(heads) if grad_heads is None else grad_heads
         for i in range(0, len(heads), per):
             self.layer(i // per >= frozen_layers)
-            g, x_grad = self.attention(heads[i], head_dim, t, t, x_grad, x_grad, grads[i])
+            g, x_grad = self.attention(heads[i], head_dim, t, t, x_grad, x_grad, grads[i],
+                                       prefixed)
             f += g
-            if t_src:  # the encoder output trains whenever anything in the encoder does
-                g, x_grad = self.attention(heads[i + 1], head_dim, t, t_src, x_grad, True,
-                                           grads[i + 1])
+            if t_src:
+                g, x_grad = self.attention(heads[i + 1], head_dim, t, t_src, x_grad, src_grad,
+                                           grads[i + 1], prefixed=False)
                 f += g
             g, x_grad = self.ffn(width, t, x_grad)
             f += g
@@ -185,11 +193,13 @@ def train_ops(arch: Arch, heads_per_layer: Sequence[int], batches: Sequence[tupl
         count, t = _Count(a, b), t + prompt
         if a.encoder_layers:
             e = a.encoder_layers
-            total += count.stack(heads_per_layer[:e], a.head_dim, a.ffn, t, inputs_train,
-                                 grad_heads=None if grad_heads is None else grad_heads[:e])[0]
-            total += count.stack(heads_per_layer[e:], a.dec_head_dim or a.head_dim,
-                                 a.dec_ffn or a.ffn, dec[0], a.method == "full", t_src=t,
-                                 grad_heads=None if grad_heads is None else grad_heads[e:])[0]
+            f, src_grad = count.stack(heads_per_layer[:e], a.head_dim, a.ffn, t, inputs_train,
+                                      grad_heads=None if grad_heads is None else grad_heads[:e],
+                                      prefixed=False)  # peft: the decoder's prefix only
+            total += f + count.stack(heads_per_layer[e:], a.dec_head_dim or a.head_dim,
+                                     a.dec_ffn or a.ffn, dec[0], a.method == "full", t_src=t,
+                                     grad_heads=None if grad_heads is None else grad_heads[e:],
+                                     src_grad=src_grad)[0]
         else:
             total += count.stack(heads_per_layer, a.head_dim, a.ffn, t, inputs_train,
                                  grad_heads=grad_heads, frozen_layers=frozen_layers)[0]

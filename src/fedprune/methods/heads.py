@@ -128,6 +128,7 @@ class HeadPruning(Method):
         self.key_shape = {k: tuple(n if i == d else 1 for i, n in enumerate(fed.initial[k].shape))
                           for k, d in self.key_dim.items()}
         self.n_heads = {a.path: a.n_heads for a in self.structure.attention}
+        self.mapped = {u.path for u in self.units}  # modules with trainable head slices
         self.frozen_layers, self.band, self.untrained = self._top_layers(fed)
 
     def _top_layers(self, fed) -> tuple[int, set[str], set[str]]:
@@ -150,14 +151,17 @@ class HeadPruning(Method):
         return below, band, untrained
 
     def kept(self, scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Eq. 7 over the heads that may train: with `top_layers`, heads below the band score
-        -1 (below any score, all >= 0), so a global quantile keeps as many heads as without
-        it, all in the band."""
+        """Eq. 7 over the heads that may train. Only modules with trainable head slices are
+        ranked (prefix tuning on an encoder-decoder: the decoder's self-attention; prompt
+        chunks: the first layer), the others keep nothing — so the sparsity is of the heads
+        that train. With `top_layers`, heads below the band score -1 (below any score, all
+        >= 0), so a global quantile keeps as many heads as without it, all in the band."""
         m = self.options
-        if len(self.band) == len(self.n_heads):
-            return eq7_keep(scores, m.sparsity, m.scope)
-        ranked = {p: s if p in self.band else torch.full_like(s, -1.0) for p, s in scores.items()}
-        return {p: k & (p in self.band) for p, k in eq7_keep(ranked, m.sparsity, m.scope).items()}
+        ranked = {p: s if p in self.band else torch.full_like(s, -1.0)
+                  for p, s in scores.items() if p in self.mapped}
+        keep = eq7_keep(ranked, m.sparsity, m.scope)
+        return {p: keep[p] & (p in self.band) if p in keep else torch.zeros_like(s, dtype=torch.bool)
+                for p, s in scores.items()}
 
     def trained_params(self) -> dict[str, torch.nn.Parameter]:
         """The live parameters that train this round (all but those below `top_layers`)."""
@@ -359,7 +363,7 @@ class HeadPruning(Method):
         if self.options.share_cap < 1:
             updates = self.capped(updates)
         return owned_mean(state, updates, server_lr, eps={k: self.eps for k in self.key_dim},
-                          combine=self.combine, trim=self.trim)
+                          combine=self.combine)
 
     def capped(self, updates: list[ClientUpdate]) -> list[ClientUpdate]:
         """The updates with every head-mapped tensor's slice weights lowered so that no

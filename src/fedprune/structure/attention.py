@@ -97,6 +97,16 @@ class ModelStructure:
         (peft's `fan_in_fan_out`)."""
         return self.family == "gpt2"
 
+    @property
+    def prefixed(self) -> tuple[AttentionModule, ...]:
+        """The attention modules prefix tuning gives keys and values, in order: every
+        self-attention of a one-stack model; an encoder-decoder's decoder self-attention
+        only (peft 0.21 hands its seq2seq prefix to the decoder's self-attention cache and
+        empties the cross-attention one; the encoder gets none)."""
+        two = len(self.layers) == 2
+        return tuple(a for a in self.attention
+                     if a.kind == "self" and (not two or a.stack == "decoder"))
+
 
 class UnsupportedModelError(ValueError):
     """The model's `config.model_type` is not one of the supported families."""

@@ -207,8 +207,10 @@ def _with_prompt_chunks(units: list[HeadUnit], params: Mapping[str, Tensor],
 
 def _with_prefix_heads(units: list[HeadUnit], params: Mapping[str, Tensor],
                        structure: ModelStructure) -> list[HeadUnit]:
-    """KV unit g of the l-th self-attention module (a decoder-only model's, or an encoder
-    classifier's, `structure.prefix`): its key and its value prefix columns in prefix tuning's [T_p, L * 2 * KV * d] embedding. peft views the
+    """KV unit g of the l-th prefixed attention module (`ModelStructure.prefixed`: a
+    decoder-only model's, an encoder classifier's (`structure.prefix`) or an encoder-decoder's
+    decoder self-attention): its key and its value prefix columns in prefix tuning's
+    [T_p, L * 2 * KV * d] embedding. peft views the
     embedding as [T_p, L * 2, KV, d] and hands layer l rows 2l (keys) and 2l + 1 (values) of
     the second axis as its cache, so the columns of (l, j, g) are (2l + j) * KV * d + g * d
     onward. The prefix is each KV head's own: a unit serves its query group (GQA)."""
@@ -216,8 +218,7 @@ def _with_prefix_heads(units: list[HeadUnit], params: Mapping[str, Tensor],
     if not keys:
         raise ValueError("prefix: no prefix-tuning embeddings among the trainables")
     assert not units, "prefix: other head-mapped tensors beside the prefix embeddings"
-    attns = structure.attention
-    assert all(a.kind == "self" for a in attns), "prefix: self-attention modules only"
+    attns = structure.prefixed
     width = attns[0].n_kv_heads * attns[0].head_dim  # one layer's keys (or values)
     for key in keys:
         assert params[key].shape[1] == len(attns) * 2 * width, \

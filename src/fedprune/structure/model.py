@@ -225,9 +225,10 @@ def apply_peft(model: torch.nn.Module, *, method: str, task: str, seed: int, r: 
                                     token_dim=model.get_input_embeddings().embedding_dim,
                                     num_attention_heads=structure.attention[0].n_heads)
     elif method == "prefix":
-        first = structure.attention[0]  # sizes given: peft misreads DistilBERT's config
+        first = structure.prefixed[0]  # sizes given: peft misreads DistilBERT's config and
+        # takes an encoder-decoder's encoder heads for its decoder's
         config = PrefixTuningConfig(task_type=task_type, num_virtual_tokens=num_virtual_tokens,
-                                    num_layers=len(structure.attention),
+                                    num_layers=len(structure.prefixed),
                                     num_attention_heads=first.n_kv_heads,
                                     token_dim=first.n_kv_heads * first.head_dim)
     else:

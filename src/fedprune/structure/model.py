@@ -197,9 +197,10 @@ def apply_peft(model: torch.nn.Module, *, method: str, task: str, seed: int, r: 
     * 'prompt': peft prompt tuning, `num_virtual_tokens` embeddings [T_p, d] prepended to the
       input embeddings, initialised from randomly sampled vocabulary embeddings.
     * 'prefix': peft prefix tuning without a reparameterisation MLP (P-tuning v2): one
-      [T_p, L * 2 * kv_heads * head_dim] embedding holding every layer's key and value
-      prefixes; peft's cache carries them in a causal LM, fedprune's attention in a
-      classifier (`structure.prefix`: peft cannot feed a classifier's forward).
+      [T_p, L * 2 * kv_heads * head_dim] embedding holding the key and value prefixes of
+      every prefixed layer (`ModelStructure.prefixed`); peft's cache carries them in a
+      causal LM and in an encoder-decoder's decoder, fedprune's attention in a classifier
+      (`structure.prefix`: peft cannot feed a classifier's forward).
     * 'full': no wrapper; every parameter trainable.
 
     The classification head is trainable in every case; random initialisation is from

@@ -72,6 +72,19 @@ def test_krum_and_multikrum_equal_flowers(f, keep):
     assert_state_equals(ours, theirs)
 
 
+def test_multikrum_then_median_is_flowers_median_of_the_kept():
+    """robust_then='median': Multi-Krum's choice (f = 1, keep 4 of 6: the outlier 4 and one
+    more out), then the coordinate-wise median of those — Flower's median of the same four."""
+    chosen = krum_select(UPDATES, 1, 4)
+    assert len(chosen) == 4 and 4 not in [u.client_id for u in chosen]
+    assert_state_equals(owned_mean(X, chosen, combine=Combine("median")),
+                        aggregate_median(flower_results(chosen)))
+    cfg = load_config(None, ["federation.clients_per_round=5", "federation.num_clients=5",
+                             "federation.robust='multikrum'", "federation.robust_f=1",
+                             "federation.robust_then='median'"])
+    assert cfg.federation.robust_then == "median"
+
+
 def many_updates(n, outliers):
     """n dense updates (float64, shapes of X); the ``outliers`` far off in both directions."""
     gen = torch.Generator().manual_seed(n)
@@ -171,6 +184,8 @@ def test_multikrum_median_and_bulyan_runs(tmp_path):
     ("federation.robust='krum'", r"krum needs federation.clients_per_round >= 2 f \+ 3 = 3"),
     ("federation.clip_norm=-1", "federation.clip_norm"),
     ("federation.robust='mode'", "federation.robust"),
+    ("federation.robust_then='median'", r"robust_then.*needs federation.robust = 'multikrum'"),
+    ("federation.robust_then='mode'", "federation.robust_then"),
     ("federation.robust='bulyan'", r"bulyan needs f >= 1 and .* >= 4 f \+ 3 = 3"),
     ("federation.robust='bulyan' federation.robust_f=1", r">= 4 f \+ 3 = 7 .* got f = 1 and 2"),
 ])

@@ -244,6 +244,10 @@ class FederationConfig(_Section):
     robust_f: int = opt(0, "krum / multikrum / bulyan: number of attackers f assumed among "
                         "a round's updates (Krum scores sum the n - f - 2 nearest).")
     robust_keep: int = opt(0, "multikrum: updates kept; 0 = n - f.")
+    robust_then: str = opt("mean", "multikrum: how the kept updates are combined — 'mean' "
+                           "(the method's weighted mean), 'median' or 'trimmed_mean' "
+                           "(robust_trim) over each coordinate's owners among them.",
+                           ("mean", "median", "trimmed_mean"))
     clip_norm: float = opt(0.0, "Server-side clipping of each client's update to this L2 norm "
                            "(before any robust rule); 0 = off.")
     selection: str = opt("random", "Client selection: 'random' (K distinct, uniformly); "
@@ -288,6 +292,9 @@ class FederationConfig(_Section):
                    f"bulyan needs f >= 1 and federation.clients_per_round >= 4 f + 3 = "
                    f"{4 * self.robust_f + 3} (El Mhamdi et al.; Flower's check), got f = "
                    f"{self.robust_f} and {self.clients_per_round}")
+        _check(self.robust_then == "mean" or self.robust == "multikrum",
+               "federation.robust_then", f"{self.robust_then!r} combines Multi-Krum's kept "
+               f"updates: needs federation.robust = 'multikrum', got {self.robust!r}")
         _check(0 <= self.robust_keep <= self.clients_per_round, "federation.robust_keep",
                f"must be in [0, federation.clients_per_round], got {self.robust_keep}")
         _check(self.clip_norm >= 0, "federation.clip_norm",

@@ -109,8 +109,8 @@ class Method:
         self.arch = model_arch(fed.model, cfg.peft)
         self.count_flops = cfg.run.count_flops
         # a robust combine rule in place of the weighted mean (core.robust), or "mean"
-        self.combine = (Combine(f.robust, f.robust_trim, f.robust_f) if f.robust in COMBINE
-                        else MEAN)
+        rule = f.robust if f.robust in COMBINE else f.robust_then
+        self.combine = Combine(rule, f.robust_trim, f.robust_f) if rule != "mean" else MEAN
 
     @classmethod
     def check(cls, cfg: ExperimentConfig) -> None:

@@ -124,8 +124,8 @@ def optimizers(seeds: tuple[int, ...] = OPTIMIZER_SEEDS) -> list[Variant]:
 # issue 15: FedAvg-LoRA on 20 clients / 10 per round with 20 % attackers, every attack under
 # every robust rule (f = 2 expected attackers per round; Multi-Krum keeps n - f = 8; trimmed
 # mean cuts 20 % at each end; Bulyan's bound n >= 4f + 3 allows f = 1 of 10: Krum keeps 8,
-# then per coordinate the mean of the 6 nearest the median; mkmedian: Multi-Krum's 8, then
-# their coordinate-wise median), against the clean run; AoH with importance inflation, plain
+# then per coordinate the mean of the 6 nearest the median; mkmedian / mktrimmed: Multi-Krum's
+# 8, then their coordinate-wise median / mean of the middle 4), against the clean run; AoH with importance inflation, plain
 # and with normalised, capped head weights.
 ATTACKS = ("clean", "sign_flip", "scaling", "noise", "alie", "ipm", "label_flip")
 DEFENCES = {"mean": (), "median": ("federation.robust='median'",),
@@ -134,7 +134,9 @@ DEFENCES = {"mean": (), "median": ("federation.robust='median'",),
             "multikrum": ("federation.robust='multikrum'", "federation.robust_f=2"),
             "bulyan": ("federation.robust='bulyan'", "federation.robust_f=1"),
             "mkmedian": ("federation.robust='multikrum'", "federation.robust_f=2",
-                         "federation.robust_then='median'")}
+                         "federation.robust_then='median'"),
+            "mktrimmed": ("federation.robust='multikrum'", "federation.robust_f=2",
+                          "federation.robust_then='trimmed_mean'", "federation.robust_trim=0.25")}
 ROBUST_BASE = ("federation.num_clients=20", "federation.clients_per_round=10",
                "attack.fraction=0.2", "run.count_flops=false")
 

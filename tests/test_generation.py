@@ -28,6 +28,10 @@ SMALL = ["data.max_samples=40", "data.max_length=48", "data.max_new_tokens=6",
          "federation.eval_batch_size=8"]
 
 
+# the generation worlds of `worlds`: two families under LoRA, three under prefix tuning
+WORLDS = ["llama", "bart", "llama-prefix", "bart-prefix", "t5-prefix"]
+
+
 @pytest.fixture(scope="module")
 def tiny_bart(tmp_path_factory):
     """A random BART (encoder 2 x 4 heads, decoder 1 x 2 self + 2 cross heads, d_model 32)
@@ -109,7 +113,7 @@ def test_causal_world_scores_the_responses_and_deals_rows_by_category(worlds):
     assert METHODS["aoh"].scoring("") == ({"eval_loss": False, "accuracy": True}, "accuracy")
 
 
-@pytest.mark.parametrize("name", ["llama", "llama-prefix", "bart", "bart-prefix", "t5-prefix"])
+@pytest.mark.parametrize("name", WORLDS)
 def test_analytic_ops_of_a_generation_model_match_flop_counter(worlds, name):
     """Instruction tuning of the tiny Llama (LoRA on q/k/v/o; prefix tuning, whose layer 0
     computes no query gradient) and seq2seq BART (its decoder length and cross-attention):
@@ -120,7 +124,7 @@ def test_analytic_ops_of_a_generation_model_match_flop_counter(worlds, name):
     assert_ops_match_flop_counter(m, fed, rel=1e-12)
 
 
-@pytest.mark.parametrize("name", ["llama", "bart", "llama-prefix", "bart-prefix", "t5-prefix"])
+@pytest.mark.parametrize("name", WORLDS)
 def test_aoh_prunes_heads_of_a_generation_model_and_sends_only_the_kept_ones(worlds, name):
     """AoH at 50 %: the kept heads' slices move and travel, the pruned ones do not — for the
     causal model's GQA self-attention (LoRA, and prefix tuning's per-KV-head prefixes, whose
@@ -147,7 +151,7 @@ def test_aoh_prunes_heads_of_a_generation_model_and_sends_only_the_kept_ones(wor
     assert math.isfinite(res.loss) and res.metrics["kept_heads"] == total // 2
 
 
-@pytest.mark.parametrize("name", ["llama", "bart", "llama-prefix", "bart-prefix", "t5-prefix"])
+@pytest.mark.parametrize("name", WORLDS)
 def test_evaluation_is_response_perplexity_and_rouge_of_greedy_answers(worlds, name):
     """The method's metrics equal the same quantities computed apart: perplexity over all
     validation rows batched one by one, ROUGE of `generate`'s answers to the shown prompts."""

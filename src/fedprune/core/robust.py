@@ -30,7 +30,6 @@ import torch
 
 from fedprune.core.update import ClientUpdate
 
-RULES = ("none", "median", "trimmed_mean", "krum", "multikrum", "bulyan")
 COMBINE = ("median", "trimmed_mean", "bulyan")
 FILTERS = ("krum", "multikrum", "bulyan")
 
@@ -61,9 +60,10 @@ def owner_statistic(deltas: torch.Tensor, owned: torch.Tensor,
     values = deltas.masked_fill(~owned, float("nan")).sort(dim=0).values  # NaN sort last
     values = values.nan_to_num(0.0)
     rank = torch.arange(deltas.shape[0]).view(-1, *([1] * (deltas.dim() - 1)))
-    lo = ((k - 1) // 2).clamp(min=0).unsqueeze(0)
-    hi = (k // 2).clamp(max=deltas.shape[0] - 1).unsqueeze(0)
-    median = (values.gather(0, lo) + values.gather(0, hi)).squeeze(0) / 2
+    if combine.rule in ("median", "bulyan"):
+        lo = ((k - 1) // 2).clamp(min=0).unsqueeze(0)
+        hi = (k // 2).clamp(max=deltas.shape[0] - 1).unsqueeze(0)
+        median = (values.gather(0, lo) + values.gather(0, hi)).squeeze(0) / 2
     if combine.rule == "median":
         out = median
     elif combine.rule == "trimmed_mean":

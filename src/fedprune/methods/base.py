@@ -108,7 +108,8 @@ class Method:
         self.structure = describe(fed.model)
         self.arch = model_arch(fed.model, cfg.peft)
         self.count_flops = cfg.run.count_flops
-        # a robust combine rule in place of the weighted mean (core.robust), or "mean"
+        # a robust combine rule in place of the weighted mean (core.robust): the rule's own,
+        # or Multi-Krum's robust_then; MEAN otherwise
         rule = f.robust if f.robust in COMBINE else f.robust_then
         self.combine = Combine(rule, f.robust_trim, f.robust_f) if rule != "mean" else MEAN
 

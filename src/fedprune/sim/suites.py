@@ -125,8 +125,8 @@ def optimizers(seeds: tuple[int, ...] = OPTIMIZER_SEEDS) -> list[Variant]:
 # every robust rule (f = 2 expected attackers per round; Multi-Krum keeps n - f = 8; trimmed
 # mean cuts 20 % at each end; Bulyan's bound n >= 4f + 3 allows f = 1 of 10: Krum keeps 8,
 # then per coordinate the mean of the 6 nearest the median; mkmedian / mktrimmed: Multi-Krum's
-# 8, then their coordinate-wise median / mean of the middle 4), against the clean run; AoH with importance inflation, plain
-# and with normalised, capped head weights.
+# 8, then their coordinate-wise median / mean of the middle 4), against the clean run; AoH
+# with importance inflation, plain and with normalised, capped head weights.
 ATTACKS = ("clean", "sign_flip", "scaling", "noise", "alie", "ipm", "label_flip")
 DEFENCES = {"mean": (), "median": ("federation.robust='median'",),
             "trimmed": ("federation.robust='trimmed_mean'", "federation.robust_trim=0.2"),

@@ -210,10 +210,9 @@ def _with_prefix_heads(units: list[HeadUnit], params: Mapping[str, Tensor],
     """KV unit g of the l-th prefixed attention module (`ModelStructure.prefixed`: a
     decoder-only model's, an encoder classifier's (`structure.prefix`) or an encoder-decoder's
     decoder self-attention): its key and its value prefix columns in prefix tuning's
-    [T_p, L * 2 * KV * d] embedding. peft views the
-    embedding as [T_p, L * 2, KV, d] and hands layer l rows 2l (keys) and 2l + 1 (values) of
-    the second axis as its cache, so the columns of (l, j, g) are (2l + j) * KV * d + g * d
-    onward. The prefix is each KV head's own: a unit serves its query group (GQA)."""
+    [T_p, L * 2 * KV * d] embedding. peft views the embedding as [T_p, L * 2, KV, d] and
+    hands layer l rows 2l (keys) and 2l + 1 (values) of the second axis as its cache, so the
+    columns of (l, j, g) are (2l + j) * KV * d + g * d onward. The prefix is each KV head's own: a unit serves its query group (GQA)."""
     keys = [k for k in params if _PROMPT.fullmatch(k)]
     if not keys:
         raise ValueError("prefix: no prefix-tuning embeddings among the trainables")

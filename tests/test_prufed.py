@@ -433,5 +433,26 @@ def test_prufed_suite_smoke_report(tiny_llama, tmp_path):
     assert f"{best} {geo[best]:,.2f}" in text
     assert "match or beat **centralized** (perplexity) in" in text
     assert "match or beat **alone (mean client)** (perplexity) in" in text
+    assert "match or beat **exclusive (federated within the tier only)** (perplexity)" in text
     for png in ("prufed_strategies.png", "prufed_counterparts.png"):
         assert (out / png).stat().st_size > 10_000, png
+
+
+def test_best_strategy_per_task_and_overall_by_hand():
+    from fedprune.report.suites import FED, PruFedResults, prufed_best_strategy
+
+    # perplexity of the PruFed tier models: (task, strategy) -> {keep: [seed 0, seed 1]}
+    ppl = {("head", "a"): {0.5: [10, 1000], 0.25: [100, 100]},   # seeds: geo 100; tiers: 100
+           ("head", "b"): {0.5: [200, 200], 0.25: [200, 200]},   # 200
+           ("cat", "a"): {0.5: [8, 8], 0.25: [8, 8]},            # 8
+           ("cat", "b"): {0.5: [2, 2], 0.25: [2, 2]}}            # 2
+    res = PruFedResults([{"task": t, "strategy": s, "keep": k, "role": FED, "seed": i,
+                          "perplexity": p, "score": None}
+                         for (t, s), by_keep in ppl.items() for k, ps in by_keep.items()
+                         for i, p in enumerate(ps)])
+    assert prufed_best_strategy(res, tasks=("head",)) == ("a", pytest.approx({"a": 100,
+                                                                             "b": 200}))
+    assert prufed_best_strategy(res, tasks=("cat",))[0] == "b"
+    # over both tasks: a = (100 * 8) ** 0.5 = 28.3, b = (200 * 2) ** 0.5 = 20
+    best, avg = prufed_best_strategy(res)
+    assert best == "b" and avg == pytest.approx({"a": math.sqrt(800), "b": 20.0})

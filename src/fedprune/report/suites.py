@@ -480,16 +480,18 @@ def _prufed_table(res: PruFedResults, task: str, metric: str, spec: str) -> list
     return lines
 
 
-def prufed_best_strategy(res: PruFedResults, metric: str = "perplexity"
+def prufed_best_strategy(res: PruFedResults, metric: str = "perplexity",
+                         tasks: Sequence[str] | None = None
                          ) -> tuple[str | None, dict[str, float]]:
     """The strategy whose PruFed tier models are best on average over the pruned tiers and
-    tasks (seeds averaged per cell first; perplexity through its log, i.e. a geometric
-    mean); only strategies with every (task, tier) cell count. Returns (best, strategy ->
-    its average)."""
+    ``tasks`` (default: all; seeds averaged per cell first; perplexity through its log, i.e.
+    a geometric mean); only strategies with every (task, tier) cell count. Returns (best,
+    strategy -> its average)."""
     higher = metric != "perplexity"
     avg = {}
     for strategy in res.strategies:
-        cells = [res.values(t, strategy, k, FED, metric) for t in res.tasks for k in res.keeps]
+        cells = [res.values(t, strategy, k, FED, metric) for t in (tasks or res.tasks)
+                 for k in res.keeps]
         if not cells or not all(cells):
             continue
         per = [np.mean(np.log(c)) if not higher else np.mean(c) for c in cells]
@@ -580,7 +582,14 @@ def prufed_report(suite_dir: Path, variants) -> Path:
         lines.append("- The poster's claim (top-alternate best on average): "
                      + ("holds here." if best == "top-alternate" else f"not reproduced here "
                         f"(best: {best})."))
-    for role, name in ((CENTRAL, "centralized"), (ALONE, "alone (mean client)")):
+    per_task = {t: prufed_best_strategy(res, tasks=(t,))[0] for t in res.tasks}
+    if len(res.tasks) > 1 and None not in per_task.values():
+        lines.append("- Best strategy per task (perplexity): "
+                     + ", ".join(f"{t}: **{s}**" for t, s in per_task.items())
+                     + " — the poster's claim that it depends on the task: "
+                     + ("holds here." if len(set(per_task.values())) > 1 else "not here."))
+    for role, name in ((CENTRAL, "centralized"), (ALONE, "alone (mean client)"),
+                       (EXCL, "exclusive (federated within the tier only)")):
         parts, all_ok, total = [], 0, 0
         for keep in [*res.keeps, 1.0]:
             verdicts = [(t, s, res.compare(t, s, keep, role)) for t in res.tasks

@@ -126,8 +126,11 @@ def optimizers(seeds: tuple[int, ...] = OPTIMIZER_SEEDS) -> list[Variant]:
 # mean cuts 20 % at each end; Bulyan's bound n >= 4f + 3 allows f = 1 of 10: Krum keeps 8,
 # then per coordinate the mean of the 6 nearest the median; mkmedian / mktrimmed: Multi-Krum's
 # 8, then their coordinate-wise median / mean of the middle 4), against the clean run; AoH
-# with importance inflation, plain and with normalised, capped head weights.
+# with importance inflation, plain and with normalised, capped head weights. Scaling is by 100:
+# by the default 10 (~2 of 10 updates per round) plain FedAvg dips mid-run but ends within a
+# point of clean, because a scaled honest update is only a longer step the right way.
 ATTACKS = ("clean", "sign_flip", "scaling", "noise", "alie", "ipm", "label_flip")
+ATTACK_OPTIONS = {"scaling": ("attack.scale=100.0",)}
 DEFENCES = {"mean": (), "median": ("federation.robust='median'",),
             "trimmed": ("federation.robust='trimmed_mean'", "federation.robust_trim=0.2"),
             "krum": ("federation.robust='krum'", "federation.robust_f=2"),
@@ -144,7 +147,7 @@ ROBUST_BASE = ("federation.num_clients=20", "federation.clients_per_round=10",
 def robustness() -> list[Variant]:
     """Issue 15: labels ``<method>-<attack>-<defence>``."""
     def attack(a: str) -> tuple[str, ...]:
-        return () if a == "clean" else (f"attack.kind='{a}'",)
+        return () if a == "clean" else (f"attack.kind='{a}'", *ATTACK_OPTIONS.get(a, ()))
 
     out = [Variant(f"FedAvg-{a}-{d}", (*ROBUST_BASE, "method.name='fedavg'", *attack(a), *o))
            for a in ATTACKS for d, o in DEFENCES.items()]
@@ -347,19 +350,14 @@ def prufed(strategies: tuple[str, ...] = PRUFED_STRATEGIES, tasks: tuple[str, ..
     depth.
 
     Every client trains in every round. Sizes: configs/prufed_suite.toml (8 clients x 4
-    examples, 5 rounds, two local steps per round, max_length 64, one torch thread).
-    Measured there (SmolLM2-135M, float32, one thread of a 2-core AMD EPYC shared with other
-    jobs, load 8-11, so an upper bound): one PruFed variant (4 tiers, evaluated every round)
-    884 s — local training of the 8 clients 82-143 s per round, evaluation of the 4 tier
-    models 58-80 s per round, ~80 s world building and report — and one untuned reference
-    137 s. Scaling those per-round figures by depth and clients (a full-depth client-round
-    ~19 s, a full-depth evaluation ~26 s, ~60 s overhead per variant): per strategy ~3,900 s
-    (PruFed 884, exclusive ~620, the three centralized tiers ~1,360, alone ~670, untuned
-    137, smallest ~270), per (task, seed) ~8.1 h with the two full-depth variants, so the
-    whole suite (2 tasks x 3 seeds x (7 x 8 + 2) = 348 variants) ~45-50 h in one process
-    there, ~half on two processes (`--only 'bbc_headline-*'` and `--only 'bbc_category-*'`
-    side by side, one core each), less on a quiet machine. Raise sizes only with that in
-    mind; the smoke path (`--smoke`: 2 strategies, 2 seeds, 4 clients, 1 round, tiny
+    examples, 5 rounds, two local steps per round, max_length 64). Measured (SmolLM2-135M,
+    bf16, one torch thread per process, two suite processes side by side on a 2-core AMD EPYC
+    Zen 4 with AVX512-BF16): 34-45 s per variant on average, ~75 s for a PruFed variant (4
+    tiers, evaluated every round), so one (task, seed) of 7 x 8 + 2 = 58 variants takes
+    ~35-43 min and the whole suite (2 tasks x 3 seeds = 348 variants) ~3.5 h on two processes
+    (`--only 'bbc_headline-s0-*'` beside `--only 'bbc_category-s0-*'`, and so on). In float32
+    on a loaded AVX2 EPYC (load 8-11) one PruFed variant took 884 s: there the suite takes
+    about a day. The smoke path (`--smoke`: 2 strategies, 2 seeds, 4 clients, 1 round, tiny
     sizes) is 72 variants of seconds each.
     """
     tiers = (1.0, *PRUFED_KEEP)

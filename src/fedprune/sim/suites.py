@@ -354,7 +354,7 @@ def prufed(strategies: tuple[str, ...] = PRUFED_STRATEGIES, tasks: tuple[str, ..
     bf16, one torch thread per process, two suite processes side by side on a 2-core AMD EPYC
     Zen 4 with AVX512-BF16): 34-45 s per variant on average, ~75 s for a PruFed variant (4
     tiers, evaluated every round), so one (task, seed) of 7 x 8 + 2 = 58 variants takes
-    ~35-43 min and the whole suite (2 tasks x 3 seeds = 348 variants) ~3.5 h on two processes
+    ~35-43 min and the whole suite (2 tasks x 3 seeds = 348 variants) took 2.4 h on two processes
     (`--only 'bbc_headline-s0-*'` beside `--only 'bbc_category-s0-*'`, and so on). In float32
     on a loaded AVX2 EPYC (load 8-11) one PruFed variant took 884 s: there the suite takes
     about a day. The smoke path (`--smoke`: 2 strategies, 2 seeds, 4 clients, 1 round, tiny

@@ -127,8 +127,8 @@ def optimizers(seeds: tuple[int, ...] = OPTIMIZER_SEEDS) -> list[Variant]:
 # then per coordinate the mean of the 6 nearest the median; mkmedian / mktrimmed: Multi-Krum's
 # 8, then their coordinate-wise median / mean of the middle 4), against the clean run; AoH
 # with importance inflation, plain and with normalised, capped head weights. Scaling is by 100:
-# by the default 10 (~2 of 10 updates per round) plain FedAvg dips mid-run but ends within a
-# point of clean, because a scaled honest update is only a longer step the right way.
+# by attack.scale's default 10 (also IPM's epsilon, so the default stays) plain FedAvg dips
+# mid-run but ends within a point of clean: a scaled honest update is a longer step the right way.
 ATTACKS = ("clean", "sign_flip", "scaling", "noise", "alie", "ipm", "label_flip")
 ATTACK_OPTIONS = {"scaling": ("attack.scale=100.0",)}
 DEFENCES = {"mean": (), "median": ("federation.robust='median'",),
@@ -352,10 +352,10 @@ def prufed(strategies: tuple[str, ...] = PRUFED_STRATEGIES, tasks: tuple[str, ..
     Every client trains in every round. Sizes: configs/prufed_suite.toml (8 clients x 4
     examples, 5 rounds, two local steps per round, max_length 64). Measured (SmolLM2-135M,
     bf16, one torch thread per process, two suite processes side by side on a 2-core AMD EPYC
-    Zen 4 with AVX512-BF16): 34-45 s per variant on average, ~75 s for a PruFed variant (4
-    tiers, evaluated every round), so one (task, seed) of 7 x 8 + 2 = 58 variants takes
-    ~35-43 min and the whole suite (2 tasks x 3 seeds = 348 variants) took 2.4 h on two processes
-    (`--only 'bbc_headline-s0-*'` beside `--only 'bbc_category-s0-*'`, and so on). In float32
+    Zen 4 with AVX512-BF16): ~45 s per variant on average, ~75 s for a PruFed variant (4 tiers,
+    evaluated every round), so one (task, seed) of 7 x 8 + 2 = 58 variants takes ~43 min and
+    the whole suite (2 tasks x 3 seeds = 348 variants) took 2.4 h on two processes (`--only
+    'bbc_headline-s0-*'` beside `--only 'bbc_category-s0-*'`, and so on). In float32
     on a loaded AVX2 EPYC (load 8-11) one PruFed variant took 884 s: there the suite takes
     about a day. The smoke path (`--smoke`: 2 strategies, 2 seeds, 4 clients, 1 round, tiny
     sizes) is 72 variants of seconds each.

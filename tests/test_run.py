@@ -240,7 +240,8 @@ def test_suite_smoke(tmp_path, name):
             assert (tmp_path / name / v.label / "global.safetensors").is_file()
     figure = {"ablation": "accuracy_curves.png", "sparsity": "sparsity.png",
               "noniid": "importance.png", "table1": "table1_curves.png",
-              "privacy": "privacy.png", "peft": "peft.png", "tasks": "tasks.png"}.get(name)
+              "privacy": "privacy.png", "peft": "peft.png", "tasks": "tasks.png",
+              "backbones": "backbones.png"}.get(name)
     if figure:
         assert (tmp_path / name / figure).stat().st_size > 10_000
     if name in ("ablation", "sparsity", "table1"):

@@ -127,15 +127,18 @@ def suite(
     privacy:  DP-FedAvg's accuracy against epsilon: FedAvg-LoRA and AoH at 90 %, 20
               clients, Poisson sampling of 10 per round, clipping 0.5, noise multipliers
               0.3 / 0.6 / 1 / 2 against no DP; AoH also with noise on its head scores.
-    peft:     AoH Table 3: LoRA r = 4 / 8 / 16, IA3, prompt tuning (head chunks) and full
-              fine-tuning, each with FedAvg and AoH at 50 / 70 / 90 % sparsity: seconds per
-              local epoch, upload, OPs, accuracy and the largest sparsity above chance.
+    peft:     AoH Table 3: LoRA r = 4 / 8 / 16, IA3, prompt tuning (head chunks), prefix
+              tuning and full fine-tuning, each with FedAvg and AoH at 50 / 90 % sparsity:
+              seconds per local epoch, upload, OPs, accuracy and the largest sparsity above
+              chance.
     tasks:    AoH Table 2: FedAvg and AoH at 90 % on classification (MiniLM + BBC News)
               and headline generation (SmolLM2, ROUGE-1/2/L) for 10 / 2, 100 / 2 and
               1000 / 20 clients: metrics, upload, OPs and FLOPs per client.
     backbones: AoH Table 4 at 100 / 2 clients: MiniLM and SmolLM2 trained (FedAvg, AoH 50 /
-              70 / 90 %); DistilBERT, RoBERTa, GPT-2, T5-small / base, BART-base at their
+              90 %); DistilBERT, RoBERTa, GPT-2, T5-small / base, BART-base at their
               published sizes with random weights, one round: bytes and OPs only.
+              peft, tasks and backbones together: 35 min wall on a 2-core AMD EPYC Zen 4
+              (bf16) as two one-thread processes split by --only (README).
     A finished variant is reused and an interrupted one resumed when the suite is re-run.
     """
     from fedprune.data import DataError

@@ -1011,6 +1011,9 @@ def backbones_report(suite_dir: Path, variants) -> Path:
     table = [("| backbone | trained | task | FedAvg s / local epoch | FedAvg KiB up | FedAvg "
               "GOPs | FedAvg GFLOPs | FedAvg metric | AoH sparsity | AoH KiB up | AoH GFLOPs | "
               "AoH metric |"), "|" + "---|" * 12]
+    uploads: list[tuple[str, float | None, float | None]] = []  # (backbone, FedAvg, AoH) KiB
+    curves: dict[str, list[tuple[float, float]]] = {}  # trained: (sparsity, accuracy)
+    chance = None
     for name in names:
         fed = rows.get(f"{name}-FedAvg")
         sweep = sorted(((r["cfg"]["method"]["aoh"]["sparsity"], r) for label, r in rows.items()
@@ -1038,6 +1041,13 @@ def backbones_report(suite_dir: Path, variants) -> Path:
                  _fmt(best and best[1]["kib_up"], ",.1f"), _fmt(best and best[1]["gflops"], ",.2f"),
                  _metric_cell(best and best[1], trained)]
         table.append("| " + " | ".join(cells) + " |")
+        uploads.append((name + ("" if trained else "*"), fed and fed["kib_up"],
+                        best and best[1]["kib_up"]))
+        if trained and any_row["metric"] == "accuracy":
+            curves[name] = [(0.0, fed["final_accuracy"])] if fed else []
+            curves[name] += [(s, r["final_accuracy"]) for s, r in sweep]
+            chance = 1 / len(label_names)
+    _backbones_figure(suite_dir / "backbones.png", uploads, curves, chance)
     first = next(iter(rows.values()))
     f = first["cfg"]["federation"]
     lines = ["# Backbones with FedAvg and AoH (paper Table 4)", "",
@@ -1048,8 +1058,34 @@ def backbones_report(suite_dir: Path, variants) -> Path:
               f"chance. **Untrained** rows are random weights of the published sizes "
               f"(sim/published.py) run for one round: their bytes and OPs are the real "
               f"backbones', their metrics mean nothing. KiB up, GOPs (analytic) and "
-              f"GFLOPs (FlopCounterMode) per client and round."), "", *table, ""]
+              f"GFLOPs (FlopCounterMode) per client and round."), "", *table, "",
+             "![upload per backbone and trained accuracy against sparsity](backbones.png)", ""]
     return _write(suite_dir, lines)
+
+
+def _backbones_figure(path: Path, uploads, curves, chance: float | None) -> None:
+    """Left: KiB up per client and round, FedAvg against AoH, per backbone (* untrained, log
+    scale). Right: each trained backbone's final accuracy against AoH sparsity (0 = FedAvg)."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    x = np.arange(len(uploads))
+    for i, label in enumerate(("FedAvg", "AoH")):
+        left.bar(x + (i - 0.5) * 0.38, [np.nan if u[1 + i] is None else u[1 + i]
+                                        for u in uploads], width=0.38,
+                 label=label if label == "FedAvg" else "AoH at the table's sparsity")
+    left.set_xticks(x, [u[0] for u in uploads], rotation=30, ha="right")
+    left.set(yscale="log", ylabel="KiB up per client and round",
+             title="upload (* = untrained, random weights)")
+    left.grid(alpha=0.3, axis="y")
+    left.legend(fontsize=8)
+    for name, points in curves.items():
+        right.plot([100 * s for s, _ in points], [a for _, a in points], marker="o", label=name)
+    if chance is not None:
+        right.axhline(chance, color="grey", linestyle=":", label="chance")
+    right.set(xlabel="AoH head sparsity (%) (0 = FedAvg)", ylabel="final validation accuracy",
+              title="trained backbones")
+    right.grid(alpha=0.3)
+    right.legend(fontsize=8)
+    save_figure(fig, path)
 
 
 REPORTS["backbones"] = backbones_report

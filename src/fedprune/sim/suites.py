@@ -187,7 +187,9 @@ def privacy() -> list[Variant]:
 # Learning rates are the methods' usual ones, not tuned here: LoRA 1e-3 (the base), IA3 3e-3
 # (Liu et al. 2022), prompt tuning 3e-2 (AdamW; Lester et al. used 0.3 with Adafactor),
 # P-tuning v2 1e-2 (Liu et al. 2022 searched 5e-3 ... 1e-2 for BERT-sized encoders), full
-# fine-tuning 5e-5 (BERT's fine-tuning range).
+# fine-tuning 5e-5 (BERT's fine-tuning range). Measured on AMD EPYC Zen 4 (bf16, one thread
+# beside the tasks suite): the 21 runs take 27 min; peft, tasks and backbones together 35 min
+# wall on 2 cores (66 process-minutes; README, "Tasks and backbones").
 PEFT_VARIANTS = {"lora-r4": ("peft.r=4", "peft.alpha=8.0"),
                  "lora-r8": ("peft.r=8", "peft.alpha=16.0"),
                  "lora-r16": ("peft.r=16", "peft.alpha=32.0"),
@@ -196,16 +198,19 @@ PEFT_VARIANTS = {"lora-r4": ("peft.r=4", "peft.alpha=8.0"),
                             "federation.lr=3e-2"),
                  "prefix": ("peft.method='prefix'", "federation.lr=1e-2"),
                  "full": ("peft.method='full'", "federation.lr=5e-5")}
-PEFT_SPARSITY = (0.5, 0.7, 0.9)
+PEFT_SPARSITY = (0.5, 0.9)
+# Evaluated after rounds 4, 8 and 12 only: evaluation is ~27 % of a MiniLM round, and the
+# final accuracy (the last round is always evaluated) is what the tables report.
+SUITE_EVAL_EVERY = "run.eval_every=4"
 
 
 def peft(methods: tuple[str, ...] = tuple(PEFT_VARIANTS)) -> list[Variant]:
     """Labels ``<peft>-FedAvg`` and ``<peft>-AoH-s<percent>``."""
     out = []
     for m in methods:
-        out.append(Variant(f"{m}-FedAvg", (*PEFT_VARIANTS[m], "method.name='fedavg'")))
-        out += [Variant(f"{m}-AoH-s{round(100 * s)}", (*PEFT_VARIANTS[m], *AOH,
-                                                      f"method.aoh.sparsity={s}"))
+        base = (*PEFT_VARIANTS[m], SUITE_EVAL_EVERY)
+        out.append(Variant(f"{m}-FedAvg", (*base, "method.name='fedavg'")))
+        out += [Variant(f"{m}-AoH-s{round(100 * s)}", (*base, *AOH, f"method.aoh.sparsity={s}"))
                 for s in PEFT_SPARSITY]
     return out
 
@@ -219,7 +224,8 @@ TASK_WORLDS = {
     # SmolLM2 + BBC headlines: 1,250 articles (1,000 train: 1,000 clients hold 1 each), 64
     # tokens (the article's start), 3 rounds, one final evaluation (perplexity of 250
     # headlines, ROUGE of 16 generated ones). At 10 clients one local epoch is 100 articles:
-    # 3.6 TFLOPs, ~5 min a round on one thread of a 2-core AMD EPYC (beside a second suite).
+    # 3.6 TFLOPs, 79 s a round on one thread of a 2-core AMD EPYC Zen 4 in bf16 (beside a second
+    # suite); the whole tasks suite 29 min.
     "headline": ("model.name='smollm2'", "data.task='bbc_headline'", "data.max_samples=1250",
                  "data.max_length=64", "federation.rounds=3", "run.eval_every=3",
                  "federation.batch_size=8", "federation.eval_batch_size=16",
@@ -245,10 +251,11 @@ def tasks(clients: tuple[tuple[int, int], ...] = TASK_CLIENTS,
 
 # issue 13 item 6 (AoH Table 4): backbones at 100 clients / 2 per round, LoRA. Trained on BBC
 # categories: MiniLM and SmolLM2 (a decoder with a classification head), FedAvg and AoH at
-# 50 / 70 / 90 %. Untrained (`sim.published`: random weights of the published sizes): the
-# paper's other families, FedAvg and AoH 90 % for one round, for bytes and OPs only.
+# 50 / 90 %, evaluated every 4 rounds. Untrained (`sim.published`: random weights of the
+# published sizes): the paper's other families, FedAvg and AoH 90 % for one round, for bytes
+# and OPs only. 10 process-minutes on AMD EPYC Zen 4 (bf16), SmolLM2's rows half of it.
 BACKBONE_TRAINED = {"minilm": (), "smollm2": ("model.name='smollm2'",)}
-BACKBONE_SPARSITY = (0.5, 0.7, 0.9)
+BACKBONE_SPARSITY = (0.5, 0.9)
 BACKBONE_CLIENTS = (100, 2)
 _GENERATED = ("data.task='bbc_category'", "data.max_new_tokens=4", "data.generate_samples=4")
 UNTRAINED_TASK = {"classification": (), "causal_lm": _GENERATED, "seq2seq": _GENERATED}
@@ -262,7 +269,7 @@ def backbones(trained: dict[str, tuple[str, ...]] = BACKBONE_TRAINED,
     size = (f"federation.num_clients={clients[0]}", f"federation.clients_per_round={clients[1]}")
     out = []
     for name, opts in trained.items():
-        base = (*size, *opts)
+        base = (*size, *opts, SUITE_EVAL_EVERY)
         out.append(Variant(f"{name}-FedAvg", (*base, "method.name='fedavg'")))
         out += [Variant(f"{name}-AoH-s{round(100 * s)}", (*base, *AOH, f"method.aoh.sparsity={s}"))
                 for s in sparsity]

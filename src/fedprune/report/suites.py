@@ -857,6 +857,19 @@ REPORTS["privacy"] = privacy_report
 CHANCE_MARGIN = 0.05  # "fallen to chance": final accuracy within 5 points of 1 / classes
 
 
+def _accuracy_against_sparsity(ax, curves: dict[str, list[tuple[float, float]]],
+                               chance: float | None, title: str) -> None:
+    """One line per name through its (AoH sparsity, final accuracy) points, FedAvg at 0."""
+    for name, points in curves.items():
+        ax.plot([100 * s for s, _ in points], [a for _, a in points], marker="o", label=name)
+    if chance is not None:
+        ax.axhline(chance, color="grey", linestyle=":", label="chance")
+    ax.set(xlabel="AoH head sparsity (%) (0 = FedAvg)", ylabel="final validation accuracy",
+           title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+
 def peft_report(suite_dir: Path, variants) -> Path:
     """AoH Table 3: per PEFT method, FedAvg's seconds per local epoch, upload, OPs and
     accuracy; AoH's largest sparsity whose final accuracy stays more than CHANCE_MARGIN above
@@ -873,7 +886,7 @@ def peft_report(suite_dir: Path, variants) -> Path:
                                  for v in variants))
     table = [("| PEFT | FedAvg s / local epoch | FedAvg KiB up | FedAvg GOPs | FedAvg acc | "
               "AoH max sparsity | AoH KiB up | AoH GOPs | AoH acc |"), "|" + "---|" * 9]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    curves: dict[str, list[tuple[float, float]]] = {}  # (sparsity, accuracy); FedAvg at 0
     for m in methods:
         fed = rows.get(f"{m}-FedAvg")
         sweep = sorted(((r["cfg"]["method"]["aoh"]["sparsity"], r) for label, r in rows.items()
@@ -888,16 +901,12 @@ def peft_report(suite_dir: Path, variants) -> Path:
                    (("kib_up", ",.1f"), ("gops", ",.2f"), ("final_accuracy", ".3f")))]
         table.append(f"| {m} | " + " | ".join(cells) + " |")
         if sweep:
-            xs = [0.0, *(s for s, _ in sweep)] if fed else [s for s, _ in sweep]
-            ys = ([fed["final_accuracy"]] if fed else []) + [r["final_accuracy"] for _, r in sweep]
-            ax.plot([100 * x for x in xs], ys, marker="o", label=m)
+            curves[m] = [(0.0, fed["final_accuracy"])] if fed else []
+            curves[m] += [(s, r["final_accuracy"]) for s, r in sweep]
     tried = sorted({r["cfg"]["method"]["aoh"]["sparsity"] for r in rows.values()
                     if r["cfg"]["method"]["name"] == "aoh"})
-    ax.axhline(chance, color="grey", linestyle=":", label="chance")
-    ax.set(xlabel="AoH head sparsity (%) (0 = FedAvg)", ylabel="final validation accuracy",
-           title="PEFT methods under head pruning (AoH Table 3)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    _accuracy_against_sparsity(ax, curves, chance, "PEFT methods under head pruning (AoH Table 3)")
     save_figure(fig, suite_dir / "peft.png")
     lines = [*_header("PEFT methods with FedAvg and AoH (paper Table 3)", [first],
                       peft="each PEFT method of the table"),
@@ -1025,11 +1034,12 @@ def backbones_report(suite_dir: Path, variants) -> Path:
         task = d.get("task") or f"{d['dataset']} (classification)"
         trained = name not in untrained
         if trained and any_row["metric"] == "accuracy":
-            label_names = json.loads((suite_dir / any_row["label"] / "partition.json")
-                                     .read_text())["label_names"]
-            alive = [(s, r) for s, r in sweep
-                     if r["final_accuracy"] > 1 / len(label_names) + CHANCE_MARGIN]
+            chance = 1 / len(json.loads((suite_dir / any_row["label"] / "partition.json")
+                                        .read_text())["label_names"])
+            alive = [(s, r) for s, r in sweep if r["final_accuracy"] > chance + CHANCE_MARGIN]
             best = alive[-1] if alive else None
+            curves[name] = [(0.0, fed["final_accuracy"])] if fed else []
+            curves[name] += [(s, r["final_accuracy"]) for s, r in sweep]
         else:  # untrained: the measured sparsity (90 %), for its bytes and OPs
             best = sweep[-1] if sweep else None
 
@@ -1043,10 +1053,6 @@ def backbones_report(suite_dir: Path, variants) -> Path:
         table.append("| " + " | ".join(cells) + " |")
         uploads.append((name + ("" if trained else "*"), fed and fed["kib_up"],
                         best and best[1]["kib_up"]))
-        if trained and any_row["metric"] == "accuracy":
-            curves[name] = [(0.0, fed["final_accuracy"])] if fed else []
-            curves[name] += [(s, r["final_accuracy"]) for s, r in sweep]
-            chance = 1 / len(label_names)
     _backbones_figure(suite_dir / "backbones.png", uploads, curves, chance)
     first = next(iter(rows.values()))
     f = first["cfg"]["federation"]
@@ -1077,14 +1083,7 @@ def _backbones_figure(path: Path, uploads, curves, chance: float | None) -> None
              title="upload (* = untrained, random weights)")
     left.grid(alpha=0.3, axis="y")
     left.legend(fontsize=8)
-    for name, points in curves.items():
-        right.plot([100 * s for s, _ in points], [a for _, a in points], marker="o", label=name)
-    if chance is not None:
-        right.axhline(chance, color="grey", linestyle=":", label="chance")
-    right.set(xlabel="AoH head sparsity (%) (0 = FedAvg)", ylabel="final validation accuracy",
-              title="trained backbones")
-    right.grid(alpha=0.3)
-    right.legend(fontsize=8)
+    _accuracy_against_sparsity(right, curves, chance, "trained backbones")
     save_figure(fig, path)
 
 
